@@ -1,0 +1,57 @@
+# hypeman-ingress — `make run` and `make test` work on a fresh machine (they create .venv themselves).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= $(CURDIR)/.run/data
+ADMIN_PORT ?= 2019
+DEMO_PORT ?= 9080
+
+.PHONY: run test unit lint bench system-deps clean help
+
+help:
+	@echo "make run    - start the reconciler + embedded Caddy on examples/ (http://demo.localhost:8080)"
+	@echo "make test   - install everything and run the whole suite (lint, types, tests)"
+	@echo "make bench  - benchmarks (prints figures, writes bench-results.json)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Debian packages the test suite needs (pebble for ACME tests). Skipped when already present.
+system-deps:
+	@if ! command -v pebble >/dev/null 2>&1 && [ ! -x /usr/bin/pebble ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian test deps (pebble)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null || \
+	      echo "warning: could not install pebble; ACME tests will be skipped"; \
+	  fi; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check reconciler tests bench
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m "not caddy"
+
+test: $(STAMP) system-deps lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+run: $(STAMP)
+	@mkdir -p $(DATA)
+	@$(BIN)/python -m bench.demo_backend --port $(DEMO_PORT) & echo $$! > .run/demo-backend.pid; \
+	trap 'kill $$(cat .run/demo-backend.pid) 2>/dev/null' EXIT; \
+	echo "demo backend on 127.0.0.1:$(DEMO_PORT); try:  curl -H 'Host: demo.localhost' http://127.0.0.1:8080/"; \
+	CADDY_ADMIN_PORT=$(ADMIN_PORT) CADDY_HTTP_PORT=8080 CADDY_HTTPS_PORT=8443 CADDY_STOP_ON_SHUTDOWN=true \
+	  $(BIN)/hypeman-ingress --log-format console run --data-dir $(DATA) \
+	  --manifests examples/manifests --instances examples/instances
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results.json

@@ -1,0 +1,78 @@
+"""Caddy admin API client (httpx). httpx errors are mapped to :mod:`reconciler.errors` here and only here."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from reconciler.errors import CaddyRejected, CaddyUnavailable
+
+
+class AdminClient:
+    """Synchronous client for the endpoints we use: ``GET /config/``, ``POST /load``, ``POST /stop``."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0, load_timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.load_timeout = load_timeout
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise CaddyUnavailable(f"Caddy admin API at {self.base_url} timed out ({method} {path})") from exc
+        except httpx.HTTPError as exc:
+            raise CaddyUnavailable(f"Caddy admin API at {self.base_url} unreachable: {exc}") from exc
+        if resp.status_code >= 500:
+            raise CaddyUnavailable(f"Caddy admin API {method} {path}: HTTP {resp.status_code}: "
+                                   f"{_error_text(resp)}")
+        if resp.status_code >= 400:
+            raise CaddyRejected(_error_text(resp), status_code=resp.status_code)
+        return resp
+
+    def ping(self) -> bool:
+        try:
+            self._request("GET", "/config/", timeout=2.0)
+        except (CaddyUnavailable, CaddyRejected):
+            return False
+        return True
+
+    def get_config(self) -> Any:
+        resp = self._request("GET", "/config/")
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise CaddyUnavailable(f"Caddy returned invalid JSON from GET /config/: {exc}") from exc
+
+    def load(self, config: dict[str, Any], *, force: bool = False) -> None:
+        """``POST /load``. Raises :class:`CaddyRejected` on 400 (the old config keeps serving)."""
+        body = json.dumps(config, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        if force:
+            headers["Cache-Control"] = "must-revalidate"
+        self._request("POST", "/load", content=body, headers=headers, timeout=self.load_timeout)
+
+    def stop(self) -> None:
+        self._request("POST", "/stop", timeout=5.0)
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text.strip()[:2000] or f"HTTP {resp.status_code}"
+    if isinstance(data, dict) and "error" in data:
+        return str(data["error"])
+    return json.dumps(data)[:2000]

@@ -1,0 +1,225 @@
+"""Caddy process supervisor: start detached, adopt a running one, restart when it dies, stop on request.
+
+Caddy runs in its own session so it survives the reconciler (a reconciler restart or crash never takes
+routes down). It is started with ``{data}/caddy/config.json`` -- the last config we applied -- so a
+restarted Caddy comes up serving the last good routes before the first pass even runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from reconciler.caddy.admin import AdminClient
+from reconciler.caddy.binary import binaries_root
+from reconciler.errors import CaddyError, CaddyUnavailable
+from reconciler.render import admin_block
+from reconciler.settings import Settings
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename, fsync the dir."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def process_exe(pid: int) -> str | None:
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe", strict=True)
+    except OSError:
+        return None
+
+
+class CaddySupervisor:
+    """Owns one Caddy process for one data dir."""
+
+    def __init__(self, settings: Settings, binary: str, *, client: AdminClient | None = None,
+                 log: Callable[..., Any] | None = None, ready_timeout: float = 30.0) -> None:
+        self.settings = settings
+        self.binary = binary
+        self.client = client or AdminClient(settings.admin_url)
+        self.ready_timeout = ready_timeout
+        self._log = log or (lambda *a, **k: None)
+        self._popen: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.adopted = False
+        self.restarts = 0
+        d = settings.caddy_dir
+        self.config_path = os.path.join(d, "config.json")
+        self.pid_path = os.path.join(d, "caddy.pid")
+        self.log_path = os.path.join(d, "caddy.log")
+
+    # -- files ---------------------------------------------------------------------------------
+    def prepare_dirs(self) -> None:
+        d = self.settings.caddy_dir
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        for sub in ("data", "config"):
+            os.makedirs(os.path.join(d, sub), mode=0o700, exist_ok=True)
+            os.chmod(os.path.join(d, sub), 0o700)
+
+    def save_config(self, config: Mapping[str, Any]) -> None:
+        """Persist the config we applied, so a restarted Caddy starts with it."""
+        atomic_write(self.config_path, json.dumps(config, separators=(",", ":")).encode())
+
+    def _startup_config(self) -> None:
+        """Make sure config.json exists and its admin block matches the current settings."""
+        config: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.config_path, encoding="utf-8") as fh:
+                loaded = json.load(fh)
+            if isinstance(loaded, dict):
+                config = loaded
+        config["admin"] = admin_block(self.settings)
+        self.save_config(config)
+
+    def _read_pid(self) -> int | None:
+        try:
+            with open(self.pid_path, encoding="ascii") as fh:
+                return int(fh.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _ours(self, pid: int) -> bool:
+        exe = process_exe(pid)
+        root = os.path.realpath(binaries_root(self.settings.data_dir))
+        return exe is not None and (exe.startswith(root + os.sep) or exe == os.path.realpath(self.binary))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def alive(self) -> bool:
+        if self._popen is not None:
+            return self._popen.poll() is None
+        return self.pid is not None and pid_alive(self.pid)
+
+    def ensure_running(self) -> bool:
+        """Adopt or start Caddy. Returns True when a new process was started."""
+        self.prepare_dirs()
+        pid = self._read_pid()
+        if pid is not None and pid_alive(pid) and self._ours(pid):
+            if self._wait_admin(pid, deadline=time.monotonic() + 5.0):
+                self.pid, self._popen, self.adopted = pid, None, True
+                self._log("caddy.adopted", pid=pid)
+                return False
+            self._log("caddy.unresponsive", pid=pid)
+            self._kill(pid)
+        if self.client.ping():
+            raise CaddyError(f"another process already answers on Caddy's admin address "
+                             f"{self.settings.admin_listen}; refusing to start a second Caddy")
+        self.start()
+        return True
+
+    def start(self) -> None:
+        self._startup_config()
+        env = dict(os.environ)
+        env["XDG_DATA_HOME"] = os.path.join(self.settings.caddy_dir, "data")
+        env["XDG_CONFIG_HOME"] = os.path.join(self.settings.caddy_dir, "config")
+        env["HOME"] = self.settings.caddy_dir
+        logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            self._popen = subprocess.Popen(
+                [self.binary, "run", "--config", self.config_path],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                start_new_session=True, close_fds=True, cwd=self.settings.caddy_dir,
+            )
+        except OSError as exc:
+            raise CaddyError(f"cannot start Caddy ({self.binary}): {exc}") from exc
+        finally:
+            os.close(logf)
+        self.pid, self.adopted = self._popen.pid, False
+        atomic_write(self.pid_path, f"{self.pid}\n".encode(), 0o644)
+        self._log("caddy.started", pid=self.pid, binary=self.binary)
+        if not self._wait_admin(self.pid, deadline=time.monotonic() + self.ready_timeout):
+            tail = self.log_tail()
+            self._kill(self.pid)
+            raise CaddyUnavailable(f"Caddy (pid {self.pid}) did not become ready: {tail}")
+
+    def _wait_admin(self, pid: int, *, deadline: float) -> bool:
+        delay = 0.01
+        while time.monotonic() < deadline:
+            if self._popen is not None and self._popen.pid == pid:
+                if self._popen.poll() is not None:
+                    return False
+            elif not pid_alive(pid):
+                return False
+            if self.client.ping():
+                return True
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        return False
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 8192))
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def _kill(self, pid: int, grace: float = 5.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                if self._popen is not None and self._popen.pid == pid:
+                    if self._popen.poll() is not None:
+                        return
+                elif not pid_alive(pid):
+                    return
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop Caddy: ``POST /stop``, then SIGTERM, then SIGKILL."""
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(CaddyError):
+            self.client.stop()
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(0.02)
+        if self.alive():
+            self._kill(pid)
+        with contextlib.suppress(OSError):
+            os.unlink(self.pid_path)
+        self._log("caddy.stopped", pid=pid)
+        self.pid = None
+        self._popen = None

@@ -1,0 +1,99 @@
+"""Normalise Caddy configs and compute a readable structural diff. PURE.
+
+Caddy re-serialises what it stores (sorted keys, re-encoded numbers, escaped ``<>&``), so configs are
+compared as parsed objects, never as bytes. Lists of objects that carry ``@id`` are matched by id, so
+a diff names the ingress rule that changed instead of a shifted index.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+def normalise(config: Any) -> Any:
+    """A plain-JSON copy of ``config`` (tuples become lists, keys become strings); None stays None."""
+    return json.loads(json.dumps(config))
+
+
+def same(live: Any, desired: Any) -> bool:
+    return bool(normalise(live) == normalise(desired))
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    op: str  # "+", "-", "~"
+    path: str
+    old: Any = None
+    new: Any = None
+
+    def format(self) -> str:
+        if self.op == "+":
+            return f"+ {self.path}: {_short(self.new)}"
+        if self.op == "-":
+            return f"- {self.path}: {_short(self.old)}"
+        return f"~ {self.path}: {_short(self.old)} -> {_short(self.new)}"
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ids(items: list[Any]) -> dict[str, Any] | None:
+    if not items or not all(isinstance(i, dict) and isinstance(i.get("@id"), str) for i in items):
+        return None
+    ids = {i["@id"]: i for i in items}
+    return ids if len(ids) == len(items) else None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def diff(live: Any, desired: Any, path: str = "") -> list[Change]:
+    """Changes that turn ``live`` into ``desired``."""
+    if isinstance(live, dict) and isinstance(desired, dict):
+        out: list[Change] = []
+        for key in sorted(set(live) | set(desired)):
+            p = _join(path, key)
+            if key not in desired:
+                out.append(Change("-", p, old=live[key]))
+            elif key not in live:
+                out.append(Change("+", p, new=desired[key]))
+            else:
+                out.extend(diff(live[key], desired[key], p))
+        return out
+    if isinstance(live, list) and isinstance(desired, list):
+        a, b = _ids(live), _ids(desired)
+        if a is not None and b is not None:
+            out = []
+            for key in sorted(set(a) | set(b)):
+                p = f"{path}[@id={key}]"
+                if key not in b:
+                    out.append(Change("-", p, old=a[key]))
+                elif key not in a:
+                    out.append(Change("+", p, new=b[key]))
+                else:
+                    out.extend(diff(a[key], b[key], p))
+            if not out and [i["@id"] for i in live] != [i["@id"] for i in desired]:
+                out.append(Change("~", f"{path} (order)", [i["@id"] for i in live], [i["@id"] for i in desired]))
+            return out
+        out = []
+        for i in range(max(len(live), len(desired))):
+            p = f"{path}[{i}]"
+            if i >= len(desired):
+                out.append(Change("-", p, old=live[i]))
+            elif i >= len(live):
+                out.append(Change("+", p, new=desired[i]))
+            else:
+                out.extend(diff(live[i], desired[i], p))
+        return out
+    if live != desired or type(live) is not type(desired):
+        if live is None:
+            return [Change("+", path or "(root)", new=desired)]
+        if desired is None:
+            return [Change("-", path or "(root)", old=live)]
+        return [Change("~", path or "(root)", live, desired)]
+    return []

@@ -1,0 +1,147 @@
+"""The daemon: supervise Caddy, watch the sources, and run passes until stopped."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import structlog
+
+from reconciler.caddy.admin import AdminClient
+from reconciler.caddy.binary import find_caddy, install_binary
+from reconciler.caddy.supervisor import CaddySupervisor
+from reconciler.errors import CaddyError
+from reconciler.loop.reconcile import PassResult, Reconciler
+from reconciler.loop.triggers import Triggers
+from reconciler.settings import Settings
+from reconciler.sources.snapshot import api_dir_ready, sources_for
+from reconciler.sources.watcher import Watcher
+
+log = structlog.get_logger("hypeman.ingress")
+
+
+def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with full jitter in [delay/2, delay]."""
+    delay = min(cap, base * (2 ** max(0, attempt)))
+    return (rng or random).uniform(delay / 2, delay)
+
+
+class Daemon:
+    """``hypeman-ingress run``. :meth:`stop` (or a signal handler calling it) ends :meth:`run` cleanly."""
+
+    def __init__(self, settings: Settings, *, binary: str | None = None, health_interval: float = 0.5) -> None:
+        self.settings = settings
+        self.health_interval = health_interval
+        self._binary_source = binary
+        self.client = AdminClient(settings.admin_url)
+        self.triggers = Triggers(debounce=settings.debounce, debounce_max=settings.debounce_max,
+                                 resync_interval=settings.resync_interval)
+        self.supervisor: CaddySupervisor | None = None
+        self.reconciler: Reconciler | None = None
+        self.watcher: Watcher | None = None
+        self.passes: list[PassResult] = []
+        self.ready = threading.Event()
+        self._failures = 0
+        self._problems: set[str] = set()
+        self._caddy_failures = 0
+        self._caddy_retry_at = 0.0
+
+    def stop(self) -> None:
+        self.triggers.stop()
+
+    def _on_change(self, path: str) -> None:
+        self.triggers.notify("watch")
+
+    def setup(self) -> None:
+        s = self.settings
+        api_dir_ready(s)
+        source = self._binary_source or find_caddy()
+        binary = install_binary(source, s.data_dir)
+        self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
+        self.supervisor.ensure_running()
+        self.reconciler = Reconciler(settings=s, client=self.client, save_config=self.supervisor.save_config)
+        paths = [src.path for src in sources_for(s)] + [s.instances_path]
+        self.watcher = Watcher(paths, self._on_change)
+        self.watcher.start()
+
+    def _log_event(self, event: str, **fields: Any) -> None:
+        log.info(event, **fields)
+
+    def _check_caddy(self) -> None:
+        sup = self.supervisor
+        if sup is None or sup.alive():
+            return
+        now = time.monotonic()
+        if now < self._caddy_retry_at:
+            return
+        log.warning("caddy.died", pid=sup.pid, log_tail=sup.log_tail(3))
+        try:
+            sup.ensure_running()
+            sup.restarts += 1
+            self._caddy_failures = 0
+            self.triggers.notify("caddy-restart", immediate=True)
+        except CaddyError as exc:
+            self._caddy_failures += 1
+            delay = backoff(self._caddy_failures)
+            self._caddy_retry_at = now + delay
+            log.error("caddy.restart_failed", error=str(exc), retry_in=round(delay, 2))
+
+    def run(self, *, max_passes: int | None = None) -> int:
+        self.setup()
+        assert self.reconciler is not None and self.watcher is not None
+        self.triggers.notify("start", immediate=True)
+        try:
+            while not self.triggers.stopped:
+                reason = self.triggers.wait(timeout=self.health_interval)
+                self._check_caddy()
+                if reason is None:
+                    continue
+                result = self.reconciler.run_pass(reason)
+                self._record(result)
+                if self.watcher.refresh():
+                    self.triggers.notify("watch")
+                if max_passes is not None and len(self.passes) >= max_passes:
+                    break
+        finally:
+            self.shutdown()
+        return 0
+
+    def _record(self, result: PassResult) -> None:
+        current = {p.format(): p for p in result.problems}
+        for text in sorted(set(current) - self._problems):
+            p = current[text]
+            log.warning("input.problem", file=p.file, line=p.line, reason=p.reason, ingress=p.ingress,
+                        message=p.message)
+        for text in sorted(self._problems - set(current)):
+            log.info("input.problem_resolved", problem=text)
+        self._problems = set(current)
+        self.passes.append(result)
+        del self.passes[:-100]
+        fields: dict[str, Any] = {
+            "trigger": result.trigger, "revision": result.revision, "outcome": result.outcome,
+            "changes": result.changes, "problems": len(result.problems),
+            "duration_ms": round(result.duration * 1000, 1),
+        }
+        if result.error:
+            fields["error"] = result.error
+        if result.transient:
+            self._failures += 1
+            delay = backoff(self._failures)
+            self.triggers.retry_in(delay)
+            fields["retry_in"] = round(delay, 2)
+            log.warning("reconcile.finished", **fields)
+        else:
+            self._failures = 0
+            (log.info if result.converged else log.error)("reconcile.finished", **fields)
+        if result.converged:
+            self.ready.set()
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.settings.stop_caddy_on_shutdown and self.supervisor is not None:
+            self.supervisor.stop()
+        self.client.close()
+        log.info("daemon.stopped", caddy_stopped=self.settings.stop_caddy_on_shutdown)

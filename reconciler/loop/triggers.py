@@ -1,0 +1,103 @@
+"""Trigger queue with a trailing debounce and a maximum wait, plus timers (resync, retry). Thread-safe.
+
+Watch events, API writes and Caddy restarts call :meth:`Triggers.notify`; the loop calls
+:meth:`Triggers.wait`, which returns once the burst has been quiet for ``debounce`` seconds (or
+``debounce_max`` after its first event, so a never-ending trickle still converges), or when the
+resync or retry timer fires. The clock is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+
+
+class Triggers:
+    def __init__(self, *, debounce: float, debounce_max: float, resync_interval: float,
+                 clock: Callable[[], float] = time.monotonic, jitter: float = 0.1,
+                 rng: random.Random | None = None) -> None:
+        self.debounce = debounce
+        self.debounce_max = max(debounce_max, debounce)
+        self.resync_interval = resync_interval
+        self.jitter = jitter
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._cond = threading.Condition()
+        self._reasons: set[str] = set()
+        self._first = 0.0
+        self._last = 0.0
+        self._retry_at: float | None = None
+        self._stopped = False
+        self._resync_at = self._clock() + self._next_resync()
+
+    def _next_resync(self) -> float:
+        spread = self.resync_interval * self.jitter
+        return self.resync_interval + self._rng.uniform(-spread, spread)
+
+    def notify(self, reason: str, *, immediate: bool = False) -> None:
+        """Ask for a pass. ``immediate`` skips the quiet period (API writes, Caddy restarts)."""
+        with self._cond:
+            now = self._clock()
+            if not self._reasons:
+                self._first = now
+            self._reasons.add(reason)
+            self._last = now - self.debounce if immediate else now
+            if immediate:
+                self._first = min(self._first, now - self.debounce_max)
+            self._cond.notify_all()
+
+    def retry_in(self, delay: float) -> None:
+        with self._cond:
+            self._retry_at = self._clock() + delay
+            self._cond.notify_all()
+
+    def cancel_retry(self) -> None:
+        with self._cond:
+            self._retry_at = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until a pass is due; return its trigger (``"watch"``, ``"resync"``...), None on stop or
+        when ``timeout`` passed with nothing due (the caller uses that tick for health checks)."""
+        with self._cond:
+            give_up = None if timeout is None else self._clock() + timeout
+            while not self._stopped:
+                now = self._clock()
+                if self._reasons:
+                    due = min(self._last + self.debounce, self._first + self.debounce_max)
+                    if now >= due:
+                        return self._take()
+                else:
+                    due = self._resync_at
+                    if self._retry_at is not None:
+                        due = min(due, self._retry_at)
+                    if now >= self._resync_at:
+                        self._resync_at = now + self._next_resync()
+                        self._retry_at = None
+                        return "resync"
+                    if self._retry_at is not None and now >= self._retry_at:
+                        self._retry_at = None
+                        return "retry"
+                if give_up is not None:
+                    if now >= give_up:
+                        return None
+                    due = min(due, give_up)
+                self._cond.wait(max(0.0, due - now))
+            return None
+
+    def _take(self) -> str:
+        reasons = sorted(self._reasons)
+        self._reasons.clear()
+        self._retry_at = None
+        self._resync_at = self._clock() + self._next_resync()
+        return "+".join(reasons)

@@ -1,0 +1,163 @@
+"""Data model: sources, documents, ingresses, instances, problems. PURE: dataclasses only."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.parse import ParsedDocument
+
+#: Namespace for ids derived from ingress names: the same name gives the same id everywhere.
+INGRESS_ID_NAMESPACE = uuid.UUID("6f1c0f4e-5a52-4c8e-9a51-7f0d3c1e9b2a")
+
+RUNNING = "Running"
+
+
+def derive_ingress_id(name: str) -> str:
+    """Deterministic id of an ingress that does not carry one (UUIDv5 of its name)."""
+    return str(uuid.uuid5(INGRESS_ID_NAMESPACE, name))
+
+
+class Reason:
+    """Machine reasons used in problems and status (DESIGN §2 "Status")."""
+
+    APPLIED = "Applied"
+    PENDING = "Pending"
+    INVALID_MANIFEST = "InvalidManifest"
+    NAME_CONFLICT = "NameConflict"
+    HOSTNAME_CONFLICT = "HostnameConflict"
+    INSTANCE_NOT_FOUND = "InstanceNotFound"
+    INSTANCE_NOT_RUNNING = "InstanceNotRunning"
+    TLS_NOT_SUPPORTED = "TLSNotSupported"
+    CADDY_REJECTED = "CaddyRejected"
+    INVALID_INSTANCE = "InvalidInstance"
+    SOURCE_UNAVAILABLE = "SourceUnavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A manifest directory. ``index`` is its position; earlier sources win conflicts."""
+
+    path: str
+    index: int
+    read_only: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a document came from. Orders documents deterministically: source, relative path, index."""
+
+    source_index: int
+    relpath: str
+    doc_index: int
+    file: str
+    line: int
+
+    @property
+    def sort_key(self) -> tuple[int, str, int]:
+        return (self.source_index, self.relpath, self.doc_index)
+
+    def describe(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A parsed document tagged with its origin."""
+
+    origin: Origin
+    parsed: ParsedDocument
+
+    @property
+    def data(self) -> Any:
+        return self.parsed.data
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something wrong with the input, located at ``file:line``."""
+
+    file: str
+    line: int | None
+    message: str
+    reason: str = Reason.INVALID_MANIFEST
+    ingress: str | None = None
+
+    def format(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One routing rule after defaults: (hostname, port) -> instance:target_port."""
+
+    hostname: str
+    port: int
+    instance: str
+    target_port: int
+    tls: bool = False
+    redirect_http: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ingress:
+    name: str
+    id: str
+    rules: tuple[Rule, ...]
+    origin: Origin
+    created_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    name: str
+    id: str | None
+    ip: str
+    state: str
+    origin: Origin
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """The rule's instance is known and running: proxy to ``dial``."""
+
+    dial: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """The rule's instance is unknown or not running: answer 503 with ``message``."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedRule:
+    rule: Rule
+    index: int
+    backend: Upstream | Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedIngress:
+    """An accepted ingress with every rule's backend resolved."""
+
+    ingress: Ingress
+    rules: tuple[ResolvedRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """Everything the renderer needs, plus the problems found on the way."""
+
+    ingresses: tuple[ResolvedIngress, ...]
+    problems: tuple[Problem, ...] = ()
+    instances: Mapping[str, Instance] = field(default_factory=dict)

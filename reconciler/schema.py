@@ -1,0 +1,93 @@
+"""The JSON Schemas of ``schemas/`` and schema validation with readable, located messages. PURE.
+
+The schema files are the single source of truth for the loader, the API and editors. They ship inside
+the wheel as ``reconciler/_schemas`` and are read from the repository's ``schemas/`` in a checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from reconciler.parse import ParsedDocument
+
+INGRESS_SCHEMA = "ingress.schema.json"
+INSTANCE_SCHEMA = "instance.schema.json"
+
+
+def schemas_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    packaged = here / "_schemas"
+    return packaged if packaged.is_dir() else here.parent / "schemas"
+
+
+@cache
+def load_schema(name: str) -> dict[str, Any]:
+    with (schemas_dir() / name).open(encoding="utf-8") as fh:
+        schema: dict[str, Any] = json.load(fh)
+    return schema
+
+
+@cache
+def validator(name: str) -> jsonschema.protocols.Validator:
+    schema = load_schema(name)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)  # type: ignore[no-any-return]
+
+
+def format_path(path: tuple[str | int, ...] | list[str | int]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_UNEXPECTED = re.compile(r"\('(.+?)' (?:was|were) unexpected\)")
+
+
+def _message(err: jsonschema.ValidationError) -> tuple[tuple[str | int, ...], str]:
+    path = tuple(err.absolute_path)
+    where = format_path(path)
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        if extra:
+            field = format_path((*path, extra[0]))
+            allowed = ", ".join(sorted(err.schema.get("properties", {})))
+            return (*path, extra[0]), f"{field}: unknown field (allowed: {allowed})"
+    if err.validator == "required":
+        missing = re.match(r"'(.+?)' is a required property", err.message)
+        name = missing.group(1) if missing else "?"
+        return path, f"{format_path((*path, name))}: required field is missing"
+    if err.validator == "type":
+        return path, f"{where or 'document'}: expected {err.validator_value}, got {_short(err.instance)}"
+    if err.validator == "pattern":
+        return path, f"{where}: {_short(err.instance)} does not match {err.validator_value}"
+    if err.validator == "anyOf" and path and path[-1] == "ip":
+        return path, f"{where}: {_short(err.instance)} is not an IPv4 or IPv6 address"
+    return path, f"{where or 'document'}: {err.message}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def schema_errors(name: str, doc: ParsedDocument) -> list[tuple[int, str]]:
+    """``(line, message)`` for every schema violation of ``doc``, sorted by line."""
+    v = validator(name)
+    if v.is_valid(doc.data):
+        return []
+    found = {}
+    for err in v.iter_errors(doc.data):
+        path, msg = _message(err)
+        found[msg] = doc.line_of(path)
+    return sorted(((line, msg) for msg, line in found.items()), key=lambda t: (t[0], t[1]))

@@ -1,0 +1,240 @@
+"""Read manifest and instance directories into documents, one file at a time. I/O edge.
+
+* Recursive, in sorted order; hidden files/folders and editor/temp files are skipped.
+* A top-level source that is a symlink (git-sync ``--link``) is resolved once and read from its target.
+* Symlinks inside a source may point anywhere *inside* it (Kubernetes' ``..data`` layout); links that
+  escape the source, dangle or loop are refused with an error naming the link.
+* Per-file isolation: a file that cannot be read or parsed yields a :class:`Problem` naming the file
+  (and line) and every other file loads normally.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from reconciler.model import Document, Ingress, Instance, Origin, Problem, Reason, Source
+from reconciler.parse import ParseError, decode, parse_documents
+from reconciler.validate import ingress_from_document, instance_from_document
+
+EXTENSIONS = (".yaml", ".yml", ".json")
+DEFAULT_MAX_BYTES = 1024 * 1024
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden files, editor backups/swap files and temp files are never read."""
+    return (
+        name.startswith(".")
+        or name.endswith("~")
+        or name.endswith((".swp", ".swo", ".swx", ".tmp"))
+        or (name.startswith("#") and name.endswith("#"))
+    )
+
+
+def is_manifest_name(name: str) -> bool:
+    return not is_ignored(name) and name.lower().endswith(EXTENSIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    display: str  # path shown to users: source path as given + relative path
+    relpath: str
+    real: str  # resolved path that is actually read
+
+
+@dataclass(slots=True)
+class SourceScan:
+    """The manifest files of one source, or why the source could not be read at all."""
+
+    source: Source
+    root: str | None = None
+    files: list[FileEntry] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    error: str | None = None
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan_source(source: Source) -> SourceScan:
+    """List the manifest files of ``source`` (no reading yet)."""
+    scan = SourceScan(source)
+    try:
+        root = os.path.realpath(source.path, strict=True)
+    except OSError as exc:
+        scan.error = _os_message(exc, source.path)
+        return scan
+    if not os.path.isdir(root):
+        scan.error = f"{source.path}: not a directory"
+        return scan
+    scan.root = root
+    seen_files: set[str] = set()
+    try:
+        for entry in _walk(source.path, root, "", root, {root}, scan):
+            if entry.real in seen_files:
+                continue
+            seen_files.add(entry.real)
+            scan.files.append(entry)
+    except OSError as exc:
+        scan.error = _os_message(exc, source.path)
+    return scan
+
+
+def _walk(display_dir: str, real_dir: str, rel_dir: str, root: str, ancestors: set[str],
+          scan: SourceScan) -> Iterator[FileEntry]:
+    try:
+        entries = sorted(os.scandir(real_dir), key=lambda e: e.name)
+    except OSError as exc:
+        if real_dir == root:
+            raise
+        scan.problems.append(Problem(display_dir, None, f"cannot read directory: {_os_message(exc)}"))
+        return
+    for entry in entries:
+        name = entry.name
+        if is_ignored(name):
+            continue
+        display = os.path.join(display_dir, name)
+        rel = f"{rel_dir}/{name}" if rel_dir else name
+        real = entry.path
+        try:
+            if entry.is_symlink():
+                try:
+                    real = os.path.realpath(entry.path, strict=True)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP or isinstance(exc, RuntimeError):
+                        msg = "symlink loop"
+                    else:
+                        msg = f"broken symlink ({_os_message(exc)})"
+                    if name.lower().endswith(EXTENSIONS) or os.path.lexists(entry.path):
+                        scan.problems.append(Problem(display, None, f"refused: {msg}"))
+                    continue
+                if not _within(real, root):
+                    scan.problems.append(Problem(display, None, f"refused: symlink points outside the source "
+                                                 f"({os.readlink(entry.path)!r})"))
+                    continue
+                st = os.stat(real)
+            else:
+                st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            scan.problems.append(Problem(display, None, f"cannot stat: {_os_message(exc)}"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if real in ancestors:
+                scan.problems.append(Problem(display, None, "refused: symlink loop (points to a parent folder)"))
+                continue
+            yield from _walk(display, real, rel, root, ancestors | {real}, scan)
+        elif name.lower().endswith(EXTENSIONS):
+            if not stat.S_ISREG(st.st_mode):
+                scan.problems.append(Problem(display, None, "refused: not a regular file"))
+                continue
+            yield FileEntry(display, rel, real)
+
+
+def _os_message(exc: OSError, path: str | None = None) -> str:
+    text = exc.strerror or str(exc)
+    return f"{path}: {text}" if path else text
+
+
+def read_file(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read at most ``max_bytes``; raise :class:`ParseError` when the file is larger."""
+    fd = os.open(entry.real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ParseError("not a regular file")
+        if st.st_size > max_bytes:
+            raise ParseError(f"file is {st.st_size} bytes, larger than the limit of {max_bytes} bytes")
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        raw = b"".join(chunks)
+        if len(raw) > max_bytes:
+            raise ParseError(f"file is larger than the limit of {max_bytes} bytes")
+        return raw
+    finally:
+        os.close(fd)
+
+
+def parse_file(entry: FileEntry, source_index: int, max_bytes: int = DEFAULT_MAX_BYTES,
+               digests: list[str] | None = None) -> tuple[list[Document], list[Problem]]:
+    """Read + parse one file into documents; any failure becomes one problem naming the file.
+
+    The file's content hash is appended to ``digests`` (for the revision) when given.
+    """
+    try:
+        raw = read_file(entry, max_bytes)
+        if digests is not None:
+            digests.append(f"{source_index}:{entry.relpath}:{hashlib.sha256(raw).hexdigest()}")
+        parsed = parse_documents(decode(raw))
+    except ParseError as exc:
+        return [], [Problem(entry.display, exc.line, exc.message)]
+    except OSError as exc:
+        return [], [Problem(entry.display, None, f"cannot read: {_os_message(exc)}")]
+    docs = [
+        Document(Origin(source_index, entry.relpath, d.index, entry.display, d.line), d)
+        for d in parsed
+    ]
+    problems = [
+        Problem(entry.display, d.origin.line, f"expected a mapping (an object), got {type(d.data).__name__}")
+        for d in docs if not isinstance(d.data, dict)
+    ]
+    return [d for d in docs if isinstance(d.data, dict)], problems
+
+
+@dataclass(slots=True)
+class LoadResult:
+    ingresses: list[Ingress] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    scans: list[SourceScan] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+
+
+def load_manifests(sources: list[Source], max_bytes: int = DEFAULT_MAX_BYTES) -> LoadResult:
+    """Load and check every manifest of every source (per-document checks only)."""
+    result = LoadResult()
+    for source in sources:
+        scan = scan_source(source)
+        result.scans.append(scan)
+        if scan.error is not None:
+            result.problems.append(Problem(source.path, None, f"source unavailable: {scan.error}",
+                                           Reason.SOURCE_UNAVAILABLE))
+            continue
+        result.problems.extend(scan.problems)
+        for entry in scan.files:
+            docs, problems = parse_file(entry, source.index, max_bytes, result.digests)
+            result.problems.extend(problems)
+            for doc in docs:
+                ingress, doc_problems = ingress_from_document(doc)
+                result.problems.extend(doc_problems)
+                if ingress is not None:
+                    result.ingresses.append(ingress)
+    return result
+
+
+def load_instances(path: str, max_bytes: int = DEFAULT_MAX_BYTES, digests: list[str] | None = None
+                   ) -> tuple[list[Instance], list[Problem], str | None]:
+    """Instances from ``path``; the third item is the reason the directory could not be read, if any."""
+    scan = scan_source(Source(path, 0))
+    if scan.error is not None:
+        return [], [], scan.error
+    instances: list[Instance] = []
+    problems = list(scan.problems)
+    for entry in scan.files:
+        docs, file_problems = parse_file(entry, -1, max_bytes, digests)
+        problems.extend(p.__class__(p.file, p.line, p.message, Reason.INVALID_INSTANCE) for p in file_problems)
+        for doc in docs:
+            inst, doc_problems = instance_from_document(doc)
+            problems.extend(doc_problems)
+            if inst is not None:
+                instances.append(inst)
+    return instances, problems, None

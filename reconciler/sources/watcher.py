@@ -1,0 +1,107 @@
+"""Watch manifest and instance directories with watchdog (inotify on Linux) and call back on changes.
+
+Each source is watched twice: its resolved target recursively (file changes), and its parent folder
+non-recursively for events on the source's own name (a git-sync or Kubernetes symlink swap, a
+directory that appears). :meth:`Watcher.refresh` re-resolves every source and moves the recursive
+watch when a link now points somewhere else; the loop calls it after every pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
+
+from reconciler.sources.loader import is_ignored
+
+
+def _names(event: FileSystemEvent) -> list[str]:
+    paths = [event.src_path, getattr(event, "dest_path", "")]
+    return [os.fsdecode(p) for p in paths if p]
+
+
+class _Recursive(FileSystemEventHandler):
+    def __init__(self, root: str, callback: Callable[[str], None]) -> None:
+        self.root = root
+        self.callback = callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        for path in _names(event):
+            rel = os.path.relpath(path, self.root)
+            if rel == "." or not any(is_ignored(part) for part in rel.split(os.sep)):
+                self.callback(path)
+                return
+
+
+class _Parent(FileSystemEventHandler):
+    def __init__(self, name: str, callback: Callable[[str], None]) -> None:
+        self.name = name
+        self.callback = callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        for path in _names(event):
+            if os.path.basename(path.rstrip(os.sep)) == self.name:
+                self.callback(path)
+                return
+
+
+class Watcher:
+    def __init__(self, paths: Iterable[str], callback: Callable[[str], None]) -> None:
+        self.paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+        self.callback = callback
+        self._observer = Observer()
+        self._lock = threading.Lock()
+        self._roots: dict[str, tuple[str, ObservedWatch] | None] = {}
+        self._parents: dict[str, ObservedWatch | None] = {}
+
+    def start(self) -> None:
+        self._observer.daemon = True
+        self._observer.start()
+        self.refresh()
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._observer.stop()
+            self._observer.join(timeout=5)
+
+    def refresh(self) -> bool:
+        """(Re)establish watches; True when some watch moved (a symlink now points elsewhere)."""
+        moved = False
+        with self._lock:
+            for path in self.paths:
+                if self._parents.get(path) is None:
+                    parent = os.path.dirname(path)
+                    self._parents[path] = self._schedule(_Parent(os.path.basename(path), self.callback),
+                                                         parent, recursive=False)
+                try:
+                    real = os.path.realpath(path, strict=True)
+                except OSError:
+                    real = None
+                current = self._roots.get(path)
+                if current is not None and (real is None or current[0] != real or not os.path.isdir(real)):
+                    with contextlib.suppress(Exception):
+                        self._observer.unschedule(current[1])
+                    self._roots[path] = current = None
+                    moved = True
+                if current is None and real is not None and os.path.isdir(real):
+                    watch = self._schedule(_Recursive(real, self.callback), real, recursive=True)
+                    self._roots[path] = (real, watch) if watch is not None else None
+                    moved = moved or watch is not None
+        return moved
+
+    def _schedule(self, handler: FileSystemEventHandler, path: str, *, recursive: bool) -> ObservedWatch | None:
+        if not os.path.isdir(path):
+            return None
+        try:
+            return self._observer.schedule(handler, path, recursive=recursive)
+        except OSError:
+            return None

@@ -1,0 +1,208 @@
+"""Schema + semantic validation across all sources, conflict resolution, target resolution. PURE.
+
+Conflict rule (documented in README "Conflicts"): documents are ordered by
+``(source position, path relative to its source, document index in the file)``; source position is
+the order of ``--manifests`` flags, with the API-owned directory last. Walking that order, the first
+ingress to claim a name, an id or a ``(hostname, port)`` keeps it; a later claimant is rejected as a
+whole, and its problem names the winner. The outcome depends only on the files, never on the order in
+which file-system events arrived.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from reconciler.model import (
+    Desired,
+    Document,
+    Ingress,
+    Instance,
+    Problem,
+    Reason,
+    ResolvedIngress,
+    ResolvedRule,
+    Rule,
+    Unavailable,
+    Upstream,
+    derive_ingress_id,
+)
+from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
+from reconciler.settings import Settings
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def hostname_error(hostname: str) -> str | None:
+    """Why ``hostname`` (already lower-cased) is not an RFC 1123 name, or None."""
+    if "*" in hostname:
+        return f"hostname {hostname!r}: wildcard hostnames are not supported yet"
+    if len(hostname) > 253:
+        return f"hostname {hostname[:40]!r}...: longer than 253 characters"
+    if hostname.endswith("."):
+        return f"hostname {hostname!r}: remove the trailing dot"
+    for label in hostname.split("."):
+        if not _LABEL.match(label):
+            return (
+                f"hostname {hostname!r}: label {label!r} is not valid (RFC 1123: 1-63 letters, digits "
+                "or '-', not starting or ending with '-')"
+            )
+    return None
+
+
+def _problem(doc: Document, line: int | None, message: str, reason: str = Reason.INVALID_MANIFEST,
+             ingress: str | None = None) -> Problem:
+    return Problem(doc.origin.file, line, message, reason, ingress)
+
+
+def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]:
+    """Check one manifest document on its own (schema, hostnames, defaults, rule-level rules)."""
+    data: Any = doc.data
+    name = data.get("name") if isinstance(data, dict) else None
+    label = name if isinstance(name, str) else None
+    errors = schema_errors(INGRESS_SCHEMA, doc.parsed)
+    if errors:
+        return None, [_problem(doc, line, msg, ingress=label) for line, msg in errors]
+    problems: list[Problem] = []
+    rules: list[Rule] = []
+    seen: dict[tuple[str, int], int] = {}
+    for i, raw in enumerate(data["rules"]):
+        where = f"rules[{i}]"
+        hostname = raw["match"]["hostname"].lower()
+        err = hostname_error(hostname)
+        if err:
+            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
+                                     f"{where}.match.{err}", ingress=name))
+            continue
+        tls = bool(raw.get("tls", False))
+        redirect = bool(raw.get("redirect_http", False))
+        if redirect and not tls:
+            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "redirect_http")),
+                                     f"{where}.redirect_http: requires tls: true", ingress=name))
+            continue
+        port = raw["match"].get("port", 443 if tls else 80)
+        key = (hostname, port)
+        if key in seen:
+            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
+                                     f"{where}: {hostname}:{port} is already matched by rules[{seen[key]}]",
+                                     ingress=name))
+            continue
+        seen[key] = i
+        rules.append(Rule(hostname, port, raw["target"]["instance"], raw["target"]["port"], tls, redirect))
+    if problems:
+        return None, problems
+    ingress = Ingress(
+        name=name,
+        id=data.get("id") or derive_ingress_id(name),
+        rules=tuple(rules),
+        origin=doc.origin,
+        created_at=data.get("created_at"),
+    )
+    return ingress, []
+
+
+def instance_from_document(doc: Document) -> tuple[Instance | None, list[Problem]]:
+    errors = schema_errors(INSTANCE_SCHEMA, doc.parsed)
+    if errors:
+        return None, [_problem(doc, line, msg, Reason.INVALID_INSTANCE) for line, msg in errors]
+    data = doc.data
+    try:
+        ip = ipaddress.ip_address(data["ip"])
+    except ValueError:
+        return None, [_problem(doc, doc.parsed.line_of(("ip",)),
+                               f"ip: {data['ip']!r} is not an IP address", Reason.INVALID_INSTANCE)]
+    state = data.get("state", "Running")
+    return Instance(data["name"], data.get("id"), ip.compressed, str(state), doc.origin), []
+
+
+def dial_address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class InstanceIndex:
+    """Instances by name and by id; duplicates resolved by origin order (first wins)."""
+
+    def __init__(self, instances: Iterable[Instance]) -> None:
+        self.by_name: dict[str, Instance] = {}
+        self.by_id: dict[str, Instance] = {}
+        self.problems: list[Problem] = []
+        for inst in sorted(instances, key=lambda i: i.origin.sort_key):
+            winner = self.by_name.get(inst.name)
+            if winner is not None:
+                self.problems.append(Problem(inst.origin.file, inst.origin.line,
+                                             f"instance name {inst.name!r} is already defined in "
+                                             f"{winner.origin.describe()}; ignored", Reason.INVALID_INSTANCE))
+                continue
+            if inst.id is not None and inst.id in self.by_id:
+                other = self.by_id[inst.id]
+                self.problems.append(Problem(inst.origin.file, inst.origin.line,
+                                             f"instance id {inst.id!r} is already defined in "
+                                             f"{other.origin.describe()}; ignored", Reason.INVALID_INSTANCE))
+                continue
+            self.by_name[inst.name] = inst
+            if inst.id is not None:
+                self.by_id[inst.id] = inst
+
+    def lookup(self, ref: str) -> Instance | None:
+        return self.by_name.get(ref) or self.by_id.get(ref)
+
+    def backend(self, rule: Rule) -> Upstream | Unavailable:
+        inst = self.lookup(rule.instance)
+        if inst is None:
+            return Unavailable(Reason.INSTANCE_NOT_FOUND, f"instance {rule.instance!r} not found")
+        if not inst.running:
+            return Unavailable(Reason.INSTANCE_NOT_RUNNING,
+                               f"instance {rule.instance!r} is not running (state: {inst.state})")
+        return Upstream(dial_address(inst.ip, rule.target_port))
+
+
+def resolve(ingresses: Iterable[Ingress], instances: Iterable[Instance], settings: Settings,
+            problems: Iterable[Problem] = ()) -> Desired:
+    """Cross-source checks and target resolution. ``problems`` from earlier stages are carried along."""
+    out: list[Problem] = list(problems)
+    index = InstanceIndex(instances)
+    out.extend(index.problems)
+    names: dict[str, Ingress] = {}
+    ids: dict[str, Ingress] = {}
+    claims: dict[tuple[str, int], Ingress] = {}
+    accepted: list[ResolvedIngress] = []
+    for ing in sorted(ingresses, key=lambda i: i.origin.sort_key):
+        o = ing.origin
+        if ing.name in names:
+            w = names[ing.name]
+            out.append(Problem(o.file, o.line, f"name {ing.name!r} is already used by the ingress in "
+                               f"{w.origin.describe()}", Reason.NAME_CONFLICT, ing.name))
+            continue
+        if ing.id in ids:
+            w = ids[ing.id]
+            out.append(Problem(o.file, o.line, f"id {ing.id!r} is already used by ingress {w.name!r} in "
+                               f"{w.origin.describe()}", Reason.NAME_CONFLICT, ing.name))
+            continue
+        conflict = next(((r, claims[(r.hostname, r.port)]) for r in ing.rules
+                         if (r.hostname, r.port) in claims), None)
+        if conflict is not None:
+            r, w = conflict
+            out.append(Problem(o.file, o.line, f"{r.hostname}:{r.port} is already claimed by ingress "
+                               f"{w.name!r} in {w.origin.describe()}", Reason.HOSTNAME_CONFLICT, ing.name))
+            continue
+        bad_port = next((r for r in ing.rules if r.port in (settings.admin_port,)), None)
+        if bad_port is not None:
+            out.append(Problem(o.file, o.line, f"{bad_port.hostname}:{bad_port.port}: port {bad_port.port} is "
+                               "Caddy's admin port", Reason.INVALID_MANIFEST, ing.name))
+            continue
+        names[ing.name] = ing
+        ids[ing.id] = ing
+        rules: list[ResolvedRule] = []
+        for i, rule in enumerate(ing.rules):
+            claims[(rule.hostname, rule.port)] = ing
+            if rule.tls:
+                out.append(Problem(o.file, o.line, f"rules[{i}] ({rule.hostname}:{rule.port}): TLS not "
+                                   "supported yet; rule left out of the config", Reason.TLS_NOT_SUPPORTED,
+                                   ing.name))
+                continue
+            rules.append(ResolvedRule(rule, i, index.backend(rule)))
+        accepted.append(ResolvedIngress(ing, tuple(rules)))
+    instances_by_name: Mapping[str, Instance] = index.by_name
+    return Desired(tuple(accepted), tuple(out), instances_by_name)
