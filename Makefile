@@ -32,7 +32,7 @@ system-deps:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check reconciler tests bench
+	$(BIN)/ruff check reconciler tests bench examples
 	$(BIN)/mypy
 
 unit: $(STAMP)
@@ -46,7 +46,7 @@ bench: $(STAMP)
 
 run: $(STAMP)
 	@mkdir -p $(DATA)
-	@$(BIN)/python -m bench.demo_backend --port $(DEMO_PORT) & echo $$! > .run/demo-backend.pid; \
+	@$(BIN)/python examples/demo_backend.py --port $(DEMO_PORT) & echo $$! > .run/demo-backend.pid; \
 	trap 'kill $$(cat .run/demo-backend.pid) 2>/dev/null' EXIT; \
 	echo "demo backend on 127.0.0.1:$(DEMO_PORT); try:  curl -H 'Host: demo.localhost' http://127.0.0.1:8080/"; \
 	CADDY_ADMIN_PORT=$(ADMIN_PORT) CADDY_HTTP_PORT=8080 CADDY_HTTPS_PORT=8443 CADDY_STOP_ON_SHUTDOWN=true \

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Backend, CaddyProcess, Daemon
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[[str], Backend]]:
+    started: list[Backend] = []
+
+    def make(name: str) -> Backend:
+        b = Backend(name)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        b.close()
+
+
+@pytest.fixture
+def caddy(tmp_path: Path) -> Iterator[CaddyProcess]:
+    proc = CaddyProcess(tmp_path / "caddy")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(**kwargs: object) -> Daemon:
+        d = Daemon(tmp_path, **kwargs)  # type: ignore[arg-type]
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()

@@ -1,0 +1,263 @@
+"""Shared test helpers: free ports, real loopback backends, real Caddy and daemon processes, polling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from reconciler.caddy.binary import find_caddy
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> T:
+    """Poll ``check`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polled checks may fail until ready
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}"
+                                 + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+class Backend:
+    """A real HTTP server on 127.0.0.1 answering ``backend=<name> host=<Host> path=<path>``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = f"backend={backend.name} host={self.headers.get('Host')} path={self.path}".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def get(port: int, host: str, path: str = "/", timeout: float = 5.0) -> httpx.Response:
+    """A real request to Caddy on 127.0.0.1:port with the given Host header."""
+    return httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Host": host}, timeout=timeout)
+
+
+def routed_to(port: int, host: str, backend: str) -> bool:
+    try:
+        r = get(port, host)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 and r.text.startswith(f"backend={backend} ")
+
+
+def status_of(port: int, host: str) -> int | None:
+    try:
+        return get(port, host).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def ingress_yaml(name: str, host: str, port: int, instance: str, target_port: int) -> str:
+    return (f"name: {name}\nrules:\n  - match: {{hostname: {host}, port: {port}}}\n"
+            f"    target: {{instance: {instance}, port: {target_port}}}\n")
+
+
+def instance_yaml(name: str, ip: str = "127.0.0.1", state: str = "Running", id: str | None = None) -> str:
+    return f"name: {name}\nip: {ip}\nstate: {state}\n" + (f"id: {id}\n" if id else "")
+
+
+def kill_pid(pid: int, timeout: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+            time.sleep(0.02)
+
+
+class CaddyProcess:
+    """A bare Caddy (no reconciler) with its admin API on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.admin_port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "initial.json"
+        cfg.write_text(json.dumps({"admin": {"listen": f"127.0.0.1:{self.admin_port}",
+                                             "config": {"persist": False}}}))
+        env = {**os.environ, "XDG_DATA_HOME": str(workdir / "xdg-data"),
+               "XDG_CONFIG_HOME": str(workdir / "xdg-config"), "HOME": str(workdir)}
+        self.log_path = workdir / "caddy.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([find_caddy(), "run", "--config", str(cfg)], stdout=self._log,
+                                     stderr=self._log, env=env, start_new_session=True)
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        wait_for(lambda: httpx.get(self.admin_url + "/config/", timeout=1).status_code == 200,
+                 timeout=15, message="caddy admin API")
+
+    def load(self, config: dict[str, Any]) -> httpx.Response:
+        return httpx.post(self.admin_url + "/load", json=config, timeout=60)
+
+    def stop(self) -> None:
+        kill_pid(self.proc.pid)
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        self._log.close()
+
+
+def count_loads(log_path: Path) -> int:
+    """Number of ``POST /load`` requests Caddy's admin API received, from its log."""
+    if not log_path.exists():
+        return 0
+    n = 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"uri":"/load"' in line and '"method":"POST"' in line:
+            n += 1
+    return n
+
+
+class Daemon:
+    """``hypeman-ingress run`` as a real subprocess with its own data dir, admin port and sources."""
+
+    def __init__(self, tmp: Path, *, manifests: list[Path] | None = None, instances: Path | None = None,
+                 resync: int = 30, env: dict[str, str] | None = None, data_dir: Path | None = None,
+                 admin_port: int | None = None) -> None:
+        self.tmp = tmp
+        self.data_dir = data_dir or tmp / "data"
+        self.manifests = manifests if manifests is not None else [tmp / "manifests"]
+        self.instances = instances or tmp / "instances"
+        for d in [*self.manifests, self.instances]:
+            d.mkdir(parents=True, exist_ok=True)
+        self.admin_port = admin_port or free_port()
+        self.env = {**os.environ, "CADDY_ADMIN_PORT": str(self.admin_port),
+                    "CADDY_LISTEN_ADDRESS": "127.0.0.1",
+                    "CADDY_HTTP_PORT": str(free_port()), "CADDY_HTTPS_PORT": str(free_port()),
+                    "HYPEMAN_RESYNC_SECONDS": str(resync), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = tmp / "daemon.log"
+        self.caddy_pids: set[int] = set()
+
+    @property
+    def caddy_log(self) -> Path:
+        return self.data_dir / "caddy" / "caddy.log"
+
+    def caddy_pid(self) -> int | None:
+        try:
+            pid = int((self.data_dir / "caddy" / "caddy.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        self.caddy_pids.add(pid)
+        return pid
+
+    def start(self, *, wait_ready: bool = True) -> Daemon:
+        args = [sys.executable, "-m", "reconciler.cli", "--log-format", "json", "run",
+                "--data-dir", str(self.data_dir), "--instances", str(self.instances)]
+        for m in self.manifests:
+            args += ["--manifests", str(m)]
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=self.env, cwd=str(ROOT))
+        log.close()
+        if wait_ready:
+            wait_for(lambda: self.passes() >= 1, timeout=30, message="first reconcile pass")
+        self.caddy_pid()
+        return self
+
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        if not self.log_path.exists():
+            return out
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if event is None or rec.get("event") == event:
+                    out.append(rec)
+        return out
+
+    def passes(self) -> int:
+        return len(self.log_events("reconcile.finished"))
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def cleanup(self) -> None:
+        self.stop()
+        self.caddy_pid()
+        for pid in self.caddy_pids:
+            kill_pid(pid)
