@@ -34,6 +34,7 @@ class Reason:
     CADDY_REJECTED = "CaddyRejected"
     INVALID_INSTANCE = "InvalidInstance"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
+    STALE = "Stale"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,16 @@ class Problem:
     def format(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class GoodFile:
+    """The last valid content of one input file (kept so a file that turns invalid keeps serving)."""
+
+    display: str
+    digest: str
+    text: str
+    since: float  # wall-clock time it was first seen valid
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,30 @@ from typing import Any
 import yaml
 
 try:  # the C parser is ~10x faster; fall back to pure Python where libyaml is missing
-    from yaml import CSafeLoader as _Loader
+    from yaml import CSafeLoader as _BaseLoader
 except ImportError:  # pragma: no cover - depends on the build of PyYAML
-    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
+
+# Plain scalars starting with one of these can only resolve to str under YAML 1.1's implicit resolvers
+# (bool/null start with y n t f o ~, numbers/timestamps with digits, sign or dot, merge with '<').
+_STR_START = frozenset("abcdeghijklmpqrsuvwxzABCDEGHIJKLMPQRSUVWXZ_/")
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """The safe loader with a fast path for the commonest scalar tag resolution (plain strings)."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode:
+            if implicit[0] and value:
+                if value[0] in _STR_START:
+                    return _STR
+                if value.isascii() and value.isdigit() and (value[0] != "0" or value == "0"):
+                    return _INT
+        elif kind is yaml.MappingNode and implicit:
+            return _MAP
+        elif kind is yaml.SequenceNode and implicit:
+            return _SEQ
+        return super().resolve(kind, value, implicit)
 
 #: Most nodes (after alias expansion) accepted from one file.
 MAX_NODES = 100_000
@@ -28,6 +49,7 @@ MAX_NODES = 100_000
 MAX_DEPTH = 64
 
 _STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
@@ -48,22 +70,47 @@ Path = tuple[str | int, ...]
 
 @dataclass(frozen=True, slots=True)
 class ParsedDocument:
-    """One document of a file: its data, where it starts, and the line of every value in it."""
+    """One document of a file: its data, where it starts, and (lazily) the line of every value in it.
+
+    The YAML node tree is kept so lines are looked up only when an error needs one.
+    """
 
     index: int
     line: int
     data: Any
-    lines: Mapping[Path, int] = field(repr=False, compare=False)
+    node: yaml.Node | None = field(default=None, repr=False, compare=False)
 
     def line_of(self, path: Path) -> int:
-        """Line of the value at ``path``, or of its nearest ancestor that has one."""
-        p = tuple(path)
-        while p:
-            found = self.lines.get(p)
-            if found is not None:
-                return found
-            p = p[:-1]
-        return self.line
+        """Line of the value at ``path`` (of its key, inside a mapping), or of its nearest ancestor."""
+        node, line = self.node, self.line
+        for part in path:
+            if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+                for key, value in node.value:
+                    if isinstance(key, yaml.ScalarNode) and key.value == part:
+                        node, line = value, key.start_mark.line + 1
+                        break
+                else:
+                    return line
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        return line
+
+    @property
+    def lines(self) -> Mapping[Path, int]:
+        """Every path in the document mapped to its line (for tools and tests; not used on hot paths)."""
+        out: dict[Path, int] = {(): self.line}
+        stack: list[tuple[Path, Any]] = [((), self.data)]
+        while stack:
+            path, value = stack.pop()
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for k, v in items:
+                child = (*path, k)
+                out[child] = self.line_of(child)
+                stack.append((child, v))
+        return out
 
 
 class ParseError(Exception):
@@ -81,7 +128,7 @@ class _Builder:
         self._nodes = 0
         self._active: set[int] = set()
 
-    def build(self, node: yaml.Node, path: Path, lines: dict[Path, int], depth: int) -> Any:
+    def build(self, node: yaml.Node, depth: int) -> Any:
         self._nodes += 1
         line = node.start_mark.line + 1
         if self._nodes > MAX_NODES:
@@ -90,7 +137,6 @@ class _Builder:
             )
         if depth > MAX_DEPTH:
             raise ParseError(f"nesting deeper than {MAX_DEPTH} levels", line)
-        lines[path] = line
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node, line)
         if id(node) in self._active:
@@ -100,9 +146,9 @@ class _Builder:
             if isinstance(node, yaml.SequenceNode):
                 if node.tag != _SEQ:
                     raise ParseError(f"unsupported tag {node.tag!r}", line)
-                return [self.build(item, (*path, i), lines, depth + 1) for i, item in enumerate(node.value)]
+                return [self.build(item, depth + 1) for item in node.value]
             if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, path, lines, depth, line)
+                return self._mapping(node, depth, line)
         finally:
             self._active.discard(id(node))
         raise ParseError(f"unsupported YAML node {type(node).__name__}", line)  # pragma: no cover
@@ -112,19 +158,19 @@ class _Builder:
             raise ParseError(f"unsupported tag {node.tag!r} (only plain data is allowed)", line)
         if node.tag in (_STR, _TIMESTAMP):
             return node.value
+        if (node.tag == _INT and node.value.isascii() and node.value.isdigit()
+                and (node.value[0] != "0" or node.value == "0")):
+            return int(node.value)
         try:
             return self._loader.construct_object(node)
         except yaml.YAMLError as exc:
             raise ParseError(f"bad scalar {node.value!r}: {exc}", line) from exc
 
-    def _mapping(self, node: yaml.MappingNode, path: Path, lines: dict[Path, int], depth: int, line: int) -> Any:
+    def _mapping(self, node: yaml.MappingNode, depth: int, line: int) -> Any:
         if node.tag != _MAP:
             raise ParseError(f"unsupported tag {node.tag!r}", line)
         if any(k.tag == _MERGE for k, _ in node.value):
-            try:
-                self._loader.flatten_mapping(node)
-            except yaml.YAMLError as exc:
-                raise ParseError(f"bad merge key: {exc}", line) from exc
+            _flatten(node, set())
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key_line = key_node.start_mark.line + 1
@@ -133,9 +179,43 @@ class _Builder:
             key = key_node.value
             if key in result:
                 raise ParseError(f"duplicate key {key!r}", key_line)
-            result[key] = self.build(value_node, (*path, key), lines, depth + 1)
-            lines[(*path, key)] = key_line
+            result[key] = self.build(value_node, depth + 1)
         return result
+
+
+def _flatten(node: yaml.MappingNode, active: set[int]) -> None:
+    """Resolve merge keys (``<<``) in place, as YAML specifies: the mapping's own keys win over merged
+    ones, and an earlier mapping in ``<<: [a, b]`` wins over a later one. Only real duplicates among the
+    mapping's own keys are left for the caller to report. (PyYAML's ``flatten_mapping`` keeps overridden
+    pairs, which made every override a "duplicate key", and its order differs between versions.)
+    """
+    if id(node) in active:
+        raise ParseError("recursive alias", node.start_mark.line + 1)
+    active.add(id(node))
+    merged: list[tuple[yaml.Node, yaml.Node]] = []
+    own: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE:
+            own.append((key_node, value_node))
+            continue
+        subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for sub in subs:
+            if not isinstance(sub, yaml.MappingNode) or sub.tag != _MAP:
+                raise ParseError("bad merge key: expected a mapping or a list of mappings",
+                                 sub.start_mark.line + 1)
+            if any(k.tag == _MERGE for k, _ in sub.value):
+                _flatten(sub, active)
+            merged.extend(sub.value)
+    seen = {k.value for k, _ in own if isinstance(k, yaml.ScalarNode)}
+    kept: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in merged:
+        if isinstance(key_node, yaml.ScalarNode):
+            if key_node.value in seen:
+                continue
+            seen.add(key_node.value)
+        kept.append((key_node, value_node))
+    node.value = kept + own
+    active.discard(id(node))
 
 
 def parse_documents(text: str) -> list[ParsedDocument]:
@@ -157,16 +237,19 @@ def parse_documents(text: str) -> list[ParsedDocument]:
             else:
                 items = [node]
             for item in items:
-                lines: dict[Path, int] = {}
-                data = builder.build(item, (), lines, 0)
+                data = builder.build(item, 0)
                 if data is not None:
-                    docs.append(ParsedDocument(len(docs), item.start_mark.line + 1, data, lines))
+                    docs.append(ParsedDocument(len(docs), item.start_mark.line + 1, data, item))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or str(exc)
         context = f" {exc.context}" if exc.context else ""
         raise ParseError(f"YAML syntax error: {problem}{context}".strip(), line) from exc
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (control characters, ...)
+        line = text[: exc.position].count("\n") + 1 if isinstance(exc.position, int) else None
+        raise ParseError(f"YAML error: unacceptable character #x{exc.character:04x}: {exc.reason}"
+                         if isinstance(exc.character, int) else f"YAML error: {exc.reason}", line) from exc
     except yaml.YAMLError as exc:
         raise ParseError(f"YAML error: {exc}") from exc
     except RecursionError as exc:

@@ -16,6 +16,11 @@ import jsonschema
 
 from reconciler.parse import ParsedDocument
 
+try:  # Rust validator for the fast "is it valid?" path (~1 us/doc instead of ~400 us)
+    import jsonschema_rs as _rs
+except ImportError:  # pragma: no cover - optional speed-up
+    _rs = None
+
 INGRESS_SCHEMA = "ingress.schema.json"
 INSTANCE_SCHEMA = "instance.schema.json"
 
@@ -39,6 +44,14 @@ def validator(name: str) -> jsonschema.protocols.Validator:
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)  # type: ignore[no-any-return]
+
+
+@cache
+def _fast(name: str) -> Any:
+    """Compiled Rust validator for the same schema, or None when jsonschema-rs is unavailable."""
+    if _rs is None:
+        return None
+    return _rs.validator_for(load_schema(name), validate_formats=True)
 
 
 def format_path(path: tuple[str | int, ...] | list[str | int]) -> str:
@@ -83,6 +96,9 @@ def _short(value: Any) -> str:
 
 def schema_errors(name: str, doc: ParsedDocument) -> list[tuple[int, str]]:
     """``(line, message)`` for every schema violation of ``doc``, sorted by line."""
+    fast = _fast(name)
+    if fast is not None and fast.is_valid(doc.data):
+        return []
     v = validator(name)
     if v.is_valid(doc.data):
         return []

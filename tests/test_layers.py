@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "reconciler"
 # rank: a module may import modules of equal or lower rank only (same rank: only within its package)
 RANKS = {
     "reconciler.errors": 0,
-    "reconciler.settings": 1, "reconciler.parse": 1,
+    "reconciler.settings": 1, "reconciler.parse": 1, "reconciler.fsutil": 1,
     "reconciler.model": 2, "reconciler.schema": 2,
     "reconciler.validate": 3, "reconciler.render": 3, "reconciler.diff": 3,
     "reconciler.sources": 4, "reconciler.caddy": 4, "reconciler.state": 4,

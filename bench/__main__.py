@@ -1,0 +1,111 @@
+"""`python -m bench` — run every scenario, print a table (figure, value, target, met?), write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from reconciler.render import render
+from reconciler.settings import Settings
+from reconciler.sources.snapshot import take_snapshot
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    target: float | None = None
+    better: str = "lower"  # "lower" or "higher"
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value <= self.target if self.better == "lower" else self.value >= self.target
+
+
+def make_tree(root: Path, n: int, *, per_file: int = 1, vms: int = 500) -> tuple[Path, Path]:
+    manifests, instances = root / "manifests", root / "instances"
+    manifests.mkdir(parents=True)
+    instances.mkdir(parents=True)
+    for f in range(0, n, per_file):
+        docs = []
+        for i in range(f, min(n, f + per_file)):
+            docs.append(f"name: ing-{i}\nrules:\n  - match: {{hostname: h{i}.example.com, port: 8080}}\n"
+                        f"    target: {{instance: vm-{i % vms}, port: 80}}\n")
+        sub = manifests / f"team-{f % 20:02d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"ing-{f:06d}.yaml").write_text("---\n".join(docs))
+    (instances / "vms.yaml").write_text("".join(
+        f"---\nname: vm-{i}\nip: 10.0.{i // 250}.{i % 250 + 1}\n" for i in range(vms)))
+    return manifests, instances
+
+
+def bench_pipeline(n: int, repeats: int) -> list[Figure]:
+    with tempfile.TemporaryDirectory() as tmp:
+        manifests, instances = make_tree(Path(tmp), n)
+        settings = Settings(data_dir=os.path.join(tmp, "data"), manifest_dirs=(str(manifests),),
+                            instances_dir=str(instances))
+        load_t, render_t, total_t, cpu_t = [], [], [], []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            snap = take_snapshot(settings)
+            t1 = time.perf_counter()
+            text = json.dumps(render(snap.desired, settings), separators=(",", ":"))
+            t2 = time.perf_counter()
+            cpu_t.append(time.process_time() - c0)
+            assert len(snap.desired.ingresses) == n, "every ingress must be accepted"
+            load_t.append(t1 - t0)
+            render_t.append(t2 - t1)
+            total_t.append(t2 - t0)
+        return [
+            Figure(f"load+validate {n} ingresses in {n} files (median of {repeats})",
+                   statistics.median(load_t), "s"),
+            Figure(f"render + serialise {n} ingresses ({len(text) // 1024} KiB JSON)", statistics.median(render_t), "s"),
+            Figure(f"load + validate + render {n} ingresses in {n} files", statistics.median(total_t), "s",
+                   target=2.0),
+            Figure("  the same, CPU time of this process", statistics.median(cpu_t), "s"),
+        ]
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
+    "pipeline": lambda a: bench_pipeline(a.n, a.repeats),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
+    parser.add_argument("--output", default="bench-results.json")
+    args = parser.parse_args(argv)
+    figures: list[Figure] = []
+    for name in args.only or list(SCENARIOS):
+        figures.extend(SCENARIOS[name](args))
+    width = max(len(f.name) for f in figures)
+    print(f"{'figure':<{width}}  {'value':>10}  {'target':>8}  met")
+    for f in figures:
+        target = "" if f.target is None else f"{f.target:g}{f.unit}"
+        met = "" if f.met is None else ("yes" if f.met else "NO")
+        print(f"{f.name:<{width}}  {f.value:>9.3f}{f.unit}  {target:>8}  {met}")
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()}
+    Path(args.output).write_text(json.dumps({"machine": machine, "figures": [
+        {**asdict(f), "met": f.met} for f in figures]}, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0 if all(f.met is not False for f in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""File-system helpers shared by the I/O edges (not pure: it writes files)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename, fsync the dir.
+
+    Readers see either the old or the new content, never a partial file, even after a crash. The temp
+    name starts with a dot and ends in ``.tmp`` so directory watchers and loaders ignore it.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

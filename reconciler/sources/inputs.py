@@ -1,0 +1,304 @@
+"""Incremental, fault-tolerant reading of every input with last-known-good per file. I/O edge.
+
+Each pass rebuilds the whole picture (level-triggered), but a file whose stat signature and content hash
+are unchanged is not parsed again. Per file:
+
+* valid now            -> its items are used and become the file's *last good* version;
+* invalid now          -> its last good version (from memory, or persisted under ``{data}/state``) keeps
+                          being used and is reported as stale together with the error;
+* gone (source fine)   -> its items disappear, and so does its last good version;
+* source unavailable   -> (missing or unreadable dir, vanished git-sync link) every file of the source
+                          keeps its last good version and the source is reported unhealthy. A source that
+                          exists and is readable but empty is honoured.
+
+A symlinked source (git-sync ``--link``) is resolved once per read; if the resolved folder changes or
+vanishes while it is being read, the read of that source is retried, never used half.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Problem, Reason, Source
+from reconciler.parse import ParseError, decode, parse_documents
+from reconciler.sources.loader import DEFAULT_MAX_BYTES, FileEntry, SourceScan, read_file, scan_source
+from reconciler.validate import ingress_from_document, instance_from_document
+
+T = TypeVar("T", Ingress, Instance)
+
+#: Files modified this recently are re-hashed even when their stat signature is unchanged ("racy" files).
+RACY_SECONDS = 2.0
+_HEX40 = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
+
+
+@dataclass(slots=True)
+class _Cached(Generic[T]):
+    signature: tuple[int, ...]
+    digest: str
+    items: tuple[T, ...]
+    problems: tuple[Problem, ...]
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    path: str
+    ok: bool
+    root: str | None = None
+    error: str | None = None
+    commit: str | None = None
+    files: int = 0
+
+
+@dataclass(slots=True)
+class ReadResult(Generic[T]):
+    items: list[T] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    #: display path -> the problems that made the file fall back to its last good version
+    stale: dict[str, tuple[Problem, ...]] = field(default_factory=dict)
+    #: display path -> when its last good version was first seen (for stale files)
+    stale_since: dict[str, float] = field(default_factory=dict)
+    sources: list[SourceHealth] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    parsed_files: int = 0
+
+
+class SourceMoved(Exception):
+    """The resolved folder of a symlinked source changed or vanished during the read."""
+
+
+def git_commit(root: str) -> str | None:
+    """The commit a git-sync style checkout is at: a 40-hex path component, or the worktree's HEAD."""
+    found = _HEX40.findall(root)
+    if found:
+        return found[-1]
+    head = os.path.join(root, ".git")
+    try:
+        if os.path.isfile(head):
+            with open(head, encoding="utf-8") as fh:
+                gitdir = fh.read().strip().removeprefix("gitdir:").strip()
+            head = os.path.join(root, gitdir) if not os.path.isabs(gitdir) else gitdir
+        with open(os.path.join(head, "HEAD"), encoding="utf-8") as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    if _HEX40.fullmatch(text):
+        return text
+    if text.startswith("ref:"):
+        try:
+            with open(os.path.join(head, text[4:].strip()), encoding="utf-8") as fh:
+                ref = fh.read().strip()
+            return ref if _HEX40.fullmatch(ref) else None
+        except OSError:
+            return None
+    return None
+
+
+class IncrementalReader(Generic[T]):
+    """Reads sources of one kind (ingress manifests or instance records) pass after pass."""
+
+    def __init__(self, parse_doc: Callable[[Document], tuple[T | None, list[Problem]]], *,
+                 problem_reason: str = Reason.INVALID_MANIFEST, max_bytes: int = DEFAULT_MAX_BYTES,
+                 good: dict[str, dict[str, GoodFile]] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        self._parse_doc = parse_doc
+        self._reason = problem_reason
+        self.max_bytes = max_bytes
+        self._wall = wall
+        #: source path -> relpath -> last good file
+        self.good: dict[str, dict[str, GoodFile]] = good if good is not None else {}
+        self._cache: dict[tuple[str, str], _Cached[T]] = {}
+        self._good_items: dict[tuple[str, str, int], tuple[str, tuple[T, ...]]] = {}
+        self._parsed = 0
+
+    # -- one file ---------------------------------------------------------------------------
+    def _parse_text(self, text: str, entry: FileEntry, index: int) -> tuple[tuple[T, ...], tuple[Problem, ...]]:
+        try:
+            parsed = parse_documents(text)
+        except ParseError as exc:
+            return (), (Problem(entry.display, exc.line, exc.message, self._reason),)
+        items: list[T] = []
+        problems: list[Problem] = []
+        for d in parsed:
+            doc = Document(Origin(index, entry.relpath, d.index, entry.display, d.line), d)
+            if not isinstance(d.data, dict):
+                problems.append(Problem(entry.display, d.line,
+                                        f"expected a mapping (an object), got {type(d.data).__name__}", self._reason))
+                continue
+            item, doc_problems = self._parse_doc(doc)
+            problems.extend(doc_problems)
+            if item is not None:
+                items.append(item)
+        return tuple(items), tuple(problems)
+
+    def _read_entry(self, entry: FileEntry, source: Source) -> _Cached[T] | None:
+        key = (source.path, entry.relpath)
+        try:
+            st = os.stat(entry.real)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return _Cached((), "", (), (Problem(entry.display, None, f"cannot stat: {exc.strerror}", self._reason),), None)
+        signature = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, source.index)
+        cached = self._cache.get(key)
+        racy = self._wall() - st.st_mtime_ns / 1e9 < RACY_SECONDS
+        if cached is not None and cached.signature == signature and not racy:
+            return cached
+        try:
+            raw = read_file(entry, self.max_bytes)
+        except FileNotFoundError:
+            return None
+        except ParseError as exc:
+            result = _Cached(signature, "", (), (Problem(entry.display, exc.line, exc.message, self._reason),), None)
+            self._cache[key] = result
+            return result
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            return _Cached(signature, "", (), (Problem(entry.display, None, f"cannot read: {exc.strerror}",
+                                                       self._reason),), None)
+        digest = hashlib.sha256(raw).hexdigest()
+        if cached is not None and cached.digest == digest and cached.signature[-1] == source.index:
+            cached.signature = signature
+            return cached
+        try:
+            text = decode(raw)
+        except ParseError as exc:
+            result = _Cached(signature, digest, (), (Problem(entry.display, exc.line, exc.message, self._reason),),
+                             None)
+        else:
+            items, problems = self._parse_text(text, entry, source.index)
+            result = _Cached(signature, digest, items, problems, text)
+        self._cache[key] = result
+        self._parsed += 1
+        return result
+
+    def _good_version(self, source: Source, relpath: str, display: str) -> tuple[T, ...]:
+        good = self.good.get(source.path, {}).get(relpath)
+        if good is None:
+            return ()
+        memo_key = (source.path, relpath, source.index)
+        memo = self._good_items.get(memo_key)
+        if memo is not None and memo[0] == good.digest:
+            return memo[1]
+        entry = FileEntry(display, relpath, "")
+        items, problems = self._parse_text(good.text, entry, source.index)
+        if problems:  # cannot happen for content that was valid, unless the rules got stricter
+            items = ()
+        self._good_items[memo_key] = (good.digest, items)
+        return items
+
+    # -- one source ---------------------------------------------------------------------------
+    def _scan(self, source: Source) -> SourceScan:
+        for _ in range(3):
+            scan = scan_source(source)
+            if scan.error is not None or scan.root is None:
+                return scan
+            try:
+                self._check_root(source, scan.root)
+            except SourceMoved:
+                continue
+            return scan
+        scan = SourceScan(source)
+        scan.error = "the source kept changing while it was read (symlink swapped repeatedly)"
+        return scan
+
+    @staticmethod
+    def _check_root(source: Source, root: str) -> None:
+        try:
+            now = os.path.realpath(source.path, strict=True)
+        except OSError as exc:
+            raise SourceMoved(source.path) from exc
+        if now != root or not os.path.isdir(root):
+            raise SourceMoved(source.path)
+
+    def _read_source(self, source: Source, out: ReadResult[T]) -> None:
+        for attempt in range(3):
+            scan = self._scan(source)
+            if scan.error is not None or scan.root is None:
+                self._unavailable(source, scan.error or "unreadable", out)
+                return
+            files: list[tuple[FileEntry, _Cached[T]]] = []
+            for entry in scan.files:
+                got = self._read_entry(entry, source)
+                if got is not None:
+                    files.append((entry, got))
+            try:
+                self._check_root(source, scan.root)
+            except SourceMoved:
+                if attempt == 2:
+                    self._unavailable(source, "the source vanished or moved while it was read", out)
+                    return
+                continue
+            self._use(source, scan, files, out)
+            return
+
+    def _unavailable(self, source: Source, error: str, out: ReadResult[T]) -> None:
+        out.sources.append(SourceHealth(source.path, False, error=error))
+        problem = Problem(source.path, None, f"source unavailable: {error}; keeping its last good routes",
+                          Reason.SOURCE_UNAVAILABLE)
+        out.problems.append(problem)
+        for relpath, good in sorted(self.good.get(source.path, {}).items()):
+            items = self._good_version(source, relpath, good.display)
+            out.items.extend(items)
+            out.stale[good.display] = (problem,)
+            out.stale_since[good.display] = good.since
+            out.digests.append(f"{source.path}:{relpath}:{good.digest}")
+
+    def _use(self, source: Source, scan: SourceScan, files: list[tuple[FileEntry, _Cached[T]]],
+             out: ReadResult[T]) -> None:
+        out.problems.extend(Problem(p.file, p.line, p.message, self._reason) for p in scan.problems)
+        good = self.good.setdefault(source.path, {})
+        present: set[str] = set()
+        for entry, got in files:
+            present.add(entry.relpath)
+            if not got.problems:
+                out.items.extend(got.items)
+                out.digests.append(f"{source.path}:{entry.relpath}:{got.digest}")
+                old = good.get(entry.relpath)
+                if got.text is not None and (old is None or old.digest != got.digest):
+                    good[entry.relpath] = GoodFile(entry.display, got.digest, got.text, self._wall())
+                continue
+            out.problems.extend(got.problems)
+            last = good.get(entry.relpath)
+            if last is not None and last.digest != got.digest:
+                out.items.extend(self._good_version(source, entry.relpath, entry.display))
+                out.stale[entry.display] = got.problems
+                out.stale_since[entry.display] = last.since
+                out.digests.append(f"{source.path}:{entry.relpath}:{last.digest}:stale:{got.digest}")
+            else:
+                out.digests.append(f"{source.path}:{entry.relpath}:{got.digest}:invalid")
+        for relpath in [r for r in good if r not in present]:
+            del good[relpath]
+        for key in [k for k in self._cache if k[0] == source.path and k[1] not in present]:
+            del self._cache[key]
+        out.sources.append(SourceHealth(source.path, True, scan.root, None,
+                                        git_commit(scan.root) if scan.root != os.path.abspath(source.path) else None,
+                                        len(files)))
+
+    def read(self, sources: Iterable[Source]) -> ReadResult[T]:
+        out: ReadResult[T] = ReadResult()
+        self._parsed = 0
+        for source in sources:
+            self._read_source(source, out)
+        out.parsed_files = self._parsed
+        return out
+
+    def good_digests(self) -> dict[str, dict[str, str]]:
+        return {s: {r: g.digest for r, g in files.items()} for s, files in self.good.items()}
+
+
+def ingress_reader(**kwargs: object) -> IncrementalReader[Ingress]:
+    return IncrementalReader(ingress_from_document, **kwargs)  # type: ignore[arg-type]
+
+
+def instance_reader(**kwargs: object) -> IncrementalReader[Instance]:
+    return IncrementalReader(instance_from_document, problem_reason=Reason.INVALID_INSTANCE,
+                             **kwargs)  # type: ignore[arg-type]

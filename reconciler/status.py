@@ -1,0 +1,100 @@
+"""Per-ingress status from a pass: ready, machine reason, message, source. PURE.
+
+Reasons, in order of precedence for an ingress that made it into the desired state:
+``CaddyRejected`` (Caddy refused its routes; the rest was applied) > ``Pending`` (the pass did not get
+its config into Caddy) > ``Stale`` (its file is invalid now; the last valid version is served) >
+``InstanceNotFound`` / ``InstanceNotRunning`` (routes answer 503) > ``TLSNotSupported`` > ``Applied``.
+Ingresses that were refused before rendering keep the reason of their problem (``InvalidManifest``,
+``NameConflict``, ``HostnameConflict``...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reconciler.model import Desired, Problem, Reason, ResolvedIngress, Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class IngressStatus:
+    name: str
+    ready: bool
+    reason: str
+    message: str
+    file: str
+    line: int | None = None
+    id: str | None = None
+    hosts: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    stale_since: float | None = None
+    problems: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hosts"] = list(self.hosts)
+        d["targets"] = list(self.targets)
+        d["problems"] = list(self.problems)
+        return d
+
+
+def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[str, tuple[Problem, ...]],
+              stale_since: Mapping[str, float], applied: bool, pass_error: str | None,
+              rejected: Mapping[str, str]) -> IngressStatus:
+    ing = ri.ingress
+    hosts = tuple(f"{r.hostname}:{r.port}" for r in ing.rules)
+    targets = tuple(f"{r.instance}:{r.target_port}" for r in ing.rules)
+    base = {"name": ing.name, "id": ing.id, "file": ing.origin.file, "line": ing.origin.line,
+            "hosts": hosts, "targets": targets, "problems": tuple(p.format() for p in problems)}
+    file_stale = stale.get(ing.origin.file)
+    since = stale_since.get(ing.origin.file) if file_stale else None
+    if ing.name in rejected:
+        return IngressStatus(ready=False, reason=Reason.CADDY_REJECTED, message=rejected[ing.name],
+                             stale_since=since, **base)  # type: ignore[arg-type]
+    if not applied:
+        msg = f"not applied yet: {pass_error}" if pass_error else "waiting for the next pass"
+        return IngressStatus(ready=False, reason=Reason.PENDING, message=msg, stale_since=since,
+                             **base)  # type: ignore[arg-type]
+    if file_stale:
+        why = "; ".join(p.format() for p in file_stale[:3])
+        return IngressStatus(ready=False, reason=Reason.STALE, stale_since=since,
+                             message=f"serving the last valid version of {ing.origin.file}; it is invalid now: {why}",
+                             **base)  # type: ignore[arg-type]
+    for r in ri.rules:
+        if isinstance(r.backend, Unavailable):
+            return IngressStatus(ready=False, reason=r.backend.reason,
+                                 message=f"{r.rule.hostname}:{r.rule.port} answers 503: {r.backend.message}",
+                                 **base)  # type: ignore[arg-type]
+    tls = [p for p in problems if p.reason == Reason.TLS_NOT_SUPPORTED]
+    if tls:
+        return IngressStatus(ready=False, reason=Reason.TLS_NOT_SUPPORTED, message=tls[0].message,
+                             **base)  # type: ignore[arg-type]
+    return IngressStatus(ready=True, reason=Reason.APPLIED, message="routes are live", **base)  # type: ignore[arg-type]
+
+
+def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...]] | None = None,
+                     stale_since: Mapping[str, float] | None = None, applied: bool = True,
+                     pass_error: str | None = None, rejected: Mapping[str, str] | None = None
+                     ) -> list[IngressStatus]:
+    """One status per ingress name, sorted by name."""
+    stale = stale or {}
+    stale_since = stale_since or {}
+    rejected = rejected or {}
+    by_name: dict[str, list[Problem]] = {}
+    for p in desired.problems:
+        if p.ingress:
+            by_name.setdefault(p.ingress, []).append(p)
+    out: dict[str, IngressStatus] = {}
+    for ri in desired.ingresses:
+        out[ri.ingress.name] = _accepted(ri, problems=by_name.get(ri.ingress.name, []), stale=stale,
+                                         stale_since=stale_since, applied=applied, pass_error=pass_error,
+                                         rejected=rejected)
+    for name, problems in by_name.items():
+        if name in out:
+            continue
+        first = problems[0]
+        out[name] = IngressStatus(name=name, ready=False, reason=first.reason, message=first.message,
+                                  file=first.file, line=first.line,
+                                  problems=tuple(p.format() for p in problems))
+    return [out[k] for k in sorted(out)]
