@@ -72,7 +72,8 @@ def bench_pipeline(n: int, repeats: int) -> list[Figure]:
         return [
             Figure(f"load+validate {n} ingresses in {n} files (median of {repeats})",
                    statistics.median(load_t), "s"),
-            Figure(f"render + serialise {n} ingresses ({len(text) // 1024} KiB JSON)", statistics.median(render_t), "s"),
+            Figure(f"render + serialise {n} ingresses ({len(text) // 1024} KiB JSON)",
+                   statistics.median(render_t), "s"),
             Figure(f"load + validate + render {n} ingresses in {n} files", statistics.median(total_t), "s",
                    target=2.0),
             Figure("  the same, CPU time of this process", statistics.median(cpu_t), "s"),

@@ -11,6 +11,7 @@ read as a list of documents (so a JSON file can hold an array of manifests).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,8 +223,42 @@ def parse_documents(text: str) -> list[ParsedDocument]:
     """Parse YAML (or JSON, a subset) ``text`` into documents.
 
     Raises :class:`ParseError` for syntax errors, unsupported tags, alias bombs and duplicate keys.
-    Empty documents are skipped; a top-level sequence yields one document per item.
+    Empty documents are skipped; a top-level sequence yields one document per item. JSON that YAML 1.1
+    cannot read (surrogate-pair escapes such as ``"\\ud83d\\ude00"``, raw DEL characters) is read
+    with the JSON parser instead.
     """
+    try:
+        return _parse_yaml(text)
+    except ParseError as yaml_error:
+        if text.lstrip()[:1] not in ("{", "["):
+            raise
+        try:
+            return _parse_json(text)
+        except ParseError:
+            raise yaml_error from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ParseError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_json(text: str) -> list[ParsedDocument]:
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"JSON syntax error: {exc.msg}", exc.lineno) from exc
+    except RecursionError as exc:
+        raise ParseError("nesting too deep") from exc
+    items = data if isinstance(data, list) else [data]
+    return [ParsedDocument(i, 1, item) for i, item in enumerate(x for x in items if x is not None)]
+
+
+def _parse_yaml(text: str) -> list[ParsedDocument]:
     loader = _Loader(text)
     builder = _Builder(loader)
     docs: list[ParsedDocument] = []
@@ -232,10 +267,7 @@ def parse_documents(text: str) -> list[ParsedDocument]:
             node = loader.get_node()
             if node is None:  # pragma: no cover - check_node guards it
                 break
-            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
-                items = list(node.value)
-            else:
-                items = [node]
+            items = list(node.value) if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ else [node]
             for item in items:
                 data = builder.build(item, 0)
                 if data is not None:

@@ -32,6 +32,12 @@ def _listen(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
+def _literal(text: str) -> str:
+    """Escape Caddy placeholders: the message quotes manifest/instance text, and an unescaped
+    ``{env.SECRET}`` in a response body would be expanded by Caddy."""
+    return text.replace("{", "\\{").replace("}", "\\}")
+
+
 def _handler(rule: ResolvedRule) -> dict[str, Any]:
     backend = rule.backend
     if isinstance(backend, Upstream):
@@ -41,7 +47,7 @@ def _handler(rule: ResolvedRule) -> dict[str, Any]:
         "handler": "static_response",
         "status_code": 503,
         "headers": _TEXT,
-        "body": f"503 Service Unavailable: {backend.message}\n",
+        "body": f"503 Service Unavailable: {_literal(backend.message)}\n",
     }
 
 

@@ -82,7 +82,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "redirect_http")),
                                      f"{where}.redirect_http: requires tls: true", ingress=name))
             continue
-        port = raw["match"].get("port", 443 if tls else 80)
+        # int(): JSON Schema counts 8080.0 as an integer; Caddy would get "8080.0" in listen/dial.
+        port = int(raw["match"].get("port", 443 if tls else 80))
         key = (hostname, port)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -90,7 +91,7 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
                                      ingress=name))
             continue
         seen[key] = i
-        rules.append(Rule(hostname, port, raw["target"]["instance"], raw["target"]["port"], tls, redirect))
+        rules.append(Rule(hostname, port, raw["target"]["instance"], int(raw["target"]["port"]), tls, redirect))
     if problems:
         return None, problems
     ingress = Ingress(

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,7 @@ def wait_for(check: Callable[[], T], *, timeout: float = 10.0, interval: float =
             value = check()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - polled checks may fail until ready
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}"
@@ -126,10 +126,8 @@ def kill_pid(pid: int, timeout: float = 5.0) -> None:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:

@@ -15,14 +15,14 @@ RANKS = {
     "reconciler.errors": 0,
     "reconciler.settings": 1, "reconciler.parse": 1, "reconciler.fsutil": 1,
     "reconciler.model": 2, "reconciler.schema": 2,
-    "reconciler.validate": 3, "reconciler.render": 3, "reconciler.diff": 3,
+    "reconciler.validate": 3, "reconciler.render": 3, "reconciler.diff": 3, "reconciler.status": 3,
     "reconciler.sources": 4, "reconciler.caddy": 4, "reconciler.state": 4,
     "reconciler.loop": 5,
     "reconciler.api": 6,
     "reconciler.cli": 7,
 }
 PURE = {"reconciler.errors", "reconciler.settings", "reconciler.parse", "reconciler.model", "reconciler.schema",
-        "reconciler.validate", "reconciler.render", "reconciler.diff"}
+        "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status"}
 IMPURE_IMPORTS = {"logging", "structlog", "httpx", "watchdog", "subprocess", "socket", "time", "threading",
                   "random", "datetime"}
 

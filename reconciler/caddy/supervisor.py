@@ -2,7 +2,9 @@
 
 Caddy runs in its own session so it survives the reconciler (a reconciler restart or crash never takes
 routes down). It is started with ``{data}/caddy/config.json`` -- the last config we applied -- so a
-restarted Caddy comes up serving the last good routes before the first pass even runs.
+restarted Caddy comes up serving the last good routes before the first pass even runs. When that config
+cannot start any more (say a port it listens on was taken while Caddy was down), Caddy is started with the
+admin block only, so the loop can still load what the manifests ask for now instead of crash-looping.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class CaddySupervisor:
         """Persist the config we applied, so a restarted Caddy starts with it."""
         atomic_write(self.config_path, json.dumps(config, separators=(",", ":")).encode())
 
-    def _startup_config(self) -> None:
+    def _startup_config(self) -> dict[str, Any]:
         """Make sure config.json exists and its admin block matches the current settings."""
         config: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
@@ -108,6 +110,7 @@ class CaddySupervisor:
                 config = loaded
         config["admin"] = admin_block(self.settings)
         self.save_config(config)
+        return config
 
     def _read_pid(self) -> int | None:
         try:
@@ -145,7 +148,20 @@ class CaddySupervisor:
         return True
 
     def start(self) -> None:
-        self._startup_config()
+        config = self._startup_config()
+        try:
+            self._spawn(self.config_path)
+        except CaddyUnavailable as exc:
+            if set(config) <= {"admin"}:
+                raise
+            # The last applied config no longer starts: come up with the admin API only and let the
+            # next pass load the current desired config (config.json keeps the last good one).
+            self._log("caddy.start_fallback", error=str(exc))
+            bare = os.path.join(self.settings.caddy_dir, "config.bootstrap.json")
+            atomic_write(bare, json.dumps({"admin": admin_block(self.settings)}).encode())
+            self._spawn(bare)
+
+    def _spawn(self, config_path: str) -> None:
         env = dict(os.environ)
         env["XDG_DATA_HOME"] = os.path.join(self.settings.caddy_dir, "data")
         env["XDG_CONFIG_HOME"] = os.path.join(self.settings.caddy_dir, "config")
@@ -153,7 +169,7 @@ class CaddySupervisor:
         logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._popen = subprocess.Popen(
-                [self.binary, "run", "--config", self.config_path],
+                [self.binary, "run", "--config", config_path],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
                 start_new_session=True, close_fds=True, cwd=self.settings.caddy_dir,
             )

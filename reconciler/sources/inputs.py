@@ -145,7 +145,8 @@ class IncrementalReader(Generic[T]):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return _Cached((), "", (), (Problem(entry.display, None, f"cannot stat: {exc.strerror}", self._reason),), None)
+            problem = Problem(entry.display, None, f"cannot stat: {exc.strerror}", self._reason)
+            return _Cached((), "", (), (problem,), None)
         signature = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, source.index)
         cached = self._cache.get(key)
         racy = self._wall() - st.st_mtime_ns / 1e9 < RACY_SECONDS

@@ -75,7 +75,7 @@ def scan_source(source: Source) -> SourceScan:
     scan.root = root
     seen_files: set[str] = set()
     try:
-        for entry in _walk(source.path, root, "", root, {root}, scan):
+        for entry in _walk(source.path, root, "", root, {root}, scan, {root}):
             if entry.real in seen_files:
                 continue
             seen_files.add(entry.real)
@@ -86,7 +86,7 @@ def scan_source(source: Source) -> SourceScan:
 
 
 def _walk(display_dir: str, real_dir: str, rel_dir: str, root: str, ancestors: set[str],
-          scan: SourceScan) -> Iterator[FileEntry]:
+          scan: SourceScan, visited: set[str]) -> Iterator[FileEntry]:
     try:
         entries = sorted(os.scandir(real_dir), key=lambda e: e.name)
     except OSError as exc:
@@ -127,7 +127,10 @@ def _walk(display_dir: str, real_dir: str, rel_dir: str, root: str, ancestors: s
             if real in ancestors:
                 scan.problems.append(Problem(display, None, "refused: symlink loop (points to a parent folder)"))
                 continue
-            yield from _walk(display, real, rel, root, ancestors | {real}, scan)
+            if real in visited:  # already walked via another path: its files are all seen already
+                continue
+            visited.add(real)
+            yield from _walk(display, real, rel, root, ancestors | {real}, scan, visited)
         elif name.lower().endswith(EXTENSIONS):
             if not stat.S_ISREG(st.st_mode):
                 scan.problems.append(Problem(display, None, "refused: not a regular file"))

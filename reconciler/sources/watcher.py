@@ -3,13 +3,16 @@
 Each source is watched twice: its resolved target recursively (file changes), and its parent folder
 non-recursively for events on the source's own name (a git-sync or Kubernetes symlink swap, a
 directory that appears). :meth:`Watcher.refresh` re-resolves every source and moves the recursive
-watch when a link now points somewhere else; the loop calls it after every pass.
+watch when a link now points somewhere else, or when the folder at that path was replaced by another
+one (deleted and re-created: watchdog stops that watch; a new folder renamed into place: the old watch
+follows the old inode) -- either way the new folder would go unwatched. The loop calls it after every pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 
@@ -23,6 +26,15 @@ from reconciler.sources.loader import is_ignored
 def _names(event: FileSystemEvent) -> list[str]:
     paths = [event.src_path, getattr(event, "dest_path", "")]
     return [os.fsdecode(p) for p in paths if p]
+
+
+def _dir_identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory at ``path``; None when it is missing or not a directory."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 class _Recursive(FileSystemEventHandler):
@@ -60,7 +72,7 @@ class Watcher:
         self.callback = callback
         self._observer = Observer()
         self._lock = threading.Lock()
-        self._roots: dict[str, tuple[str, ObservedWatch] | None] = {}
+        self._roots: dict[str, tuple[str, tuple[int, int], ObservedWatch] | None] = {}
         self._parents: dict[str, ObservedWatch | None] = {}
 
     def start(self) -> None:
@@ -74,7 +86,8 @@ class Watcher:
             self._observer.join(timeout=5)
 
     def refresh(self) -> bool:
-        """(Re)establish watches; True when some watch moved (a symlink now points elsewhere)."""
+        """(Re)establish watches; True when some watch moved (a symlink now points elsewhere, or the folder
+        was replaced)."""
         moved = False
         with self._lock:
             for path in self.paths:
@@ -86,17 +99,23 @@ class Watcher:
                     real = os.path.realpath(path, strict=True)
                 except OSError:
                     real = None
+                ident = _dir_identity(real) if real is not None else None
                 current = self._roots.get(path)
-                if current is not None and (real is None or current[0] != real or not os.path.isdir(real)):
+                if current is not None and (real is None or current[0] != real or current[1] != ident
+                                            or not self._alive(current[2])):
                     with contextlib.suppress(Exception):
-                        self._observer.unschedule(current[1])
+                        self._observer.unschedule(current[2])
                     self._roots[path] = current = None
                     moved = True
-                if current is None and real is not None and os.path.isdir(real):
+                if current is None and real is not None and ident is not None:
                     watch = self._schedule(_Recursive(real, self.callback), real, recursive=True)
-                    self._roots[path] = (real, watch) if watch is not None else None
+                    self._roots[path] = (real, ident, watch) if watch is not None else None
                     moved = moved or watch is not None
         return moved
+
+    def _alive(self, watch: ObservedWatch) -> bool:
+        """False once watchdog stopped the watch's emitter (it does when the watched folder is deleted)."""
+        return any(e.watch == watch and e.is_alive() for e in self._observer.emitters)
 
     def _schedule(self, handler: FileSystemEventHandler, path: str, *, recursive: bool) -> ObservedWatch | None:
         if not os.path.isdir(path):

@@ -1,0 +1,375 @@
+"""reconciler.render: golden Caddy JSON, layout invariants, determinism.
+
+Golden files live in tests/golden/; regenerate them after an intended change with
+``UPDATE_GOLDEN=1 .venv/bin/pytest -q tests/test_render.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.model import Desired, Document, Origin, Problem, Source
+from reconciler.parse import parse_documents
+from reconciler.render import render, route_id, server_name, to_json
+from reconciler.settings import Settings
+from reconciler.sources.loader import load_instances, load_manifests
+from reconciler.validate import ingress_from_document, instance_from_document, resolve
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+SETTINGS = Settings(data_dir="/var/lib/hypeman", admin_port=2019, listen_address="0.0.0.0",
+                    http_port=80, https_port=443)
+
+
+# --- building a Desired from text ------------------------------------------------------------------
+
+
+def desired_from(sources: list[dict[str, str]], instances: str = "", settings: Settings = SETTINGS) -> Desired:
+    """``sources``: one ``{relpath: text}`` per source, in source order."""
+    ingresses, problems = [], []
+    for index, files in enumerate(sources):
+        for rel, text in files.items():
+            for p in parse_documents(text):
+                ing, probs = ingress_from_document(Document(Origin(index, rel, p.index, f"s{index}/{rel}", p.line), p))
+                problems += probs
+                if ing is not None:
+                    ingresses.append(ing)
+    insts = []
+    for p in parse_documents(instances):
+        inst, probs = instance_from_document(Document(Origin(-1, "vms.yaml", p.index, "vms.yaml", p.line), p))
+        problems += probs
+        if inst is not None:
+            insts.append(inst)
+    return resolve(ingresses, insts, settings, problems)
+
+
+def render_text(sources: list[dict[str, str]], instances: str = "", settings: Settings = SETTINGS) -> str:
+    return to_json(render(desired_from(sources, instances, settings), settings))
+
+
+def m(name: str, *rules: str) -> str:
+    return f"name: {name}\nrules:\n" + "".join(rules)
+
+
+def r(host: str, port: int | None, instance: str, target: int = 8080, extra: str = "") -> str:
+    p = f", port: {port}" if port is not None else ""
+    target_ = f"{{instance: {json.dumps(instance)}, port: {target}}}"
+    return f"  - match: {{hostname: {host}{p}}}\n    target: {target_}\n{extra}"
+
+
+INSTANCES = """\
+name: web
+id: inst-web-01
+ip: 10.0.0.5
+---
+name: api
+ip: 10.0.0.6
+---
+name: sleepy
+ip: 10.0.0.7
+state: Stopped
+---
+name: v6
+ip: "fd00::1:2"
+---
+name: local6
+ip: "::1"
+"""
+
+CASES: dict[str, tuple[list[dict[str, str]], str, Settings]] = {
+    "single": ([{"app.yaml": m("app", r("app.example.com", None, "web"))}], INSTANCES, SETTINGS),
+    "multi": (
+        [
+            {
+                "shop.yaml": m("shop", r("www.shop.example", 8080, "web"), r("Shop.Example", 8080, "inst-web-01", 80),
+                               r("admin.shop.example", 9000, "api", 9000)),
+                "sub/api.yaml": m("api", r("api.example.com", 8080, "api")) + "---\n"
+                + m("ipv6", r("v6.example.com", 8080, "v6", 443), r("local.example.com", 8080, "local6", 3000)),
+            },
+            {"a.yaml": m("aaa-first-by-name", r("zzz.example.com", None, "api", 81), r("b.example.com", None, "web"))},
+        ],
+        INSTANCES,
+        Settings(data_dir="/srv/hypeman", admin_port=2999, admin_address="::1", listen_address="::",
+                 http_port=8080, https_port=8443),
+    ),
+    "unavailable": (
+        [
+            {
+                "a.yaml": m("ghosts", r("missing.example.com", None, "ghost"), r("stopped.example.com", None, "sleepy"),
+                            r("tls.example.com", None, "web", extra="    tls: true\n"),
+                            r("ok.example.com", None, "web"), r("inject.example.com", None, "{env.HOME}")),
+                "b.yaml": m("loser", r("ok.example.com", None, "api")),
+            },
+        ],
+        INSTANCES,
+        Settings(data_dir="/var/lib/hypeman", admin_port=2019, listen_address="127.0.0.1",
+                 http_port=18080, https_port=18443),
+    ),
+    "empty": ([], "", SETTINGS),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    sources, instances, settings_ = CASES[case]
+    text = render_text(sources, instances, settings_)
+    path = GOLDEN / f"{case}.json"
+    if UPDATE:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"render output for {case!r} changed; UPDATE_GOLDEN=1 regenerates"
+
+
+# --- layout invariants -----------------------------------------------------------------------------
+
+
+def all_cases() -> list[tuple[dict[str, Any], Settings, Desired]]:
+    out = []
+    for sources, instances, settings_ in CASES.values():
+        desired = desired_from(sources, instances, settings_)
+        out.append((render(desired, settings_), settings_, desired))
+    return out
+
+
+def servers(config: dict[str, Any]) -> dict[str, Any]:
+    return config["apps"]["http"]["servers"]  # type: ignore[no-any-return]
+
+
+def test_admin_block_is_always_present() -> None:
+    for config, settings_, _ in all_cases():
+        assert config["admin"] == {"listen": settings_.admin_listen, "config": {"persist": False}}
+    empty = render(Desired(()), SETTINGS)
+    assert empty["admin"]["listen"] == "127.0.0.1:2019"
+    v6 = Settings(admin_address="::1", admin_port=3000)
+    assert render(Desired(()), v6)["admin"]["listen"] == "[::1]:3000"
+
+
+def test_http_and_https_ports_are_explicit() -> None:
+    for config, settings_, _ in all_cases():
+        http = config["apps"]["http"]
+        assert http["http_port"] == settings_.http_port
+        assert http["https_port"] == settings_.https_port
+
+
+def test_storage_root() -> None:
+    for config, settings_, _ in all_cases():
+        assert config["storage"] == {"module": "file_system", "root": settings_.storage_dir}
+    assert render(Desired(()), Settings(data_dir="/x"))["storage"]["root"] == "/x/caddy/data"
+
+
+def test_empty_desired_has_no_servers() -> None:
+    assert servers(render(Desired(()), SETTINGS)) == {}
+
+
+def test_every_server_disables_automatic_https() -> None:
+    seen = 0
+    for config, _, _ in all_cases():
+        for srv in servers(config).values():
+            assert srv["automatic_https"] == {"disable": True}
+            seen += 1
+    assert seen >= 4
+
+
+def test_one_server_per_port() -> None:
+    config, _, desired = all_cases()[list(CASES).index("multi")]
+    ports = {rr.rule.port for ri in desired.ingresses for rr in ri.rules}
+    assert ports == {80, 8080, 9000}
+    assert set(servers(config)) == {server_name(p) for p in ports} == {"ingress-80", "ingress-8080", "ingress-9000"}
+    for port in ports:
+        srv = servers(config)[f"ingress-{port}"]
+        assert srv["listen"] == [f"[::]:{port}"]
+        hosts = [h for route in srv["routes"][:-1] for mt in route["match"] for h in mt["host"]]
+        expected = sorted(rr.rule.hostname for ri in desired.ingresses for rr in ri.rules if rr.rule.port == port)
+        assert hosts == expected
+
+
+def test_listen_address_ipv4() -> None:
+    text = render_text([{"a.yaml": m("a", r("a.example.com", 8081, "web"))}], INSTANCES,
+                       Settings(listen_address="127.0.0.1"))
+    assert servers(json.loads(text))["ingress-8081"]["listen"] == ["127.0.0.1:8081"]
+
+
+def test_routes_are_sorted_by_hostname_with_fallback_last() -> None:
+    hosts = ["m.example.com", "a.example.com", "z.example.com", "b.example.com", "a-b.example.com"]
+    sources = [{f"{i}.yaml": m(f"ing{9 - i}", r(h, 80, "web")) for i, h in enumerate(hosts)}]
+    config = render(desired_from(sources, INSTANCES), SETTINGS)
+    routes = servers(config)["ingress-80"]["routes"]
+    assert [rt["match"][0]["host"][0] for rt in routes[:-1]] == sorted(hosts)
+    fallback = routes[-1]
+    assert "match" not in fallback
+    assert fallback["@id"] == "fallback.80"
+    assert fallback["handle"][0]["status_code"] == 404
+    assert "{http.request.host}" in fallback["handle"][0]["body"]
+    assert all(rt["terminal"] is True for rt in routes)
+
+
+def test_route_ids_name_the_ingress_and_rule_index() -> None:
+    config, _, _ = all_cases()[list(CASES).index("unavailable")]
+    ids = {rt["match"][0]["host"][0]: rt["@id"] for rt in servers(config)["ingress-80"]["routes"][:-1]}
+    assert ids == {
+        "missing.example.com": "ingress.ghosts.rule-0",
+        "stopped.example.com": "ingress.ghosts.rule-1",
+        "ok.example.com": "ingress.ghosts.rule-3",  # rule 2 (tls) is left out, indices keep their place
+        "inject.example.com": "ingress.ghosts.rule-4",
+    }
+    assert route_id("x", 7) == "ingress.x.rule-7"
+
+
+def test_ids_are_unique_in_every_config() -> None:
+    for config, _, _ in all_cases():
+        ids = [rt["@id"] for srv in servers(config).values() for rt in srv["routes"]]
+        assert len(ids) == len(set(ids))
+
+
+def handler_for(config: dict[str, Any], host: str) -> dict[str, Any]:
+    for srv in servers(config).values():
+        for rt in srv["routes"][:-1]:
+            if host in rt["match"][0]["host"]:
+                (h,) = rt["handle"]
+                return h  # type: ignore[no-any-return]
+    raise AssertionError(f"no route for {host}")
+
+
+def test_upstreams() -> None:
+    config, _, _ = all_cases()[list(CASES).index("multi")]
+    assert handler_for(config, "www.shop.example") == {"handler": "reverse_proxy",
+                                                       "upstreams": [{"dial": "10.0.0.5:8080"}]}
+    assert handler_for(config, "shop.example")["upstreams"] == [{"dial": "10.0.0.5:80"}]  # by id, lower-cased
+    assert handler_for(config, "v6.example.com")["upstreams"] == [{"dial": "[fd00::1:2]:443"}]
+    assert handler_for(config, "local.example.com")["upstreams"] == [{"dial": "[::1]:3000"}]
+
+
+def test_missing_and_stopped_instances_answer_503() -> None:
+    config, _, _ = all_cases()[list(CASES).index("unavailable")]
+    missing = handler_for(config, "missing.example.com")
+    assert missing["handler"] == "static_response"
+    assert missing["status_code"] == 503
+    assert "instance 'ghost' not found" in missing["body"]
+    stopped = handler_for(config, "stopped.example.com")
+    assert stopped["status_code"] == 503
+    assert "'sleepy'" in stopped["body"] and "Stopped" in stopped["body"]
+    assert handler_for(config, "ok.example.com")["handler"] == "reverse_proxy"
+
+
+def test_503_body_escapes_caddy_placeholders() -> None:
+    config, _, _ = all_cases()[list(CASES).index("unavailable")]
+    body = handler_for(config, "inject.example.com")["body"]
+    assert "\\{env.HOME\\}" in body
+    assert body.replace("\\{", "").replace("\\}", "").count("{") == 0
+
+
+def test_conflict_losers_and_tls_rules_are_not_rendered() -> None:
+    config, _, desired = all_cases()[list(CASES).index("unavailable")]
+    text = to_json(config)
+    assert "tls.example.com" not in text
+    assert "loser" not in text
+    assert handler_for(config, "ok.example.com")["upstreams"] == [{"dial": "10.0.0.5:8080"}]
+    assert {p.reason for p in desired.problems} == {"TLSNotSupported", "HostnameConflict"}
+
+
+def test_to_json_is_canonical() -> None:
+    for config, _, _ in all_cases():
+        text = to_json(config)
+        assert text.endswith("}\n")
+        assert json.loads(text) == config
+        assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def test_render_is_pure() -> None:
+    sources, instances, settings_ = CASES["multi"]
+    desired = desired_from(sources, instances, settings_)
+    first = to_json(render(desired, settings_))
+    config = render(desired, settings_)
+    config["apps"]["http"]["servers"].clear()  # mutating one result must not leak into the next
+    assert to_json(render(desired, settings_)) == first
+
+
+# --- determinism -----------------------------------------------------------------------------------
+
+
+names_st = st.sampled_from(["alpha", "beta", "gamma", "delta", "eps", "zeta"])
+host_st = st.sampled_from(["a.example.com", "B.example.com", "c.test", "d.test", "e-1.example.org", "f"])
+port_st = st.sampled_from([None, 80, 8080, 9000])
+inst_st = st.sampled_from(["web", "api", "sleepy", "ghost", "inst-web-01", "v6"])
+rule_st = st.tuples(host_st, port_st, inst_st, st.integers(1, 65535), st.booleans())
+manifest_st = st.tuples(names_st, st.lists(rule_st, min_size=1, max_size=3))
+
+
+def manifest_text(name: str, rules: list[tuple[str, int | None, str, int, bool]]) -> str:
+    return m(name, *(r(h, p, i, t, "    tls: true\n" if tls else "") for h, p, i, t, tls in rules))
+
+
+def render_dir(src: Path, instances_dir: Path) -> str:
+    result = load_manifests([Source(str(src), 0)])
+    insts, inst_problems, err = load_instances(str(instances_dir))
+    assert err is None
+    problems: list[Problem] = [*result.problems, *inst_problems]
+    return to_json(render(resolve(result.ingresses, insts, SETTINGS, problems), SETTINGS))
+
+
+def layouts(manifests: list[str], rng: random.Random) -> list[dict[str, str]]:
+    """Ways to lay out ``manifests`` as files that keep their (relpath, doc index) order."""
+    n = len(manifests)
+    one_per_file = {f"{i:03d}.yaml": t for i, t in enumerate(manifests)}
+    renamed = {f"m{i:03d}-{rng.choice(['x', 'yy', 'zzz'])}.yml": t for i, t in enumerate(manifests)}
+    nested = {f"deep/er/{i:03d}.yaml": t for i, t in enumerate(manifests)}
+    multi = {"all.yaml": "---\n".join(manifests)}
+    as_json = {"all.json": json.dumps([parse_documents(t)[0].data for t in manifests], indent=1)}
+    split = {"a.yaml": "---\n".join(manifests[: n // 2]) or "# none\n", "b.yaml": "---\n".join(manifests[n // 2:])}
+    return [one_per_file, renamed, nested, multi, as_json, split]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(manifest_st, min_size=1, max_size=6), st.randoms(use_true_random=False))
+def test_same_manifests_in_any_file_layout_render_identically(
+        manifests: list[tuple[str, list[tuple[str, int | None, str, int, bool]]]], rng: random.Random) -> None:
+    texts = [manifest_text(n, rules) for n, rules in manifests]
+    outputs = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        inst = base / "instances"
+        inst.mkdir()
+        (inst / "vms.yaml").write_text(INSTANCES)
+        for k, files in enumerate(layouts(texts, rng)):
+            src = base / f"layout{k}"
+            items = list(files.items())
+            rng.shuffle(items)  # creation order (and mtimes, inode numbers) must not matter
+            for rel, text in items:
+                path = src / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            outputs.add(render_dir(src, inst))
+    assert len(outputs) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(manifest_st, min_size=1, max_size=8), st.randoms(use_true_random=False))
+def test_input_order_does_not_change_the_output(
+        manifests: list[tuple[str, list[tuple[str, int | None, str, int, bool]]]], rng: random.Random) -> None:
+    sources = [{f"{i:02d}.yaml": manifest_text(n, rules) for i, (n, rules) in enumerate(manifests)}]
+    desired = desired_from(sources, INSTANCES)
+    expected = to_json(render(desired, SETTINGS))
+    ingresses = [ri.ingress for ri in desired.ingresses]
+    all_ings = []
+    for rel, text in sources[0].items():
+        for p in parse_documents(text):
+            ing, _ = ingress_from_document(Document(Origin(0, rel, p.index, rel, p.line), p))
+            if ing is not None:
+                all_ings.append(ing)
+    assert {i.name for i in ingresses} <= {i.name for i in all_ings}
+    insts = list(desired.instances.values())
+    for _ in range(3):
+        rng.shuffle(all_ings)
+        rng.shuffle(insts)
+        assert to_json(render(resolve(all_ings, insts, SETTINGS), SETTINGS)) == expected
