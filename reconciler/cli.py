@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,12 +17,17 @@ import structlog
 
 from reconciler import __version__, diff
 from reconciler.caddy.admin import AdminClient
+from reconciler.caddy.binary import find_caddy
+from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError, ConfigError, ReconcilerError
+from reconciler.fsutil import atomic_write
+from reconciler.loop.reconcile import Reconciler
 from reconciler.model import Problem, Source
-from reconciler.render import render, to_json
+from reconciler.render import to_json
 from reconciler.settings import Settings
 from reconciler.sources.loader import FileEntry, parse_file
 from reconciler.sources.snapshot import sources_for, take_snapshot
+from reconciler.state.store import StateStore
 from reconciler.validate import ingress_from_document, resolve
 
 EPILOG = """\
@@ -86,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "they are the same, 1 when they differ, 2 on error (like 'flux diff').")
     _common(p)
     p.add_argument("--unified", action="store_true", help="print a unified diff of the JSON instead")
+
+    p = sub.add_parser("status", help="per-ingress state, revisions and Caddy state of the daemon",
+                       description="Show every ingress (hosts, targets, ready, reason, source), the last applied "
+                                   "and attempted revisions, Caddy's state and source health. Exit 0 when every "
+                                   "ingress is ready, 1 otherwise.")
+    _common(p, instances=False)
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
 
     p = sub.add_parser("apply", help="one reconcile pass against the running Caddy, then exit",
                        description="Run one pass: render, compare with Caddy, load when different. Exit 0 when "
@@ -162,17 +176,24 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if all_problems else 0
 
 
+def _offline_reconciler(settings: Settings, client: AdminClient) -> Reconciler:
+    """A reconciler that sees what the daemon sees (including last-known-good versions of broken files
+    from ``{data}/state``) without writing anything."""
+    store = StateStore(settings.state_dir) if os.path.isdir(settings.state_dir) else None
+    return Reconciler(settings=settings, client=client, store=store, include_api=False)
+
+
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
-    snap = take_snapshot(settings, sources=sources_for(settings, include_api=False))
-    _print_problems(snap.problems, sys.stderr)
-    sys.stdout.write(to_json(render(snap.desired, settings)))
+    with AdminClient(settings.admin_url) as client:
+        inputs, config = _offline_reconciler(settings, client).desired_config()
+    _print_problems(inputs.desired.problems, sys.stderr)
+    sys.stdout.write(to_json(config))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
-    snap = take_snapshot(settings, sources=sources_for(settings, include_api=False))
-    desired = render(snap.desired, settings)
     with AdminClient(settings.admin_url) as client:
+        _inputs, desired = _offline_reconciler(settings, client).desired_config()
         try:
             live = client.get_config()
         except CaddyError as exc:
@@ -182,8 +203,6 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
         print("no differences", file=sys.stderr)
         return 0
     if args.unified:
-        import difflib
-
         a = to_json(diff.normalise(live)).splitlines(keepends=True) if live is not None else []
         b = to_json(desired).splitlines(keepends=True)
         sys.stdout.writelines(difflib.unified_diff(a, b, "live", "desired"))
@@ -194,21 +213,93 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
-    from reconciler.caddy.supervisor import atomic_write
-    from reconciler.loop.reconcile import Reconciler
-
     def save(config: dict[str, Any]) -> None:
         if os.path.isdir(settings.caddy_dir):
             atomic_write(os.path.join(settings.caddy_dir, "config.json"), json.dumps(config).encode())
 
+    store = StateStore(settings.state_dir) if os.path.isdir(settings.data_dir) else None
+    binary = find_caddy()
     with AdminClient(settings.admin_url) as client:
-        result = Reconciler(settings=settings, client=client, save_config=save).run_pass("apply")
+        reconciler = Reconciler(settings=settings, client=client, store=store, save_config=save,
+                                validate=lambda config: caddy_validate(binary, config), include_api=False)
+        result = reconciler.run_pass("apply")
     _print_problems(result.problems, sys.stderr)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     print(f"{result.outcome} (revision {result.revision}, {result.changes} change(s), "
           f"{result.duration * 1000:.0f} ms)")
     return 0 if result.converged else 1
+
+
+def _read_status(settings: Settings) -> dict[str, Any] | None:
+    return StateStore(settings.state_dir).load_status()
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "never"
+    secs = max(0, int(time.time() - ts))
+    if secs < 120:
+        return f"{secs}s ago"
+    if secs < 7200:
+        return f"{secs // 60}m ago"
+    return f"{secs // 3600}h ago"
+
+
+def print_status(status: dict[str, Any], out: Any) -> None:
+    rows = [("NAME", "HOSTS", "TARGETS", "READY", "REASON", "SOURCE")]
+    for i in status.get("ingresses", []):
+        src = i.get("file", "")
+        if i.get("line"):
+            src = f"{src}:{i['line']}"
+        rows.append((i.get("name", ""), ",".join(i.get("hosts", [])) or "-", ",".join(i.get("targets", [])) or "-",
+                     "yes" if i.get("ready") else "no", i.get("reason", ""), src))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip(), file=out)
+    not_ready = [i for i in status.get("ingresses", []) if not i.get("ready")]
+    for i in not_ready:
+        print(f"  {i.get('name')}: {i.get('message')}", file=out)
+    rev = status.get("revision", {})
+    last_att = status.get("last_attempted") or {}
+    last_app = status.get("last_applied") or {}
+    print("", file=out)
+    print(f"last applied:   {rev.get('last_applied') or '-'} ({_ago(last_app.get('at'))})", file=out)
+    print(f"last attempted: {rev.get('last_attempted') or '-'} ({_ago(last_att.get('at'))}, "
+          f"{last_att.get('outcome', '-')}, trigger {last_att.get('trigger', '-')})", file=out)
+    for source, commit in sorted((rev.get("commits") or {}).items()):
+        print(f"git commit:     {commit} ({source})", file=out)
+    caddy = status.get("caddy") or {}
+    if caddy:
+        state = "running" if caddy.get("running") else "NOT RUNNING"
+        print(f"caddy:          {state}, pid {caddy.get('pid')}, restarts {caddy.get('restarts', 0)}"
+              f"{', adopted' if caddy.get('adopted') else ''}", file=out)
+    for s in status.get("sources", []):
+        if not s.get("ok"):
+            print(f"source:         {s.get('path')}: UNAVAILABLE: {s.get('error')}", file=out)
+    if status.get("last_error"):
+        print(f"last error:     {status['last_error']}", file=out)
+    loose = [p for p in status.get("problems", []) if not p.get("ingress")]
+    if loose:
+        print(f"problems ({len(loose)}):", file=out)
+        for p in loose[:50]:
+            where = p.get("file", "") + (f":{p['line']}" if p.get("line") else "")
+            print(f"  {where}: {p.get('message')}", file=out)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    status = _read_status(settings)
+    if status is None:
+        print(f"no status yet in {settings.state_dir} (is the daemon running with this --data-dir?)",
+              file=sys.stderr)
+        return 1
+    if args.output == "json":
+        json.dump(status, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print_status(status, sys.stdout)
+    ingresses = status.get("ingresses", [])
+    return 0 if all(i.get("ready") for i in ingresses) and not status.get("last_error") else 1
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -225,7 +316,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "render": cmd_render, "diff": cmd_diff,
-            "apply": cmd_apply}
+            "apply": cmd_apply, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

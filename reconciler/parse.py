@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the build of PyYAML
 _STR_START = frozenset("abcdeghijklmpqrsuvwxzABCDEGHIJKLMPQRSUVWXZ_/")
 
 
-class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+class _Loader(_BaseLoader):
     """The safe loader with a fast path for the commonest scalar tag resolution (plain strings)."""
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
@@ -42,7 +42,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
             return _MAP
         elif kind is yaml.SequenceNode and implicit:
             return _SEQ
-        return super().resolve(kind, value, implicit)
+        return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
 
 #: Most nodes (after alias expansion) accepted from one file.
 MAX_NODES = 100_000

@@ -76,13 +76,14 @@ def render(desired: Desired, settings: Settings) -> dict[str, Any]:
     for resolved in desired.ingresses:
         name = resolved.ingress.name
         for rule in resolved.rules:
-            route = {
-                "@id": route_id(name, rule.index),
+            rid = route_id(name, rule.index)
+            route: dict[str, Any] = {
+                "@id": rid,
                 "match": [{"host": [rule.rule.hostname]}],
                 "handle": [_handler(rule)],
                 "terminal": True,
             }
-            by_port.setdefault(rule.rule.port, []).append((rule.rule.hostname, route["@id"], route))
+            by_port.setdefault(rule.rule.port, []).append((rule.rule.hostname, rid, route))
     servers: dict[str, Any] = {}
     for port in sorted(by_port):
         routes = [r for _, _, r in sorted(by_port[port], key=lambda t: (t[0], t[1]))]

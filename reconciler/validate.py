@@ -94,9 +94,10 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         rules.append(Rule(hostname, port, raw["target"]["instance"], int(raw["target"]["port"]), tls, redirect))
     if problems:
         return None, problems
+    valid_name: str = data["name"]
     ingress = Ingress(
-        name=name,
-        id=data.get("id") or derive_ingress_id(name),
+        name=valid_name,
+        id=data.get("id") or derive_ingress_id(valid_name),
         rules=tuple(rules),
         origin=doc.origin,
         created_at=data.get("created_at"),

@@ -21,30 +21,9 @@ from typing import Any
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import binaries_root
 from reconciler.errors import CaddyError, CaddyUnavailable
+from reconciler.fsutil import atomic_write
 from reconciler.render import admin_block
 from reconciler.settings import Settings
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename, fsync the dir."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -125,6 +104,11 @@ class CaddySupervisor:
         return exe is not None and (exe.startswith(root + os.sep) or exe == os.path.realpath(self.binary))
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What status shows about Caddy."""
+        return {"pid": self.pid, "running": self.alive(), "adopted": self.adopted, "restarts": self.restarts,
+                "binary": self.binary, "admin": self.settings.admin_url}
+
     def alive(self) -> bool:
         if self._popen is not None:
             return self._popen.poll() is None

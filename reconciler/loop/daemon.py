@@ -12,12 +12,14 @@ import structlog
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy, install_binary
 from reconciler.caddy.supervisor import CaddySupervisor
+from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError
 from reconciler.loop.reconcile import PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
 from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
+from reconciler.state.store import StateStore
 
 log = structlog.get_logger("hypeman.ingress")
 
@@ -45,6 +47,7 @@ class Daemon:
         self.ready = threading.Event()
         self._failures = 0
         self._problems: set[str] = set()
+        self._states: dict[str, tuple[Any, Any, Any]] | None = None
         self._caddy_failures = 0
         self._caddy_retry_at = 0.0
 
@@ -61,7 +64,10 @@ class Daemon:
         binary = install_binary(source, s.data_dir)
         self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
         self.supervisor.ensure_running()
-        self.reconciler = Reconciler(settings=s, client=self.client, save_config=self.supervisor.save_config)
+        supervisor = self.supervisor
+        self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
+                                     validate=lambda config: caddy_validate(binary, config),
+                                     save_config=supervisor.save_config, caddy_state=supervisor.state)
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
@@ -117,6 +123,7 @@ class Daemon:
         for text in sorted(self._problems - set(current)):
             log.info("input.problem_resolved", problem=text)
         self._problems = set(current)
+        self._log_ingress_changes()
         self.passes.append(result)
         del self.passes[:-100]
         fields: dict[str, Any] = {
@@ -126,6 +133,10 @@ class Daemon:
         }
         if result.error:
             fields["error"] = result.error
+        if result.rejected:
+            fields["rejected"] = list(result.rejected)
+        if result.loads:
+            fields["loads"] = result.loads
         if result.transient:
             self._failures += 1
             delay = backoff(self._failures)
@@ -137,6 +148,30 @@ class Daemon:
             (log.info if result.converged else log.error)("reconcile.finished", **fields)
         if result.converged:
             self.ready.set()
+
+    def _log_ingress_changes(self) -> None:
+        """One ``ingress.state`` event per ingress whose (ready, reason, message) changed, or that appeared
+        or disappeared. The previous states come from the persisted status after a restart."""
+        assert self.reconciler is not None
+        if self._states is None:
+            previous = self.reconciler.status_before.get("ingresses", [])
+            self._states = {i["name"]: (i.get("ready"), i.get("reason"), i.get("message"))
+                            for i in previous if isinstance(i, dict) and "name" in i}
+        now = {s.name: s for s in self.reconciler.statuses}
+        for name in sorted(set(now) | set(self._states)):
+            old = self._states.get(name)
+            st = now.get(name)
+            new = (st.ready, st.reason, st.message) if st is not None else None
+            if old == new:
+                continue
+            if st is None:
+                log.info("ingress.state", ingress=name, ready=False, reason="Removed",
+                         previous_reason=old[1] if old else None, message="no longer defined")
+                continue
+            (log.info if st.ready else log.warning)(
+                "ingress.state", ingress=name, ready=st.ready, reason=st.reason,
+                previous_reason=old[1] if old else None, message=st.message, file=st.file)
+        self._states = {n: (s.ready, s.reason, s.message) for n, s in now.items()}
 
     def shutdown(self) -> None:
         if self.watcher is not None:

@@ -1,25 +1,39 @@
-"""One level-triggered reconcile pass: read everything -> render -> compare with live -> load if different."""
+"""One level-triggered reconcile pass, with the declarative guarantees of the design:
+
+read every input (incrementally, last-known-good per file, empty-source guard) -> validate -> render ->
+``GET /config/`` -> compare parsed JSON -> ``POST /load`` only when different -> on rejection isolate the
+culprits and apply the rest -> persist last-good inputs, the applied config and the status, once.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler import diff
 from reconciler.caddy.admin import AdminClient
-from reconciler.errors import CaddyRejected, CaddyUnavailable, SourceError
-from reconciler.model import Problem
+from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
+from reconciler.loop.isolate import isolate
+from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
 from reconciler.render import render
 from reconciler.settings import Settings
-from reconciler.sources.snapshot import Snapshot, take_snapshot
+from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
+from reconciler.sources.snapshot import digest, sources_for
+from reconciler.state.store import StateStore
+from reconciler.status import IngressStatus, ingress_statuses
+from reconciler.validate import resolve
 
 APPLIED = "applied"
 UNCHANGED = "unchanged"
+PARTIAL = "partial"  # applied without the ingresses Caddy rejected
 REJECTED = "rejected"
 UNAVAILABLE = "unavailable"
 FAILED = "error"
+
+HISTORY = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,60 +45,178 @@ class PassResult:
     changes: int = 0
     error: str | None = None
     problems: tuple[Problem, ...] = field(default=(), repr=False)
+    rejected: tuple[str, ...] = ()
+    loads: int = 0
 
     @property
     def converged(self) -> bool:
-        return self.outcome in (APPLIED, UNCHANGED)
+        """Caddy runs exactly the config this pass wanted (culprits excluded)."""
+        return self.outcome in (APPLIED, UNCHANGED, PARTIAL)
 
     @property
     def transient(self) -> bool:
         return self.outcome == UNAVAILABLE
 
 
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    desired: Desired
+    manifests: ReadResult[Ingress]
+    instances: ReadResult[Instance]
+    revision: str
+    commits: dict[str, str]
+
+    @property
+    def sources(self) -> list[SourceHealth]:
+        return self.manifests.sources + self.instances.sources
+
+
+def _fingerprint(ri: ResolvedIngress) -> str:
+    text = repr((ri.ingress.rules, [r.backend for r in ri.rules]))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Reconciler:
-    """Runs passes. ``save_config`` persists each config Caddy accepted (for restarts)."""
+    """Runs passes and keeps what must survive between them (caches, last good, status)."""
 
     def __init__(self, *, settings: Settings, client: AdminClient,
+                 validate: Callable[[dict[str, Any]], str | None] | None = None,
+                 store: StateStore | None = None,
                  save_config: Callable[[dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 caddy_state: Callable[[], dict[str, Any]] | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 include_api: bool = True) -> None:
         self.settings = settings
+        self.include_api = include_api
         self.client = client
+        self._validate = validate or (lambda config: None)
+        self.store = store
         self._save = save_config
+        self._caddy_state = caddy_state or (lambda: {})
         self._clock = clock
+        self._wall = wall
+        good_m, good_i = store.load_lastgood() if store is not None else ({}, {})
+        self.manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good_m, wall=wall)
+        self.instances = instance_reader(max_bytes=settings.max_file_bytes, good=good_i, wall=wall)
         self._saved: Any = None
-        self.last: PassResult | None = None
+        self._culprits: dict[str, tuple[str, str]] = {}  # name -> (fingerprint, message)
         self.loads = 0
+        self.last: PassResult | None = None
+        self.statuses: list[IngressStatus] = []
+        previous = store.load_status() if store is not None else None
+        #: the status persisted by the previous run of the daemon (empty on a fresh data dir)
+        self.status_before: dict[str, Any] = previous or {}
+        self.status: dict[str, Any] = dict(self.status_before)
+        self.history: list[dict[str, Any]] = list(self.status.get("history", []))[-HISTORY:]
+        self.last_applied: dict[str, Any] | None = self.status.get("last_applied")
+        self.inputs: Inputs | None = None
 
-    def desired(self) -> tuple[Snapshot, dict[str, Any]]:
-        snap = take_snapshot(self.settings)
-        return snap, render(snap.desired, self.settings)
+    # -- inputs ---------------------------------------------------------------------------------
+    def read_inputs(self) -> Inputs:
+        s = self.settings
+        manifests = self.manifests.read(sources_for(s, include_api=self.include_api))
+        instances = self.instances.read([Source(s.instances_path, 0)])
+        desired = resolve(manifests.items, instances.items, s, [*manifests.problems, *instances.problems])
+        revision = digest([d.encode() for d in (*manifests.digests, "--instances--", *instances.digests)])
+        commits = {h.path: h.commit for h in manifests.sources if h.commit}
+        return Inputs(desired, manifests, instances, revision, commits)
 
+    def desired_config(self) -> tuple[Inputs, dict[str, Any]]:
+        inputs = self.read_inputs()
+        return inputs, render(inputs.desired, self.settings)
+
+    # -- the pass -------------------------------------------------------------------------------
     def run_pass(self, trigger: str) -> PassResult:
         start = self._clock()
-        revision = ""
-        problems: tuple[Problem, ...] = ()
-        changes = 0
+        inputs = self.read_inputs()
+        self.inputs = inputs
+        desired = inputs.desired
+        resync = "resync" in trigger.split("+")
+        # Culprits Caddy rejected before stay out until their inputs change or a resync retries them.
+        known_bad: dict[str, str] = {}
+        if not resync:
+            for ri in desired.ingresses:
+                memo = self._culprits.get(ri.ingress.name)
+                if memo is not None and memo[0] == _fingerprint(ri):
+                    known_bad[ri.ingress.name] = memo[1]
+        target = replace(desired, ingresses=tuple(ri for ri in desired.ingresses
+                                                  if ri.ingress.name not in known_bad))
+        config = render(target, self.settings)
+        changes = loads = 0
+        rejected: dict[str, str] = dict(known_bad)
+        error: str | None = None
+        applied_config: dict[str, Any] | None = None
         try:
-            snap, config = self.desired()
-            revision, problems = snap.revision, snap.problems
             live = self.client.get_config()
             if diff.same(live, config):
-                outcome = UNCHANGED
+                outcome = UNCHANGED if not rejected else PARTIAL
+                applied_config = config
             else:
                 changes = len(diff.diff(diff.normalise(live), diff.normalise(config)))
-                self.client.load(config)
-                self.loads += 1
-                outcome = APPLIED
-            if self._save is not None and self._saved != config:
-                self._save(config)
-                self._saved = config
-            error = None
-        except CaddyRejected as exc:
-            outcome, error = REJECTED, f"Caddy rejected the config: {exc.message}"
+                try:
+                    loads += 1
+                    self.client.load(config)
+                    outcome = APPLIED if not rejected else PARTIAL
+                    applied_config = config
+                except CaddyRejected as exc:
+                    iso = isolate(target, self.settings, exc.message, load=self.client.load,
+                                  validate=self._validate)
+                    loads += iso.loads
+                    rejected.update(iso.rejected)
+                    if iso.config is not None:
+                        outcome, applied_config = PARTIAL, iso.config
+                    else:
+                        outcome, error = REJECTED, iso.error or f"Caddy rejected the config: {exc.message}"
         except CaddyUnavailable as exc:
             outcome, error = UNAVAILABLE, str(exc)
-        except (SourceError, OSError) as exc:
+        except CaddyBinaryError as exc:
             outcome, error = FAILED, str(exc)
-        result = PassResult(trigger, revision, outcome, self._clock() - start, changes, error, problems)
+        except CaddyRejected as exc:  # GET /config/ refused: treat as an error of this pass
+            outcome, error = FAILED, exc.message
+        self.loads += loads
+        by_name = {ri.ingress.name: ri for ri in desired.ingresses}
+        self._culprits = {n: (_fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
+        if applied_config is not None and self._save is not None and self._saved != applied_config:
+            self._save(applied_config)
+            self._saved = applied_config
+        applied = applied_config is not None
+        self.statuses = ingress_statuses(desired, stale=inputs.manifests.stale,
+                                         stale_since=inputs.manifests.stale_since, applied=applied,
+                                         pass_error=error, rejected=rejected)
+        if rejected and error is None:
+            error = "; ".join(f"{n}: {m}" for n, m in sorted(rejected.items()))
+        result = PassResult(trigger, inputs.revision, outcome, self._clock() - start, changes, error,
+                            desired.problems, tuple(sorted(rejected)), loads)
         self.last = result
+        self._persist(result, inputs, applied)
         return result
+
+    # -- status ---------------------------------------------------------------------------------
+    def _persist(self, result: PassResult, inputs: Inputs, applied: bool) -> None:
+        now = self._wall()
+        entry = {"at": now, "trigger": result.trigger, "revision": result.revision, "outcome": result.outcome,
+                 "changes": result.changes, "duration_ms": round(result.duration * 1000, 1),
+                 "error": result.error}
+        self.history = [*self.history, entry][-HISTORY:]
+        if applied:
+            self.last_applied = {"revision": result.revision, "at": now, "commits": inputs.commits}
+        self.status = {
+            "revision": {"last_attempted": result.revision,
+                         "last_applied": (self.last_applied or {}).get("revision"),
+                         "commits": inputs.commits},
+            "last_attempted": {**entry, "commits": inputs.commits},
+            "last_applied": self.last_applied,
+            "last_error": result.error,
+            "history": self.history,
+            "caddy": self._caddy_state(),
+            "sources": [{"path": h.path, "ok": h.ok, "root": h.root, "commit": h.commit, "files": h.files,
+                         "error": h.error} for h in inputs.sources],
+            "problems": [{"file": p.file, "line": p.line, "reason": p.reason, "ingress": p.ingress,
+                          "message": p.message} for p in inputs.desired.problems],
+            "ingresses": [s.to_dict() for s in self.statuses],
+            "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
+        }
+        if self.store is not None:
+            self.store.save_lastgood(self.manifests.good, self.instances.good)
+            self.store.save_status(self.status)
+

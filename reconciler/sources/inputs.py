@@ -31,7 +31,7 @@ from reconciler.parse import ParseError, decode, parse_documents
 from reconciler.sources.loader import DEFAULT_MAX_BYTES, FileEntry, SourceScan, read_file, scan_source
 from reconciler.validate import ingress_from_document, instance_from_document
 
-T = TypeVar("T", Ingress, Instance)
+T = TypeVar("T")
 
 #: Files modified this recently are re-hashed even when their stat signature is unchanged ("racy" files).
 RACY_SECONDS = 2.0
@@ -76,7 +76,7 @@ class SourceMoved(Exception):
 
 def git_commit(root: str) -> str | None:
     """The commit a git-sync style checkout is at: a 40-hex path component, or the worktree's HEAD."""
-    found = _HEX40.findall(root)
+    found: list[str] = _HEX40.findall(root)
     if found:
         return found[-1]
     head = os.path.join(root, ".git")
@@ -90,7 +90,7 @@ def git_commit(root: str) -> str | None:
     except OSError:
         return None
     if _HEX40.fullmatch(text):
-        return text
+        return str(text)
     if text.startswith("ref:"):
         try:
             with open(os.path.join(head, text[4:].strip()), encoding="utf-8") as fh:
@@ -157,7 +157,8 @@ class IncrementalReader(Generic[T]):
         except FileNotFoundError:
             return None
         except ParseError as exc:
-            result = _Cached(signature, "", (), (Problem(entry.display, exc.line, exc.message, self._reason),), None)
+            result: _Cached[T] = _Cached(signature, "", (), (Problem(entry.display, exc.line, exc.message,
+                                                                     self._reason),), None)
             self._cache[key] = result
             return result
         except OSError as exc:
@@ -280,9 +281,9 @@ class IncrementalReader(Generic[T]):
             del good[relpath]
         for key in [k for k in self._cache if k[0] == source.path and k[1] not in present]:
             del self._cache[key]
-        out.sources.append(SourceHealth(source.path, True, scan.root, None,
-                                        git_commit(scan.root) if scan.root != os.path.abspath(source.path) else None,
-                                        len(files)))
+        root = scan.root or ""
+        commit = git_commit(root) if root and root != os.path.abspath(source.path) else None
+        out.sources.append(SourceHealth(source.path, True, root, None, commit, len(files)))
 
     def read(self, sources: Iterable[Source]) -> ReadResult[T]:
         out: ReadResult[T] = ReadResult()
