@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 import structlog
 
 from reconciler import __version__, diff
@@ -24,7 +25,7 @@ from reconciler.fsutil import atomic_write
 from reconciler.loop.reconcile import Reconciler
 from reconciler.model import Problem, Source
 from reconciler.render import to_json
-from reconciler.settings import Settings
+from reconciler.settings import DEFAULT_API_LISTEN, Settings, parse_listen
 from reconciler.sources.loader import FileEntry, parse_file
 from reconciler.sources.snapshot import sources_for, take_snapshot
 from reconciler.state.store import StateStore
@@ -58,6 +59,11 @@ def _common(p: argparse.ArgumentParser, *, instances: bool = True) -> None:
                        help="instance state dir (env HYPEMAN_INSTANCES_DIR, default {data}/instances)")
 
 
+def _api(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-listen", metavar="HOST:PORT",
+                   help=f"API address (env HYPEMAN_API_LISTEN, default {DEFAULT_API_LISTEN}; 'off' disables)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hypeman-ingress",
@@ -71,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("debug", "info", "warning", "error"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="the daemon: supervise Caddy, watch manifests, reconcile",
+    p = sub.add_parser("run", help="the daemon: supervise Caddy, watch manifests, reconcile, serve the API",
                        description="Run the reconciler: start or adopt Caddy, watch every manifest dir and the "
-                                   "instances dir, and converge Caddy's config. SIGTERM/SIGINT stop it.")
+                                   "instances dir, converge Caddy's config and serve the HTTP API. SIGTERM/SIGINT "
+                                   "stop it.")
     _common(p)
+    _api(p)
 
     p = sub.add_parser("validate", help="offline check of manifest files or dirs",
                        description="Schema and semantic checks. Prints 'file:line: message' per problem; exit 0 "
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and attempted revisions, Caddy's state and source health. Exit 0 when every "
                                    "ingress is ready, 1 otherwise.")
     _common(p, instances=False)
+    _api(p)
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
 
     p = sub.add_parser("apply", help="one reconcile pass against the running Caddy, then exit",
@@ -114,6 +123,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "data_dir": os.path.abspath(data_dir) if data_dir else None,
         "manifest_dirs": tuple(os.path.abspath(m) for m in args.manifests) if args.manifests else None,
         "instances_dir": os.path.abspath(args.instances) if getattr(args, "instances", None) else None,
+        "api_listen": getattr(args, "api_listen", None),
     }
     settings = Settings.from_env(os.environ, **overrides)
     if not args.manifests and settings.manifest_dirs:
@@ -232,6 +242,21 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _read_status(settings: Settings) -> dict[str, Any] | None:
+    """From the running daemon's API (``GET /status``) when it answers, else from ``{data}/state``."""
+    if settings.api_listen:
+        host, port = parse_listen(settings.api_listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"
+        headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+        try:
+            resp = httpx.get(url, headers=headers, timeout=5.0)
+            if resp.status_code == 200:
+                data = resp.json()
+                if isinstance(data, dict) and data:
+                    return data
+        except (httpx.HTTPError, ValueError):
+            pass
     return StateStore(settings.state_dir).load_status()
 
 
@@ -303,6 +328,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from reconciler.api.app import create_app
+    from reconciler.api.server import ApiServer
+    from reconciler.api.writer import ManifestWriter
     from reconciler.loop.daemon import Daemon
 
     daemon = Daemon(settings)
@@ -312,7 +340,28 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    return daemon.run()
+    daemon.setup()
+    server = None
+    if settings.api_listen:
+        binary = daemon.binary
+        assert binary is not None
+        writer = ManifestWriter(settings, validate_config=lambda config: caddy_validate(binary, config),
+                                good=StateStore(settings.state_dir).load_lastgood())
+        app = create_app(writer=writer, backend=daemon, token=settings.api_token, wait=settings.api_wait,
+                         max_body=settings.api_max_body)
+        server = ApiServer(app, settings.api_listen)
+        try:
+            server.start()
+        except ConfigError:
+            daemon.shutdown()
+            raise
+        structlog.get_logger("hypeman.ingress").info("api.listening", address=settings.api_listen,
+                                                      auth=bool(settings.api_token))
+    try:
+        return daemon.loop()
+    finally:
+        if server is not None:
+            server.stop()
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "render": cmd_render, "diff": cmd_diff,

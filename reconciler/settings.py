@@ -9,6 +9,21 @@ from dataclasses import dataclass, field
 from reconciler.errors import ConfigError
 
 DEFAULT_DATA_DIR = "/var/lib/hypeman"
+DEFAULT_API_LISTEN = "127.0.0.1:8190"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"listen address {value!r} must be HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"listen address {value!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"listen address {value!r}: port out of range")
+    return host.strip("[]"), number
 
 
 def _int(env: Mapping[str, str], key: str, default: int, lo: int = 1, hi: int = 65535) -> int:
@@ -53,7 +68,12 @@ class Settings:
     debounce: float = 0.1
     debounce_max: float = 1.0
     max_file_bytes: int = 1024 * 1024
-    extra_env: Mapping[str, str] = field(default_factory=dict)
+    api_listen: str | None = DEFAULT_API_LISTEN
+    #: bearer token required by the API when set (never shown: excluded from repr)
+    api_token: str | None = field(default=None, repr=False)
+    api_wait: float = 10.0
+    api_max_body: int = 64 * 1024
+    extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def admin_listen(self) -> str:
@@ -99,9 +119,19 @@ class Settings:
             "stop_caddy_on_shutdown": _bool(env, "CADDY_STOP_ON_SHUTDOWN", False),
             "resync_interval": float(_int(env, "HYPEMAN_RESYNC_SECONDS", 30, 1, 86400)),
         }
+        if env.get("HYPEMAN_API_LISTEN"):
+            values["api_listen"] = env["HYPEMAN_API_LISTEN"]
+        if env.get("INGRESS_API_TOKEN"):
+            values["api_token"] = env["INGRESS_API_TOKEN"]
         if env.get("HYPEMAN_INSTANCES_DIR"):
             values["instances_dir"] = env["HYPEMAN_INSTANCES_DIR"]
         if env.get("HYPEMAN_MANIFESTS"):
             values["manifest_dirs"] = tuple(p for p in env["HYPEMAN_MANIFESTS"].split(os.pathsep) if p)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        listen = values.get("api_listen")
+        if isinstance(listen, str):
+            if listen.strip().lower() in ("", "off", "none", "disabled"):
+                values["api_listen"] = None
+            else:
+                parse_listen(listen)
         return cls(**values)  # type: ignore[arg-type]

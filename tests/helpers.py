@@ -193,10 +193,13 @@ class Daemon:
         for d in [*self.manifests, self.instances]:
             d.mkdir(parents=True, exist_ok=True)
         self.admin_port = admin_port or free_port()
+        self.api_port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.env = {**os.environ, "CADDY_ADMIN_PORT": str(self.admin_port),
                     "CADDY_LISTEN_ADDRESS": "127.0.0.1",
                     "CADDY_HTTP_PORT": str(free_port()), "CADDY_HTTPS_PORT": str(free_port()),
-                    "HYPEMAN_RESYNC_SECONDS": str(resync), **(env or {})}
+                    "HYPEMAN_RESYNC_SECONDS": str(resync),
+                    "HYPEMAN_API_LISTEN": f"127.0.0.1:{self.api_port}", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = tmp / "daemon.log"
         self.caddy_pids: set[int] = set()

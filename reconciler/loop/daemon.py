@@ -19,6 +19,7 @@ from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
 from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
+from reconciler.state.metrics import Metrics
 from reconciler.state.store import StateStore
 
 log = structlog.get_logger("hypeman.ingress")
@@ -44,9 +45,15 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.watcher: Watcher | None = None
         self.passes: list[PassResult] = []
-        self.ready = threading.Event()
+        self.converged_once = threading.Event()
         self._failures = 0
         self._problems: set[str] = set()
+        self._pass_cond = threading.Condition()
+        self._started = 0
+        self._finished = 0
+        self._status_index: dict[str, dict[str, Any]] = {}
+        self.metrics = Metrics()
+        self.binary: str | None = None
         self._states: dict[str, tuple[Any, Any, Any]] | None = None
         self._caddy_failures = 0
         self._caddy_retry_at = 0.0
@@ -62,6 +69,7 @@ class Daemon:
         api_dir_ready(s)
         source = self._binary_source or find_caddy()
         binary = install_binary(source, s.data_dir)
+        self.binary = binary
         self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
         self.supervisor.ensure_running()
         supervisor = self.supervisor
@@ -96,6 +104,10 @@ class Daemon:
 
     def run(self, *, max_passes: int | None = None) -> int:
         self.setup()
+        return self.loop(max_passes=max_passes)
+
+    def loop(self, *, max_passes: int | None = None) -> int:
+        """The main loop (after :meth:`setup`); returns when stopped."""
         assert self.reconciler is not None and self.watcher is not None
         self.triggers.notify("start", immediate=True)
         try:
@@ -104,8 +116,15 @@ class Daemon:
                 self._check_caddy()
                 if reason is None:
                     continue
-                result = self.reconciler.run_pass(reason)
-                self._record(result)
+                with self._pass_cond:
+                    self._started += 1
+                try:
+                    result = self.reconciler.run_pass(reason)
+                    self._record(result)
+                finally:
+                    with self._pass_cond:
+                        self._finished += 1
+                        self._pass_cond.notify_all()
                 if self.watcher.refresh():
                     self.triggers.notify("watch")
                 if max_passes is not None and len(self.passes) >= max_passes:
@@ -124,6 +143,11 @@ class Daemon:
             log.info("input.problem_resolved", problem=text)
         self._problems = set(current)
         self._log_ingress_changes()
+        assert self.reconciler is not None
+        self._status_index = {st.name: st.to_dict() for st in self.reconciler.statuses}
+        self.metrics.observe_pass(result, converged=result.converged, problems=len(result.problems),
+                                  wall=time.time())
+        self.metrics.observe_ingresses(self.reconciler.statuses)
         self.passes.append(result)
         del self.passes[:-100]
         fields: dict[str, Any] = {
@@ -147,7 +171,51 @@ class Daemon:
             self._failures = 0
             (log.info if result.converged else log.error)("reconcile.finished", **fields)
         if result.converged:
-            self.ready.set()
+            self.converged_once.set()
+
+    # -- what the API needs (reconciler.api.app.Backend) ----------------------------------------
+    def request_pass(self) -> int:
+        """Ask for a pass now; the ticket is satisfied by the first pass that starts after this call."""
+        with self._pass_cond:
+            ticket = self._started
+        self.triggers.notify("api", immediate=True)
+        return ticket
+
+    def wait_pass(self, ticket: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._pass_cond:
+            while self._finished <= ticket:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.triggers.stopped:
+                    return False
+                self._pass_cond.wait(remaining)
+        return True
+
+    def ingress_status(self, name: str) -> dict[str, Any] | None:
+        return self._status_index.get(name)
+
+    def status(self) -> dict[str, Any]:
+        if self.reconciler is None:
+            return {}
+        status = dict(self.reconciler.status)
+        if self.supervisor is not None:
+            status["caddy"] = self.supervisor.state()
+        return status
+
+    def ready(self) -> tuple[bool, str]:
+        if self.supervisor is None or not self.supervisor.alive():
+            return False, "Caddy is not running"
+        last = self.reconciler.last if self.reconciler is not None else None
+        if last is None:
+            return False, "no reconcile pass yet"
+        if not last.converged:
+            return False, f"last pass {last.outcome}: {last.error}"
+        return True, f"last pass {last.outcome} (revision {last.revision})"
+
+    def metrics_text(self) -> bytes:
+        if self.supervisor is not None:
+            self.metrics.observe_caddy(up=self.supervisor.alive(), restarts=self.supervisor.restarts)
+        return self.metrics.render()
 
     def _log_ingress_changes(self) -> None:
         """One ``ingress.state`` event per ingress whose (ready, reason, message) changed, or that appeared

@@ -1,0 +1,188 @@
+"""The HTTP API (Starlette, served by uvicorn): ``/ingresses`` as a thin writer, plus status and probes.
+
+Every error is ``{"code": ..., "message": ...}``. When a token is configured every endpoint but
+``/healthz`` requires ``Authorization: Bearer <token>`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import anyio.to_thread
+import structlog
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from reconciler.api.openapi import openapi_document
+from reconciler.api.writer import ApiError, Found, ManifestWriter, check_ref, ingress_body
+
+log = structlog.get_logger("hypeman.ingress.api")
+
+
+class Backend(Protocol):
+    """What the API needs from the daemon."""
+
+    def request_pass(self) -> int:
+        """Trigger a pass now; returns a ticket for :meth:`wait_pass`."""
+
+    def wait_pass(self, ticket: int, timeout: float) -> bool:
+        """Block until a pass that started after the ticket finished; False on timeout."""
+
+    def ingress_status(self, name: str) -> dict[str, Any] | None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+    def metrics_text(self) -> bytes: ...
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+class _Auth(BaseHTTPMiddleware):
+    def __init__(self, app: Any, token: str | None) -> None:
+        super().__init__(app)
+        self._token = token.encode() if token else None
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if self._token is not None and request.url.path != "/healthz":
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+                return error(401, "unauthorized", "missing or invalid bearer token")
+        try:
+            return await call_next(request)
+        except Exception:
+            log.exception("api.internal_error", method=request.method, path=request.url.path)
+            return error(500, "internal_error", "internal error; see the daemon log")
+
+
+async def _body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "bad_request", f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "bad_request", f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise ApiError(400, "bad_request", "empty body: expected a JSON ingress object")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_request", "the body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "bad_request", f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+                       ) from None
+    except RecursionError:
+        raise ApiError(400, "bad_request", "malformed JSON: nesting too deep") from None
+
+
+def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, wait: float = 10.0,
+               max_body: int = 64 * 1024) -> Starlette:
+    def with_status(found: Found) -> dict[str, Any]:
+        body = ingress_body(found.ingress)
+        body["source"] = found.path
+        body["read_only"] = found.read_only
+        st = backend.ingress_status(found.ingress.name)
+        body["status"] = _short_status(st)
+        return body
+
+    def handle(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapper(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except ApiError as exc:
+                return error(exc.status, exc.code, exc.message)
+        return wrapper
+
+    @handle
+    async def list_ingresses(request: Request) -> Response:
+        found = await anyio.to_thread.run_sync(writer.all)
+        return JSONResponse([with_status(f) for f in found])
+
+    @handle
+    async def get_ingress(request: Request) -> Response:
+        found = await anyio.to_thread.run_sync(writer.find, request.path_params["ref"])
+        return JSONResponse(with_status(found))
+
+    @handle
+    async def create_ingress(request: Request) -> Response:
+        body = await _body(request, max_body)
+        ingress = await anyio.to_thread.run_sync(writer.create, body)
+        ticket = backend.request_pass()
+        log.info("api.ingress_created", ingress=ingress.name, id=ingress.id)
+
+        # 201 once a pass that saw the new file has finished (bounded: else the current status)
+        await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
+        found = Found(ingress, False, ingress.origin.file)
+        return JSONResponse(with_status(found), status_code=201)
+
+    @handle
+    async def delete_ingress(request: Request) -> Response:
+        found = await anyio.to_thread.run_sync(writer.delete, request.path_params["ref"])
+        ticket = backend.request_pass()
+        log.info("api.ingress_deleted", ingress=found.ingress.name, id=found.ingress.id)
+        await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
+        return Response(status_code=204)
+
+    @handle
+    async def bad_ref(request: Request) -> Response:
+        check_ref(request.path_params.get("ref", ""))
+        raise ApiError(404, "not_found", "no such endpoint")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(backend.status())
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ok, why = backend.ready()
+        return JSONResponse({"ready": ok, "message": why}, status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(backend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, "not_found", f"no route for {request.method} {request.url.path}")
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+
+    routes = [
+        Route("/ingresses", list_ingresses, methods=["GET"]),
+        Route("/ingresses", create_ingress, methods=["POST"]),
+        Route("/ingresses/{ref}", get_ingress, methods=["GET"]),
+        Route("/ingresses/{ref}", delete_ingress, methods=["DELETE"]),
+        Route("/ingresses/{ref:path}", bad_ref, methods=["GET", "DELETE"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(_Auth, token=token)],
+                     exception_handlers={404: not_found, 405: not_allowed})
+
+
+def _short_status(st: dict[str, Any] | None) -> dict[str, Any]:
+    if st is None:
+        return {"ready": False, "reason": "Pending", "message": "not seen by a reconcile pass yet"}
+    return {k: st.get(k) for k in ("ready", "reason", "message", "stale_since")}

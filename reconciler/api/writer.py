@@ -1,0 +1,208 @@
+"""The API's thin writer onto the API-owned manifest dir ``{data}/ingresses``.
+
+The API is not a second source of truth: a create is validated exactly like a manifest file, against the
+whole current desired state read fresh from disk (every source, every instance), and the would-be Caddy
+config must pass ``caddy validate`` -- all *before* anything is written. The manifest is then written
+atomically (temp file in the same dir, fsync, rename, mode 0600) and the loop converges as for any file.
+One lock serialises writers, so two racing creates for the same ``(hostname, port)`` end in one success
+and one ``hostname_in_use``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+
+from reconciler.fsutil import atomic_write
+from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Reason, Source
+from reconciler.parse import ParsedDocument
+from reconciler.render import render
+from reconciler.settings import Settings
+from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
+from reconciler.sources.snapshot import sources_for
+from reconciler.validate import InstanceIndex, ingress_from_document, resolve
+
+REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"code", "message"}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    ingress: Ingress
+    read_only: bool
+    path: str  # the manifest file
+
+
+def ingress_body(ing: Ingress) -> dict[str, Any]:
+    """The seed's ingress object."""
+    rules = []
+    for r in ing.rules:
+        rule: dict[str, Any] = {"match": {"hostname": r.hostname, "port": r.port},
+                                "target": {"instance": r.instance, "port": r.target_port}}
+        if r.tls:
+            rule["tls"] = True
+        if r.redirect_http:
+            rule["redirect_http"] = True
+        rules.append(rule)
+    return {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
+
+
+class ManifestWriter:
+    def __init__(self, settings: Settings, *, validate_config: Callable[[dict[str, Any]], str | None],
+                 good: tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._validate = validate_config
+        self._wall = wall
+        self.lock = threading.Lock()
+        good_m, good_i = good if good is not None else ({}, {})
+        self._manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good_m, wall=wall)
+        self._instances = instance_reader(max_bytes=settings.max_file_bytes, good=good_i, wall=wall)
+
+    # -- reading ------------------------------------------------------------------------------
+    def _sources(self) -> list[Source]:
+        return sources_for(self.settings)
+
+    def view(self) -> tuple[list[Source], ReadResult[Ingress], ReadResult[Instance]]:
+        sources = self._sources()
+        with self.lock:
+            return sources, self._manifests.read(sources), self._instances.read(
+                [Source(self.settings.instances_path, 0)])
+
+    def all(self) -> list[Found]:
+        sources, manifests, _ = self.view()
+        return [self._found(ing, sources) for ing in sorted(manifests.items, key=lambda i: i.name)]
+
+    def _found(self, ing: Ingress, sources: list[Source]) -> Found:
+        src = sources[ing.origin.source_index]
+        return Found(ing, src.read_only, ing.origin.file)
+
+    def find(self, ref: str) -> Found:
+        check_ref(ref)
+        sources, manifests, _ = self.view()
+        return self._find(ref, sources, manifests.items)
+
+    def _find(self, ref: str, sources: list[Source], items: list[Ingress]) -> Found:
+        by_name = [i for i in items if i.name == ref]
+        if by_name:
+            return self._found(by_name[0], sources)
+        by_id = [i for i in items if i.id == ref]
+        if by_id:
+            return self._found(by_id[0], sources)
+        prefixed = {i.id: i for i in items if i.id.startswith(ref)}
+        if len(prefixed) == 1:
+            return self._found(next(iter(prefixed.values())), sources)
+        if len(prefixed) > 1:
+            names = ", ".join(sorted(i.name for i in prefixed.values())[:5])
+            raise ApiError(409, "ambiguous", f"{ref!r} is a prefix of {len(prefixed)} ingress ids ({names})")
+        raise ApiError(404, "not_found", f"no ingress with name, id or id prefix {ref!r}")
+
+    # -- writing ------------------------------------------------------------------------------
+    def create(self, body: Any) -> Ingress:
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_request", "the body must be a JSON object (an ingress)")
+        data = dict(body)
+        data["created_at"] = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        name = data.get("name")
+        api_dir = self.settings.api_dir
+        sources = self._sources()
+        api_index = len(sources) - 1
+        relpath = f"{name}.yaml" if isinstance(name, str) else "request"
+        path = os.path.join(api_dir, relpath)
+        doc = Document(Origin(api_index, relpath, 0, path, 1), ParsedDocument(0, 1, data))
+        candidate, problems = ingress_from_document(doc)
+        if candidate is None:
+            raise ApiError(400, "bad_request", "; ".join(p.message for p in problems))
+        with self.lock:
+            manifests = self._manifests.read(sources)
+            instances = self._instances.read([Source(self.settings.instances_path, 0)])
+            self._check_unique(candidate, sources, manifests, path)
+            index = InstanceIndex(instances.items)
+            for r in candidate.rules:
+                if index.lookup(r.instance) is None:
+                    raise ApiError(400, "instance_not_found",
+                                   f"rules: instance {r.instance!r} not found (by name or id)")
+                if r.tls:
+                    raise ApiError(400, "config_validation_failed",
+                                   f"{r.hostname}:{r.port}: TLS is not supported yet")
+            desired = resolve([*manifests.items, candidate], instances.items, self.settings)
+            mine = [p for p in desired.problems if p.ingress == candidate.name and p.file == path]
+            if mine:
+                p = mine[0]
+                code = "hostname_in_use" if p.reason == Reason.HOSTNAME_CONFLICT else (
+                    "already_exists" if p.reason == Reason.NAME_CONFLICT else "bad_request")
+                raise ApiError(409 if code != "bad_request" else 400, code, p.message)
+            error = self._validate(render(desired, self.settings))
+            if error is not None:
+                raise ApiError(400, "config_validation_failed", f"Caddy would reject the config: {error}")
+            os.makedirs(api_dir, mode=0o700, exist_ok=True)
+            atomic_write(path, self._dump(data).encode(), 0o600)
+        return candidate
+
+    def _check_unique(self, candidate: Ingress, sources: list[Source], manifests: ReadResult[Ingress],
+                      path: str) -> None:
+        for other in manifests.items:
+            if other.name == candidate.name:
+                raise ApiError(409, "already_exists",
+                               f"an ingress named {candidate.name!r} already exists in {other.origin.file}")
+            if other.id == candidate.id:
+                raise ApiError(409, "already_exists",
+                               f"id {candidate.id!r} is already used by ingress {other.name!r} in {other.origin.file}")
+        if os.path.lexists(path):
+            raise ApiError(409, "already_exists", f"{path} already exists (it does not hold a valid ingress "
+                                                  "right now; fix or delete it first)")
+        claims = {(r.hostname, r.port): o for o in manifests.items for r in o.rules}
+        for r in candidate.rules:
+            owner = claims.get((r.hostname, r.port))
+            if owner is not None:
+                raise ApiError(409, "hostname_in_use", f"{r.hostname}:{r.port} is already routed by ingress "
+                                                       f"{owner.name!r} ({owner.origin.file})")
+
+    @staticmethod
+    def _dump(data: dict[str, Any]) -> str:
+        ordered = {k: data[k] for k in ("name", "id", "created_at", "rules") if k in data}
+        header = "# written by the hypeman-ingress API; edits by hand are picked up like any manifest\n"
+        return header + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
+
+    def delete(self, ref: str) -> Found:
+        check_ref(ref)
+        sources = self._sources()
+        with self.lock:
+            manifests = self._manifests.read(sources)
+            found = self._find(ref, sources, manifests.items)
+            if found.read_only:
+                raise ApiError(409, "read_only_source",
+                               f"ingress {found.ingress.name!r} lives in the read-only source file {found.path}; "
+                               "remove it there (e.g. in git)")
+            siblings = [i for i in manifests.items if i.origin.file == found.path and i.name != found.ingress.name]
+            if siblings:
+                raise ApiError(409, "read_only_source",
+                               f"{found.path} also defines {', '.join(sorted(i.name for i in siblings))}; "
+                               "edit that file by hand")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.settings.api_dir, found.ingress.origin.relpath))
+        return found
+
+
+def check_ref(ref: str) -> None:
+    if not REF.match(ref):
+        raise ApiError(400, "bad_request", "the ingress reference must be a name, an id or an id prefix "
+                                           "(letters, digits, '.', '_', '-')")

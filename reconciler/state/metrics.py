@@ -1,0 +1,78 @@
+"""Prometheus metrics of the reconciler (prometheus_client), updated once per pass."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+
+class _PassLike(Protocol):
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def loads(self) -> int: ...
+    @property
+    def revision(self) -> str: ...
+
+
+class _StatusLike(Protocol):
+    @property
+    def reason(self) -> str: ...
+    @property
+    def ready(self) -> bool: ...
+
+
+class Metrics:
+    """One registry per daemon (so tests can build several in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.passes = Counter("hypeman_ingress_reconcile_passes", "Reconcile passes by outcome", ["outcome"],
+                              registry=r)
+        self.duration = Histogram("hypeman_ingress_reconcile_duration_seconds", "Duration of reconcile passes",
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.loads = Counter("hypeman_ingress_caddy_loads", "POST /load calls made to Caddy", registry=r)
+        self.failures = Counter("hypeman_ingress_reconcile_failures", "Passes that did not converge", ["outcome"],
+                                registry=r)
+        self.ingresses = Gauge("hypeman_ingress_ingresses", "Ingresses by state", ["reason", "ready"], registry=r)
+        self.problems = Gauge("hypeman_ingress_input_problems", "Problems found in the inputs", registry=r)
+        self.caddy_up = Gauge("hypeman_ingress_caddy_up", "1 when Caddy is running", registry=r)
+        self.caddy_restarts = Gauge("hypeman_ingress_caddy_restarts", "Caddy restarts by the supervisor",
+                                    registry=r)
+        self.last_applied = Info("hypeman_ingress_last_applied", "Revision of the last applied inputs", registry=r)
+        self.last_applied_time = Gauge("hypeman_ingress_last_applied_timestamp_seconds",
+                                       "When a config was last applied (or found converged)", registry=r)
+        self._seen: set[tuple[str, str]] = set()
+
+    def observe_pass(self, result: _PassLike, *, converged: bool, problems: int, wall: float) -> None:
+        self.passes.labels(result.outcome).inc()
+        self.duration.observe(result.duration)
+        if result.loads:
+            self.loads.inc(result.loads)
+        if not converged:
+            self.failures.labels(result.outcome).inc()
+        else:
+            self.last_applied.info({"revision": result.revision})
+            self.last_applied_time.set(wall)
+        self.problems.set(problems)
+
+    def observe_ingresses(self, statuses: Iterable[_StatusLike]) -> None:
+        counts = Tally((s.reason, "true" if s.ready else "false") for s in statuses)
+        for key in self._seen - set(counts):
+            self.ingresses.labels(*key).set(0)
+        for key, n in counts.items():
+            self.ingresses.labels(*key).set(n)
+        self._seen |= set(counts)
+
+    def observe_caddy(self, *, up: bool, restarts: int) -> None:
+        self.caddy_up.set(1 if up else 0)
+        self.caddy_restarts.set(restarts)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
