@@ -5,6 +5,11 @@ rule a host-matched route with ``@id`` ``ingress.<name>.rule-<index>``; the last
 answers 404 naming the unmatched host. Rules whose instance is missing or stopped answer 503 so their
 hostname never falls through. The ``admin`` block, ``http_port``/``https_port`` and the storage root are
 always explicit; plain-HTTP servers disable automatic HTTPS so Caddy never reaches for a public CA.
+
+TLS (``tls: true``): the rule's server keeps automatic HTTPS (certificates) but not Caddy's implicit
+redirects; every TLS hostname is a subject of one explicit automation policy whose issuer comes from the
+settings (ACME with HTTP-01/TLS-ALPN-01 or DNS-01, or Caddy's internal CA), plus a catch-all policy
+with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname on the HTTP port.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 from typing import Any
 
 from reconciler.model import Desired, ResolvedRule, Unavailable, Upstream
-from reconciler.settings import Settings
+from reconciler.settings import Settings, TLSSettings
 
 _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}
 
@@ -70,40 +75,133 @@ def admin_block(settings: Settings) -> dict[str, Any]:
     return {"listen": settings.admin_listen, "config": {"persist": False}}
 
 
+REDACTED = "[REDACTED]"
+#: keys whose values are secrets wherever they appear in a rendered config
+SECRET_KEYS = frozenset({"api_token", "access_key_id", "secret_access_key", "session_token", "token"})
+
+
+def issuer(tls: TLSSettings) -> dict[str, Any]:
+    """The certificate issuer every TLS hostname gets (never an implicit public CA)."""
+    if tls.issuer == "internal":
+        return {"module": "internal", "ca": "local"}
+    acme: dict[str, Any] = {"module": "acme", "email": tls.acme_email}
+    if tls.acme_ca:
+        acme["ca"] = tls.acme_ca
+    if tls.acme_ca_root:
+        acme["trusted_roots_pem_files"] = [tls.acme_ca_root]
+    challenges: dict[str, Any] = {}
+    if tls.dns_provider is not None:
+        provider: dict[str, Any] = {"name": tls.dns_provider}
+        if tls.dns_provider == "cloudflare":
+            provider["api_token"] = tls.cloudflare_api_token
+        elif tls.dns_provider == "route53":
+            provider["region"] = tls.aws_region
+            if tls.aws_access_key_id:
+                provider["access_key_id"] = tls.aws_access_key_id
+            if tls.aws_secret_access_key:
+                provider["secret_access_key"] = tls.aws_secret_access_key
+            if tls.aws_hosted_zone_id:
+                provider["hosted_zone_id"] = tls.aws_hosted_zone_id
+        dns: dict[str, Any] = {"provider": provider}
+        if tls.dns_propagation_timeout:
+            dns["propagation_timeout"] = tls.dns_propagation_timeout
+        if tls.dns_propagation_delay:
+            dns["propagation_delay"] = tls.dns_propagation_delay
+        if tls.dns_resolvers:
+            dns["resolvers"] = list(tls.dns_resolvers)
+        challenges = {"dns": dns, "http": {"disabled": True}, "tls-alpn": {"disabled": True}}
+    else:
+        if "http-01" not in tls.challenges:
+            challenges["http"] = {"disabled": True}
+        if "tls-alpn-01" not in tls.challenges:
+            challenges["tls-alpn"] = {"disabled": True}
+    if challenges:
+        acme["challenges"] = challenges
+    return acme
+
+
+def _redirect_route(name: str, index: int, hostname: str, tls_port: int) -> dict[str, Any]:
+    suffix = "" if tls_port == 443 else f":{tls_port}"
+    return {
+        "@id": f"{route_id(name, index)}.redirect",
+        "match": [{"host": [hostname], "protocol": "http"}],
+        "handle": [{"handler": "static_response", "status_code": 308,
+                    "headers": {"Location": [f"https://{{http.request.host}}{suffix}{{http.request.uri}}"]}}],
+        "terminal": True,
+    }
+
+
 def render(desired: Desired, settings: Settings) -> dict[str, Any]:
     """``(ingresses, instances, settings) -> Caddy JSON`` as a dict; same input, same output."""
     by_port: dict[int, list[tuple[str, str, dict[str, Any]]]] = {}
+    tls_ports: set[int] = set()
+    tls_hosts: set[str] = set()
     for resolved in desired.ingresses:
         name = resolved.ingress.name
         for rule in resolved.rules:
+            r = rule.rule
             rid = route_id(name, rule.index)
             route: dict[str, Any] = {
                 "@id": rid,
-                "match": [{"host": [rule.rule.hostname]}],
+                "match": [{"host": [r.hostname]}],
                 "handle": [_handler(rule)],
                 "terminal": True,
             }
-            by_port.setdefault(rule.rule.port, []).append((rule.rule.hostname, rid, route))
+            by_port.setdefault(r.port, []).append((r.hostname, rid, route))
+            if r.tls:
+                tls_ports.add(r.port)
+                tls_hosts.add(r.hostname)
+                if r.redirect_http:
+                    redirect = _redirect_route(name, rule.index, r.hostname, r.port)
+                    by_port.setdefault(settings.http_port, []).append((r.hostname, redirect["@id"], redirect))
     servers: dict[str, Any] = {}
     for port in sorted(by_port):
-        routes = [r for _, _, r in sorted(by_port[port], key=lambda t: (t[0], t[1]))]
+        entries = sorted(by_port[port], key=lambda t: (t[0], t[1]))
+        routes = [r for _, _, r in entries]
         routes.append(fallback_route(port))
-        servers[server_name(port)] = {
-            "listen": [_listen(settings.listen_address, port)],
-            "automatic_https": {"disable": True},
-            "routes": routes,
-        }
+        server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
+        if port in tls_ports:
+            # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
+            # unknown SNI falls back to the first host's certificate so it still gets the 404
+            server["automatic_https"] = {"disable_redirects": True}
+            server["tls_connection_policies"] = [{"fallback_sni": entries[0][0]}]
+        else:
+            server["automatic_https"] = {"disable": True}
+        servers[server_name(port)] = server
+    apps: dict[str, Any] = {
+        "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
+    }
+    if tls_hosts:
+        the_issuer = issuer(settings.tls)
+        apps["tls"] = {"automation": {"policies": [
+            {"subjects": sorted(tls_hosts), "issuers": [the_issuer]},
+            {"issuers": [the_issuer]},  # catch-all: nothing ever falls back to Caddy's default public CAs
+        ]}}
+        if settings.tls.issuer == "internal":
+            apps["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
     return {
         "admin": admin_block(settings),
         "storage": {"module": "file_system", "root": settings.storage_dir},
-        "apps": {
-            "http": {
-                "http_port": settings.http_port,
-                "https_port": settings.https_port,
-                "servers": servers,
-            }
-        },
+        "apps": apps,
     }
+
+
+def redact(config: Any) -> Any:
+    """A copy of ``config`` with every secret value replaced by ``[REDACTED]`` (for printing/diffs)."""
+    if isinstance(config, dict):
+        return {k: (REDACTED if k in SECRET_KEYS and isinstance(v, str) and v else redact(v))
+                for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """Remove secret values from free text (error messages that might echo a config)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def to_json(config: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +52,94 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raise ConfigError(f"{key}={raw!r} is not a boolean (true/false)")
 
 
+_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h|d))+$")
+DNS_PROVIDERS = ("cloudflare", "route53")
+CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """Where certificates for ``tls: true`` rules come from. ``issuer`` None means TLS is not configured."""
+
+    issuer: str | None = None  # "acme" | "internal"
+    acme_email: str | None = None
+    acme_ca: str | None = None  # ACME directory URL; None = Caddy's default (Let's Encrypt production)
+    acme_ca_root: str | None = None  # PEM file with the root of a private/staging ACME CA to trust
+    challenges: tuple[str, ...] = CHALLENGES
+    dns_provider: str | None = None
+    cloudflare_api_token: str | None = field(default=None, repr=False)
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_region: str = "us-east-1"
+    aws_hosted_zone_id: str | None = None
+    dns_propagation_timeout: str | None = None
+    dns_propagation_delay: str | None = None
+    dns_resolvers: tuple[str, ...] = ()
+    allowed_domains: tuple[str, ...] | None = None  # None = any hostname may use TLS
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Secret values, for scrubbing text that might echo them."""
+        values = (self.cloudflare_api_token, self.aws_access_key_id, self.aws_secret_access_key)
+        return tuple(v for v in values if v)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TLSSettings:
+        def get(key: str) -> str | None:
+            value = env.get(key, "").strip()
+            return value or None
+
+        issuer = (get("TLS_ISSUER") or "").lower() or None
+        email = get("ACME_EMAIL")
+        if issuer is None and email:
+            issuer = "acme"
+        if issuer not in (None, "acme", "internal"):
+            raise ConfigError(f"TLS_ISSUER={issuer!r}: expected 'acme' or 'internal'")
+        if issuer == "acme" and not email:
+            raise ConfigError("TLS_ISSUER=acme needs ACME_EMAIL (the ACME account contact)")
+        provider = (get("ACME_DNS_PROVIDER") or "").lower() or None
+        if provider is not None and provider not in DNS_PROVIDERS:
+            raise ConfigError(f"ACME_DNS_PROVIDER={provider!r}: expected one of {', '.join(DNS_PROVIDERS)}")
+        if provider == "cloudflare" and not get("CLOUDFLARE_API_TOKEN"):
+            raise ConfigError("ACME_DNS_PROVIDER=cloudflare needs CLOUDFLARE_API_TOKEN")
+        challenges = tuple(c.strip().lower() for c in (get("ACME_CHALLENGES") or ",".join(CHALLENGES)).split(",")
+                           if c.strip())
+        bad = [c for c in challenges if c not in CHALLENGES]
+        if bad or not challenges:
+            raise ConfigError(f"ACME_CHALLENGES: expected a comma list of {', '.join(CHALLENGES)}")
+        for key in ("ACME_DNS_PROPAGATION_TIMEOUT", "ACME_DNS_PROPAGATION_DELAY"):
+            value = get(key)
+            if value is not None and value != "-1" and not _DURATION.match(value):
+                raise ConfigError(f"{key}={value!r} is not a duration (e.g. 2m, 30s)")
+        ca_root = get("ACME_CA_ROOT")
+        domains = get("TLS_ALLOWED_DOMAINS")
+        return cls(
+            issuer=issuer, acme_email=email, acme_ca=get("ACME_CA"),
+            acme_ca_root=ca_root, challenges=challenges,
+            dns_provider=provider, cloudflare_api_token=get("CLOUDFLARE_API_TOKEN"),
+            aws_access_key_id=get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=get("AWS_SECRET_ACCESS_KEY"),
+            aws_region=get("AWS_REGION") or "us-east-1", aws_hosted_zone_id=get("AWS_HOSTED_ZONE_ID"),
+            dns_propagation_timeout=get("ACME_DNS_PROPAGATION_TIMEOUT"),
+            dns_propagation_delay=get("ACME_DNS_PROPAGATION_DELAY"),
+            dns_resolvers=tuple(r.strip() for r in (get("ACME_DNS_RESOLVERS") or "").split(",") if r.strip()),
+            allowed_domains=tuple(d.strip().lower() for d in domains.split(",") if d.strip()) if domains else None,
+        )
+
+
+def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
+    """``TLS_ALLOWED_DOMAINS``: exact names, ``*.example.com`` = exactly one label, ``*`` = any."""
+    if patterns is None:
+        return True
+    for pattern in patterns:
+        if pattern == "*" or pattern == hostname:
+            return True
+        if pattern.startswith("*."):
+            label, _, rest = hostname.partition(".")
+            if label and rest == pattern[2:]:
+                return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable. Build with :meth:`from_env` or directly in tests."""
@@ -73,6 +162,7 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     api_wait: float = 10.0
     api_max_body: int = 64 * 1024
+    tls: TLSSettings = field(default_factory=TLSSettings)
     extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -118,6 +208,7 @@ class Settings:
             "https_port": _int(env, "CADDY_HTTPS_PORT", 443),
             "stop_caddy_on_shutdown": _bool(env, "CADDY_STOP_ON_SHUTDOWN", False),
             "resync_interval": float(_int(env, "HYPEMAN_RESYNC_SECONDS", 30, 1, 86400)),
+            "tls": TLSSettings.from_env(env),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

@@ -3,7 +3,7 @@
 Reasons, in order of precedence for an ingress that made it into the desired state:
 ``CaddyRejected`` (Caddy refused its routes; the rest was applied) > ``Pending`` (the pass did not get
 its config into Caddy) > ``Stale`` (its file is invalid now; the last valid version is served) >
-``InstanceNotFound`` / ``InstanceNotRunning`` (routes answer 503) > ``TLSNotSupported`` > ``Applied``.
+``InstanceNotFound`` / ``InstanceNotRunning`` (routes answer 503) > ``Applied``.
 Ingresses that were refused before rendering keep the reason of their problem (``InvalidManifest``,
 ``NameConflict``, ``HostnameConflict``...).
 """
@@ -66,10 +66,6 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
             return IngressStatus(ready=False, reason=r.backend.reason,
                                  message=f"{r.rule.hostname}:{r.rule.port} answers 503: {r.backend.message}",
                                  **base)  # type: ignore[arg-type]
-    tls = [p for p in problems if p.reason == Reason.TLS_NOT_SUPPORTED]
-    if tls:
-        return IngressStatus(ready=False, reason=Reason.TLS_NOT_SUPPORTED, message=tls[0].message,
-                             **base)  # type: ignore[arg-type]
     return IngressStatus(ready=True, reason=Reason.APPLIED, message="routes are live", **base)  # type: ignore[arg-type]
 
 

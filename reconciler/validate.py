@@ -20,6 +20,7 @@ from reconciler.model import (
     Document,
     Ingress,
     Instance,
+    Origin,
     Problem,
     Reason,
     ResolvedIngress,
@@ -30,7 +31,7 @@ from reconciler.model import (
     derive_ingress_id,
 )
 from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
-from reconciler.settings import Settings
+from reconciler.settings import Settings, domain_allowed
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -160,6 +161,32 @@ class InstanceIndex:
         return Upstream(dial_address(inst.ip, rule.target_port))
 
 
+def _tls_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
+    """Why the TLS rules of ``ing`` cannot be served with these settings, as (reason, message)."""
+    tls = settings.tls
+    for i, r in enumerate(ing.rules):
+        where = f"rules[{i}] ({r.hostname}:{r.port})"
+        if r.tls and tls.issuer is None:
+            return (Reason.TLS_NOT_CONFIGURED, f"{where}: tls: true needs a certificate issuer; set ACME_EMAIL "
+                    "(ACME, with ACME_CA for a staging or private CA) or TLS_ISSUER=internal (Caddy's local CA)")
+        if r.tls and not domain_allowed(r.hostname, tls.allowed_domains):
+            return (Reason.DOMAIN_NOT_ALLOWED, f"{where}: hostname {r.hostname!r} may not use TLS "
+                    f"(TLS_ALLOWED_DOMAINS={','.join(tls.allowed_domains or ())})")
+        if r.tls and r.port == settings.http_port:
+            return (Reason.INVALID_MANIFEST, f"{where}: port {r.port} is the plain HTTP port (CADDY_HTTP_PORT); "
+                    "TLS rules need another port (443 by default)")
+        if r.redirect_http and r.port == settings.http_port:  # pragma: no cover - redirect requires tls
+            return (Reason.INVALID_MANIFEST, f"{where}: redirect_http needs a TLS port")
+    return None
+
+
+def claims_of(ing: Ingress, settings: Settings) -> list[tuple[str, int, bool, int]]:
+    """Every (hostname, port, tls, rule index) an ingress occupies; a redirect also occupies the HTTP port."""
+    out = [(r.hostname, r.port, r.tls, i) for i, r in enumerate(ing.rules)]
+    out += [(r.hostname, settings.http_port, False, i) for i, r in enumerate(ing.rules) if r.redirect_http]
+    return out
+
+
 def resolve(ingresses: Iterable[Ingress], instances: Iterable[Instance], settings: Settings,
             problems: Iterable[Problem] = ()) -> Desired:
     """Cross-source checks and target resolution. ``problems`` from earlier stages are carried along."""
@@ -169,42 +196,71 @@ def resolve(ingresses: Iterable[Ingress], instances: Iterable[Instance], setting
     names: dict[str, Ingress] = {}
     ids: dict[str, Ingress] = {}
     claims: dict[tuple[str, int], Ingress] = {}
+    port_mode: dict[int, tuple[bool, Ingress]] = {}
     accepted: list[ResolvedIngress] = []
     for ing in sorted(ingresses, key=lambda i: i.origin.sort_key):
         o = ing.origin
+
+        def reject(message: str, reason: str, o: Origin = o, ing: Ingress = ing) -> None:
+            out.append(Problem(o.file, o.line, message, reason, ing.name))
+
         if ing.name in names:
             w = names[ing.name]
-            out.append(Problem(o.file, o.line, f"name {ing.name!r} is already used by the ingress in "
-                               f"{w.origin.describe()}", Reason.NAME_CONFLICT, ing.name))
+            reject(f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}", Reason.NAME_CONFLICT)
             continue
         if ing.id in ids:
             w = ids[ing.id]
-            out.append(Problem(o.file, o.line, f"id {ing.id!r} is already used by ingress {w.name!r} in "
-                               f"{w.origin.describe()}", Reason.NAME_CONFLICT, ing.name))
+            reject(f"id {ing.id!r} is already used by ingress {w.name!r} in {w.origin.describe()}",
+                   Reason.NAME_CONFLICT)
             continue
-        conflict = next(((r, claims[(r.hostname, r.port)]) for r in ing.rules
-                         if (r.hostname, r.port) in claims), None)
+        mine = claims_of(ing, settings)
+        conflict = next(((h, p, claims[(h, p)]) for h, p, _, _ in mine if (h, p) in claims), None)
         if conflict is not None:
-            r, w = conflict
-            out.append(Problem(o.file, o.line, f"{r.hostname}:{r.port} is already claimed by ingress "
-                               f"{w.name!r} in {w.origin.describe()}", Reason.HOSTNAME_CONFLICT, ing.name))
+            h, p, w = conflict
+            reject(f"{h}:{p} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
+                   Reason.HOSTNAME_CONFLICT)
             continue
-        bad_port = next((r for r in ing.rules if r.port in (settings.admin_port,)), None)
+        own: dict[tuple[str, int], int] = {}
+        clash = None
+        for h, p, _, i in mine:
+            if (h, p) in own and own[(h, p)] != i:
+                clash = f"rules[{i}]: {h}:{p} is also used by rules[{own[(h, p)]}] (redirect_http occupies " \
+                        f"the HTTP port {settings.http_port})"
+                break
+            own[(h, p)] = i
+        if clash is not None:
+            reject(clash, Reason.INVALID_MANIFEST)
+            continue
+        modes: dict[int, bool] = {}
+        mode_clash = None
+        for _, p, tls, _ in mine:
+            if p in port_mode and port_mode[p][0] != tls:
+                w = port_mode[p][1]
+                mode_clash = (f"port {p} serves {'TLS' if port_mode[p][0] else 'plain HTTP'} for ingress {w.name!r} "
+                              f"in {w.origin.describe()}; a port cannot mix TLS and plain HTTP")
+                break
+            if p in modes and modes[p] != tls:
+                mode_clash = f"port {p} is used with and without TLS by this ingress; a port cannot mix them"
+                break
+            modes[p] = tls
+        if mode_clash is not None:
+            reject(mode_clash, Reason.PORT_CONFLICT)
+            continue
+        bad_port = next((r for r in ing.rules if r.port == settings.admin_port), None)
         if bad_port is not None:
-            out.append(Problem(o.file, o.line, f"{bad_port.hostname}:{bad_port.port}: port {bad_port.port} is "
-                               "Caddy's admin port", Reason.INVALID_MANIFEST, ing.name))
+            reject(f"{bad_port.hostname}:{bad_port.port}: port {bad_port.port} is Caddy's admin port",
+                   Reason.INVALID_MANIFEST)
+            continue
+        tls_problem = _tls_problem(ing, settings)
+        if tls_problem is not None:
+            reject(tls_problem[1], tls_problem[0])
             continue
         names[ing.name] = ing
         ids[ing.id] = ing
-        rules: list[ResolvedRule] = []
-        for i, rule in enumerate(ing.rules):
-            claims[(rule.hostname, rule.port)] = ing
-            if rule.tls:
-                out.append(Problem(o.file, o.line, f"rules[{i}] ({rule.hostname}:{rule.port}): TLS not "
-                                   "supported yet; rule left out of the config", Reason.TLS_NOT_SUPPORTED,
-                                   ing.name))
-                continue
-            rules.append(ResolvedRule(rule, i, index.backend(rule)))
-        accepted.append(ResolvedIngress(ing, tuple(rules)))
+        for h, p, tls, _ in mine:
+            claims[(h, p)] = ing
+            port_mode.setdefault(p, (tls, ing))
+        rules = tuple(ResolvedRule(rule, i, index.backend(rule)) for i, rule in enumerate(ing.rules))
+        accepted.append(ResolvedIngress(ing, rules))
     instances_by_name: Mapping[str, Instance] = index.by_name
     return Desired(tuple(accepted), tuple(out), instances_by_name)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from reconciler.model import Desired, Document, Origin, Problem, Source
 from reconciler.parse import parse_documents
 from reconciler.render import render, route_id, server_name, to_json
-from reconciler.settings import Settings
+from reconciler.settings import Settings, TLSSettings
 from reconciler.sources.loader import load_instances, load_manifests
 from reconciler.validate import ingress_from_document, instance_from_document, resolve
 
@@ -113,7 +113,7 @@ CASES: dict[str, tuple[list[dict[str, str]], str, Settings]] = {
         ],
         INSTANCES,
         Settings(data_dir="/var/lib/hypeman", admin_port=2019, listen_address="127.0.0.1",
-                 http_port=18080, https_port=18443),
+                 http_port=18080, https_port=18443, tls=TLSSettings(issuer="internal")),
     ),
     "empty": ([], "", SETTINGS),
 }
@@ -172,11 +172,14 @@ def test_empty_desired_has_no_servers() -> None:
     assert servers(render(Desired(()), SETTINGS)) == {}
 
 
-def test_every_server_disables_automatic_https() -> None:
+def test_every_plain_server_disables_automatic_https_and_tls_servers_have_no_implicit_redirects() -> None:
     seen = 0
     for config, _, _ in all_cases():
         for srv in servers(config).values():
-            assert srv["automatic_https"] == {"disable": True}
+            if "tls_connection_policies" in srv:
+                assert srv["automatic_https"] == {"disable_redirects": True}
+            else:
+                assert srv["automatic_https"] == {"disable": True}
             seen += 1
     assert seen >= 4
 
@@ -220,7 +223,7 @@ def test_route_ids_name_the_ingress_and_rule_index() -> None:
     assert ids == {
         "missing.example.com": "ingress.ghosts.rule-0",
         "stopped.example.com": "ingress.ghosts.rule-1",
-        "ok.example.com": "ingress.ghosts.rule-3",  # rule 2 (tls) is left out, indices keep their place
+        "ok.example.com": "ingress.ghosts.rule-3",  # rule 2 (tls) lives on the TLS server, indices keep their place
         "inject.example.com": "ingress.ghosts.rule-4",
     }
     assert route_id("x", 7) == "ingress.x.rule-7"
@@ -269,13 +272,17 @@ def test_503_body_escapes_caddy_placeholders() -> None:
     assert body.replace("\\{", "").replace("\\}", "").count("{") == 0
 
 
-def test_conflict_losers_and_tls_rules_are_not_rendered() -> None:
+def test_conflict_losers_are_not_rendered_and_tls_rules_get_their_server() -> None:
     config, _, desired = all_cases()[list(CASES).index("unavailable")]
     text = to_json(config)
-    assert "tls.example.com" not in text
     assert "loser" not in text
     assert handler_for(config, "ok.example.com")["upstreams"] == [{"dial": "10.0.0.5:8080"}]
-    assert {p.reason for p in desired.problems} == {"TLSNotSupported", "HostnameConflict"}
+    assert {p.reason for p in desired.problems} == {"HostnameConflict"}
+    tls_server = servers(config)["ingress-443"]
+    assert tls_server["routes"][0]["match"] == [{"host": ["tls.example.com"]}]
+    assert tls_server["tls_connection_policies"] == [{"fallback_sni": "tls.example.com"}]
+    assert "disable" not in tls_server["automatic_https"]
+    assert config["apps"]["tls"]["automation"]["policies"][0]["subjects"] == ["tls.example.com"]
 
 
 def test_to_json_is_canonical() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 import random
@@ -24,11 +26,12 @@ from reconciler.model import (
 )
 from reconciler.parse import parse_documents
 from reconciler.schema import INGRESS_SCHEMA, format_path, load_schema
-from reconciler.settings import Settings
+from reconciler.settings import Settings, TLSSettings
 from reconciler.validate import hostname_error, ingress_from_document, instance_from_document, resolve
 
 SETTINGS = Settings(data_dir="/srv/hypeman", admin_port=2019, listen_address="127.0.0.1",
                     http_port=18080, https_port=18443)
+TLS_SETTINGS = dataclasses.replace(SETTINGS, tls=TLSSettings(issuer="internal"))
 
 
 # --- builders --------------------------------------------------------------------------------------
@@ -531,22 +534,64 @@ def test_no_instances_at_all() -> None:
 # --- tls, admin port -------------------------------------------------------------------------------
 
 
-def test_tls_rule_is_left_out_with_a_problem() -> None:
+def test_tls_without_an_issuer_is_a_validation_error() -> None:
     ings = ingresses_of(manifest("x", rule("a.example.com", instance="web"), rule("b.example.com", tls=True)))
     desired = resolve(ings, instances_of(INSTANCES), SETTINGS)
-    (resolved,) = desired.ingresses
-    assert [(r.index, r.rule.hostname) for r in resolved.rules] == [(0, "a.example.com")]
+    assert desired.ingresses == ()  # never served as plain HTTP, never a silent public CA
     (p,) = desired.problems
-    assert p.reason == Reason.TLS_NOT_SUPPORTED
+    assert p.reason == Reason.TLS_NOT_CONFIGURED
     assert p.ingress == "x"
-    assert "rules[1]" in p.message and "b.example.com:443" in p.message and "TLS not supported" in p.message
+    assert "rules[1]" in p.message and "b.example.com:443" in p.message and "ACME_EMAIL" in p.message
 
 
-def test_tls_only_ingress_is_accepted_with_no_rules() -> None:
-    desired = resolve(ingresses_of(manifest("x", rule("a.example.com", tls=True))), [], SETTINGS)
+def test_tls_ingress_is_accepted_with_an_issuer() -> None:
+    desired = resolve(ingresses_of(manifest("x", rule("a.example.com", tls=True))), [], TLS_SETTINGS)
     assert [r.ingress.name for r in desired.ingresses] == ["x"]
-    assert desired.ingresses[0].rules == ()
-    assert [p.reason for p in desired.problems] == [Reason.TLS_NOT_SUPPORTED]
+    assert [(r.rule.hostname, r.rule.port, r.rule.tls) for r in desired.ingresses[0].rules] == [
+        ("a.example.com", 443, True)]
+    assert desired.problems == ()
+
+
+@pytest.mark.parametrize(("patterns", "host", "allowed"), [
+    (("*",), "a.example.com", True),
+    (("a.example.com",), "a.example.com", True),
+    (("a.example.com",), "b.example.com", False),
+    (("*.example.com",), "a.example.com", True),
+    (("*.example.com",), "a.b.example.com", False),  # exactly one label
+    (("*.example.com",), "example.com", False),
+    (("x.org", "*.example.com"), "www.example.com", True),
+])
+def test_tls_allowed_domains(patterns: tuple[str, ...], host: str, allowed: bool) -> None:
+    settings = dataclasses.replace(TLS_SETTINGS, tls=dataclasses.replace(TLS_SETTINGS.tls, allowed_domains=patterns))
+    desired = resolve(ingresses_of(manifest("x", rule(host, tls=True))), [], settings)
+    assert bool(desired.ingresses) is allowed
+    if not allowed:
+        (p,) = desired.problems
+        assert p.reason == Reason.DOMAIN_NOT_ALLOWED and host in p.message and "TLS_ALLOWED_DOMAINS" in p.message
+
+
+def test_tls_rule_on_the_http_port_is_refused() -> None:
+    desired = resolve(ingresses_of(manifest("x", rule("a.example.com", 18080, tls=True))), [], TLS_SETTINGS)
+    (p,) = desired.problems
+    assert desired.ingresses == () and "plain HTTP port" in p.message
+
+
+def test_a_port_cannot_mix_tls_and_plain() -> None:
+    first = ingresses_of(manifest("secure", rule("a.example.com", 8443, tls=True)), file="1.yaml")
+    second = ingresses_of(manifest("plain", rule("b.example.com", 8443)), file="2.yaml")
+    desired = resolve(second + first, [], TLS_SETTINGS)
+    assert [r.ingress.name for r in desired.ingresses] == ["secure"]
+    (p,) = desired.problems
+    assert p.reason == Reason.PORT_CONFLICT and "'secure'" in p.message and "1.yaml" in p.message
+
+
+def test_redirect_claims_the_http_port() -> None:
+    first = ingresses_of(manifest("secure", rule("a.example.com", tls=True, redirect_http=True)), file="1.yaml")
+    second = ingresses_of(manifest("plain", rule("a.example.com", 18080)), file="2.yaml")
+    desired = resolve(second + first, [], TLS_SETTINGS)
+    assert [r.ingress.name for r in desired.ingresses] == ["secure"]
+    (p,) = desired.problems
+    assert p.reason == Reason.HOSTNAME_CONFLICT and "a.example.com:18080" in p.message
 
 
 @pytest.mark.parametrize("admin_port", [2019, 8080])
@@ -634,12 +679,12 @@ def test_rejected_ingress_claims_nothing() -> None:
     assert [p.reason for p in desired.problems] == [Reason.NAME_CONFLICT]
 
 
-def test_tls_rule_still_claims_its_hostname() -> None:
+def test_tls_rule_claims_its_hostname() -> None:
     first = ingresses_of(manifest("secure", rule("a.example.com", tls=True)), file="1.yaml")
     second = ingresses_of(manifest("plain", rule("a.example.com", 443)), file="2.yaml")
-    desired = resolve(second + first, [], SETTINGS)
+    desired = resolve(second + first, [], TLS_SETTINGS)
     assert [r.ingress.name for r in desired.ingresses] == ["secure"]
-    assert [p.reason for p in desired.problems] == [Reason.TLS_NOT_SUPPORTED, Reason.HOSTNAME_CONFLICT]
+    assert [p.reason for p in desired.problems] == [Reason.HOSTNAME_CONFLICT]
 
 
 def conflict_corpus() -> tuple[list[Ingress], list[Instance]]:
