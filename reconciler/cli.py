@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
@@ -19,12 +20,13 @@ import structlog
 from reconciler import __version__, diff
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy
+from reconciler.caddy.modules import preflight
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError, ConfigError, ReconcilerError
 from reconciler.fsutil import atomic_write
 from reconciler.loop.reconcile import Reconciler
 from reconciler.model import Problem, Source
-from reconciler.render import to_json
+from reconciler.render import REDACTED, redact, to_json
 from reconciler.settings import DEFAULT_API_LISTEN, Settings, parse_listen
 from reconciler.sources.loader import FileEntry, parse_file
 from reconciler.sources.snapshot import sources_for, take_snapshot
@@ -91,10 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--quiet", "-q", action="store_true", help="print problems only")
 
-    p = sub.add_parser("render", help="print the desired Caddy JSON",
+    p = sub.add_parser("render", help="print the desired Caddy JSON (secrets redacted)",
                        description="Render the Caddy JSON config the reconciler would load, from the manifests "
-                                   "and instances on disk.")
+                                   "and instances on disk. DNS API tokens and keys are shown as [REDACTED] "
+                                   "unless --show-secrets is given.")
     _common(p)
+    p.add_argument("--show-secrets", action="store_true", help="print secrets instead of [REDACTED]")
 
     p = sub.add_parser("diff", help="desired vs live Caddy config (exit 0 same, 1 differs, 2 error)",
                        description="Compare the desired config with the config Caddy runs now. Exit 0 when "
@@ -126,6 +130,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "api_listen": getattr(args, "api_listen", None),
     }
     settings = Settings.from_env(os.environ, **overrides)
+    if settings.tls.acme_ca_root:
+        settings = dataclasses.replace(settings, tls=dataclasses.replace(
+            settings.tls, acme_ca_root=os.path.abspath(settings.tls.acme_ca_root)))
     if not args.manifests and settings.manifest_dirs:
         settings = Settings.from_env(os.environ, **{**overrides, "manifest_dirs": tuple(
             os.path.abspath(m) for m in settings.manifest_dirs)})
@@ -179,6 +186,11 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
         snap = take_snapshot(settings, sources=sources_for(settings, include_api=False), with_instances=False)
         all_problems = list(snap.problems)
         count = len(snap.desired.ingresses)
+    if settings.tls.dns_provider is not None or settings.tls.acme_ca_root is not None:
+        try:
+            preflight(settings, find_caddy())
+        except (CaddyError, ConfigError) as exc:
+            all_problems.append(Problem("(settings)", None, str(exc), "InvalidSettings"))
     _print_problems(all_problems, sys.stdout)
     if not args.quiet:
         status = "invalid" if all_problems else "valid"
@@ -197,7 +209,7 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     with AdminClient(settings.admin_url) as client:
         inputs, config = _offline_reconciler(settings, client).desired_config()
     _print_problems(inputs.desired.problems, sys.stderr)
-    sys.stdout.write(to_json(config))
+    sys.stdout.write(to_json(config if args.show_secrets else redact(config)))
     return 0
 
 
@@ -212,13 +224,17 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
     if diff.same(live, desired):
         print("no differences", file=sys.stderr)
         return 0
+    # compared with secrets, printed without them
+    live_shown, desired_shown = redact(diff.normalise(live)), redact(desired)
     if args.unified:
-        a = to_json(diff.normalise(live)).splitlines(keepends=True) if live is not None else []
-        b = to_json(desired).splitlines(keepends=True)
+        a = to_json(live_shown).splitlines(keepends=True) if live is not None else []
+        b = to_json(desired_shown).splitlines(keepends=True)
         sys.stdout.writelines(difflib.unified_diff(a, b, "live", "desired"))
     else:
-        for change in diff.diff(diff.normalise(live), diff.normalise(desired)):
-            print(change.format())
+        changes = diff.diff(diff.normalise(live), diff.normalise(desired))
+        shown = {c.path: c for c in diff.diff(live_shown, desired_shown)}
+        for change in changes:
+            print(shown.get(change.path, diff.Change("~", change.path, REDACTED, REDACTED)).format())
     return 1
 
 

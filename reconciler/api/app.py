@@ -164,13 +164,23 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         return error(404, "not_found", f"no route for {request.method} {request.url.path}")
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
-        return error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        # RFC 9110: a 405 carries Allow (one Route per path below, so it lists every method of the path)
+        given = getattr(exc, "headers", None) or {}
+        allow = ", ".join(sorted(m.strip() for m in given.get("Allow", "").split(",") if m.strip()))
+        response = error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+        if allow:
+            response.headers["Allow"] = allow
+        return response
+
+    async def ingresses(request: Request) -> Response:
+        return await (create_ingress if request.method == "POST" else list_ingresses)(request)
+
+    async def ingress(request: Request) -> Response:
+        return await (delete_ingress if request.method == "DELETE" else get_ingress)(request)
 
     routes = [
-        Route("/ingresses", list_ingresses, methods=["GET"]),
-        Route("/ingresses", create_ingress, methods=["POST"]),
-        Route("/ingresses/{ref}", get_ingress, methods=["GET"]),
-        Route("/ingresses/{ref}", delete_ingress, methods=["DELETE"]),
+        Route("/ingresses", ingresses, methods=["GET", "POST"]),
+        Route("/ingresses/{ref}", ingress, methods=["GET", "DELETE"]),
         Route("/ingresses/{ref:path}", bad_ref, methods=["GET", "DELETE"]),
         Route("/status", status, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

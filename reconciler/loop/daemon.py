@@ -11,6 +11,7 @@ import structlog
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy, install_binary
+from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError
@@ -69,6 +70,7 @@ class Daemon:
         api_dir_ready(s)
         source = self._binary_source or find_caddy()
         binary = install_binary(source, s.data_dir)
+        preflight(s, binary)
         self.binary = binary
         self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
         self.supervisor.ensure_running()

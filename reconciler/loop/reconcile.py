@@ -18,7 +18,7 @@ from reconciler.caddy.admin import AdminClient
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
-from reconciler.render import render
+from reconciler.render import render, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
 from reconciler.sources.snapshot import digest, sources_for
@@ -173,6 +173,11 @@ class Reconciler:
             outcome, error = FAILED, str(exc)
         except CaddyRejected as exc:  # GET /config/ refused: treat as an error of this pass
             outcome, error = FAILED, exc.message
+        # Caddy's messages may quote the config it refused: never let a secret through to status or logs
+        secrets = self.settings.tls.secrets
+        if error is not None:
+            error = scrub(error, secrets)
+        rejected = {n: scrub(m, secrets) for n, m in rejected.items()}
         self.loads += loads
         by_name = {ri.ingress.name: ri for ri in desired.ingresses}
         self._culprits = {n: (_fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
