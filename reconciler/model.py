@@ -33,6 +33,8 @@ class Reason:
     TLS_NOT_CONFIGURED = "TLSNotConfigured"
     DOMAIN_NOT_ALLOWED = "DomainNotAllowed"
     PORT_CONFLICT = "PortConflict"
+    CERTIFICATE_PENDING = "CertificatePending"
+    CERTIFICATE_FAILING = "CertificateFailing"
     CADDY_REJECTED = "CaddyRejected"
     INVALID_INSTANCE = "InvalidInstance"
     SOURCE_UNAVAILABLE = "SourceUnavailable"

@@ -11,7 +11,7 @@ Ingresses that were refused before rendering keep the reason of their problem (`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from reconciler.model import Desired, Problem, Reason, ResolvedIngress, Unavailable
@@ -30,13 +30,41 @@ class IngressStatus:
     targets: tuple[str, ...] = ()
     stale_since: float | None = None
     problems: tuple[str, ...] = field(default=())
+    #: TLS hostname -> certificate state (``state``, ``not_after``, ``issuer``, ``error``)
+    certificates: Mapping[str, Mapping[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hosts"] = list(self.hosts)
         d["targets"] = list(self.targets)
         d["problems"] = list(self.problems)
+        d["certificates"] = {h: dict(c) for h, c in self.certificates.items()} if self.certificates else None
         return d
+
+
+def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, list[str]],
+                      certs: Mapping[str, Mapping[str, Any]]) -> list[IngressStatus]:
+    """Attach certificate states; an applied ingress whose certificate is not issued is not ready yet."""
+    out = []
+    for st in statuses:
+        hosts = tls_hosts.get(st.name)
+        if not hosts:
+            out.append(st)
+            continue
+        mine = {h: certs.get(h, {"state": "pending"}) for h in hosts}
+        st = replace(st, certificates=mine)
+        if st.reason == Reason.APPLIED:
+            failing = [(h, c) for h, c in mine.items() if c.get("state") == "failing"]
+            pending = [h for h, c in mine.items() if c.get("state") == "pending"]
+            if failing:
+                h, c = failing[0]
+                st = replace(st, ready=False, reason=Reason.CERTIFICATE_FAILING,
+                             message=f"routes are live but the certificate for {h} fails: {c.get('error')}")
+            elif pending:
+                st = replace(st, ready=False, reason=Reason.CERTIFICATE_PENDING,
+                             message=f"routes are live; waiting for the certificate of {', '.join(pending)}")
+        out.append(st)
+    return out
 
 
 def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[str, tuple[Problem, ...]],

@@ -11,6 +11,7 @@ import structlog
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy, install_binary
+from reconciler.caddy.certs import CertificateTracker
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.validate import caddy_validate
@@ -75,9 +76,11 @@ class Daemon:
         self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
         self.supervisor.ensure_running()
         supervisor = self.supervisor
+        tracker = CertificateTracker(s.storage_dir, supervisor.log_path)
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
                                      validate=lambda config: caddy_validate(binary, config),
-                                     save_config=supervisor.save_config, caddy_state=supervisor.state)
+                                     save_config=supervisor.save_config, caddy_state=supervisor.state,
+                                     certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()})
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
@@ -172,6 +175,8 @@ class Daemon:
         else:
             self._failures = 0
             (log.info if result.converged else log.error)("reconcile.finished", **fields)
+            if any(st.reason == "CertificatePending" for st in self.reconciler.statuses):
+                self.triggers.retry_in(2.0)  # look again soon: issuance usually takes seconds
         if result.converged:
             self.converged_once.set()
 

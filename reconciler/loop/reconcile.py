@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
 from reconciler.sources.snapshot import digest, sources_for
 from reconciler.state.store import StateStore
-from reconciler.status import IngressStatus, ingress_statuses
+from reconciler.status import IngressStatus, ingress_statuses, with_certificates
 from reconciler.validate import resolve
 
 APPLIED = "applied"
@@ -85,7 +85,9 @@ class Reconciler:
                  save_config: Callable[[dict[str, Any]], None] | None = None,
                  caddy_state: Callable[[], dict[str, Any]] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 include_api: bool = True) -> None:
+                 include_api: bool = True,
+                 certs: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None) -> None:
+        self._certs = certs
         self.settings = settings
         self.include_api = include_api
         self.client = client
@@ -188,6 +190,14 @@ class Reconciler:
         self.statuses = ingress_statuses(desired, stale=inputs.manifests.stale,
                                          stale_since=inputs.manifests.stale_since, applied=applied,
                                          pass_error=error, rejected=rejected)
+        self.certificates: dict[str, Any] = {}
+        if self._certs is not None:
+            tls_hosts = {ri.ingress.name: sorted({r.hostname for r in ri.ingress.rules if r.tls})
+                         for ri in desired.ingresses}
+            all_hosts = sorted({h for hosts in tls_hosts.values() for h in hosts})
+            if all_hosts:
+                self.certificates = {h: dict(c) for h, c in self._certs(all_hosts).items()}
+                self.statuses = with_certificates(self.statuses, tls_hosts, self.certificates)
         if rejected and error is None:
             error = "; ".join(f"{n}: {m}" for n, m in sorted(rejected.items()))
         result = PassResult(trigger, inputs.revision, outcome, self._clock() - start, changes, error,
@@ -219,6 +229,7 @@ class Reconciler:
             "problems": [{"file": p.file, "line": p.line, "reason": p.reason, "ingress": p.ingress,
                           "message": p.message} for p in inputs.desired.problems],
             "ingresses": [s.to_dict() for s in self.statuses],
+            "certificates": self.certificates,
             "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
         }
         if self.store is not None:

@@ -1,0 +1,127 @@
+"""Certificate state of TLS hostnames, from Caddy's storage and Caddy's log (I/O edge).
+
+* ``issued``  — a certificate for the host is in ``{storage}/certificates/<issuer>/<host>/<host>.crt``
+  (expiry read from it);
+* ``failing`` — no certificate, and Caddy's log says the last attempt failed (with its error);
+* ``pending`` — no certificate yet and no failure logged (issuance in progress or not started).
+
+The log is read incrementally (only what was appended since the previous call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from cryptography import x509
+
+ISSUED = "issued"
+PENDING = "pending"
+FAILING = "failing"
+
+
+@dataclass(frozen=True, slots=True)
+class CertState:
+    state: str
+    not_after: str | None = None
+    issuer: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "not_after": self.not_after, "issuer": self.issuer, "error": self.error}
+
+
+class CertificateTracker:
+    def __init__(self, storage_dir: str, log_path: str, *, max_log_read: int = 4 << 20) -> None:
+        self.storage_dir = storage_dir
+        self.log_path = log_path
+        self.max_log_read = max_log_read
+        self._offset = 0
+        self._inode: int | None = None
+        self._errors: dict[str, str] = {}
+        self._parsed: dict[str, tuple[float, str | None]] = {}  # path -> (mtime, not_after)
+
+    def _scan_log(self) -> None:
+        try:
+            st = os.stat(self.log_path)
+        except OSError:
+            return
+        if self._inode != st.st_ino or st.st_size < self._offset:
+            self._inode, self._offset = st.st_ino, max(0, st.st_size - self.max_log_read)
+        if st.st_size == self._offset:
+            return
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read(self.max_log_read)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return
+        self._offset += end + 1
+        for line in chunk[: end + 1].splitlines():
+            if b"identifier" not in line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            host = rec.get("identifier")
+            if not isinstance(host, str):
+                continue
+            msg = str(rec.get("msg", ""))
+            if rec.get("level") == "error" or msg.startswith("could not get certificate"):
+                self._errors[host] = str(rec.get("error") or msg)
+            elif msg == "certificate obtained successfully":
+                self._errors.pop(host, None)
+
+    def _not_after(self, path: str) -> str | None:
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return None
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        try:
+            with open(path, "rb") as fh:
+                cert = x509.load_pem_x509_certificate(fh.read())
+            value: str | None = cert.not_valid_after_utc.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OSError, ValueError):
+            value = None
+        self._parsed[path] = (mtime, value)
+        return value
+
+    def _stored(self) -> dict[str, tuple[str, str]]:
+        """host -> (issuer dir, certificate path), scanning the storage once."""
+        root = os.path.join(self.storage_dir, "certificates")
+        found: dict[str, tuple[str, str]] = {}
+        try:
+            issuers = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError:
+            return found
+        for issuer in issuers:
+            try:
+                hosts = list(os.scandir(issuer.path))
+            except OSError:
+                continue
+            for h in hosts:
+                crt = os.path.join(h.path, f"{h.name}.crt")
+                if os.path.isfile(crt):
+                    found[h.name] = (issuer.name, crt)
+        return found
+
+    def states(self, hosts: list[str]) -> dict[str, CertState]:
+        self._scan_log()
+        stored = self._stored()
+        out: dict[str, CertState] = {}
+        for host in sorted(set(hosts)):
+            if host in stored:
+                issuer, path = stored[host]
+                out[host] = CertState(ISSUED, self._not_after(path), issuer)
+            elif host in self._errors:
+                out[host] = CertState(FAILING, error=self._errors[host])
+            else:
+                out[host] = CertState(PENDING)
+        return out
