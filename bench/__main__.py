@@ -11,27 +11,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from bench import scenarios
+from bench.figures import Figure
 from reconciler.render import render
 from reconciler.settings import Settings
 from reconciler.sources.snapshot import take_snapshot
-
-
-@dataclass
-class Figure:
-    name: str
-    value: float
-    unit: str
-    target: float | None = None
-    better: str = "lower"  # "lower" or "higher"
-
-    @property
-    def met(self) -> bool | None:
-        if self.target is None:
-            return None
-        return self.value <= self.target if self.better == "lower" else self.value >= self.target
 
 
 def make_tree(root: Path, n: int, *, per_file: int = 1, vms: int = 500) -> tuple[Path, Path]:
@@ -82,6 +69,11 @@ def bench_pipeline(n: int, repeats: int) -> list[Figure]:
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "pipeline": lambda a: bench_pipeline(a.n, a.repeats),
+    "change-100": lambda a: scenarios.scenario_change_100(),
+    "change-10k": lambda a: scenarios.scenario_change_10k(a.n),
+    "burst-idle": lambda a: scenarios.scenario_burst_and_idle(),
+    "request-50k": lambda a: scenarios.scenario_request_latency(a.big),
+    "vs-caddyfile": lambda a: scenarios.scenario_vs_caddyfile(),
 }
 
 
@@ -89,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--big", type=int, default=50_000, help="ingresses for the request-latency scenario")
     parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
     parser.add_argument("--output", default="bench-results.json")
     args = parser.parse_args(argv)
     figures: list[Figure] = []
     for name in args.only or list(SCENARIOS):
+        print(f"running {name}...", file=sys.stderr, flush=True)
         figures.extend(SCENARIOS[name](args))
     width = max(len(f.name) for f in figures)
     print(f"{'figure':<{width}}  {'value':>10}  {'target':>8}  met")

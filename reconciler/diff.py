@@ -18,7 +18,10 @@ def normalise(config: Any) -> Any:
 
 
 def same(live: Any, desired: Any) -> bool:
-    return bool(normalise(live) == normalise(desired))
+    """Structural equality of two parsed configs. Both sides are plain JSON values (``live`` from
+    ``json.loads``, ``desired`` from the renderer, which emits only dicts, lists, str, int and bool), so
+    Python's ``==`` compares them without re-serialising; ``1 == 1.0`` matches Caddy re-encoding numbers."""
+    return bool(live == desired)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,296 @@
+"""End-to-end benchmark scenarios against the real daemon, the real Caddy and real loopback backends.
+
+Every timing that depends on the machine is also given as a ratio to a baseline measured in the same
+run (Caddy's own bare ``POST /load`` or ``caddy reload``), since absolute times on a shared machine are
+noisy. Each scenario cleans up every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.figures import Figure
+from reconciler.caddy.binary import find_caddy
+from tests.helpers import Backend, CaddyProcess, Daemon, free_port, kill_pid, wait_for
+
+
+def manifest(i: int, port: int, target: int) -> str:
+    return (f"name: ing-{i}\nrules:\n  - match: {{hostname: h{i}.example.com, port: {port}}}\n"
+            f"    target: {{instance: vm, port: {target}}}\n")
+
+
+def write_tree(manifests: Path, n: int, port: int, target: int) -> None:
+    for i in range(n):
+        sub = manifests / f"team-{i % 20:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"ing-{i:06d}.yaml").write_text(manifest(i, port, target))
+
+
+def path_of(manifests: Path, i: int) -> Path:
+    return manifests / f"team-{i % 20:02d}" / f"ing-{i:06d}.yaml"
+
+
+def atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def routed(client: httpx.Client, port: int, host: str, backend: str) -> bool:
+    try:
+        r = client.get(f"http://127.0.0.1:{port}/", headers={"Host": host})
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 and r.text.startswith(f"backend={backend} ")
+
+
+def wait_routed(client: httpx.Client, port: int, host: str, backend: str, timeout: float = 60) -> float:
+    """Seconds until ``host`` answers from ``backend`` (polled every ~2 ms)."""
+    start = time.perf_counter()
+    deadline = start + timeout
+    while time.perf_counter() < deadline:
+        if routed(client, port, host, backend):
+            return time.perf_counter() - start
+        time.sleep(0.002)
+    raise AssertionError(f"{host} not routed to {backend} within {timeout}s")
+
+
+@contextmanager
+def daemon_with(n: int, *, resync: int = 3600) -> Iterator[tuple[Daemon, Backend, Backend, int, Path]]:
+    tmp = Path(tempfile.mkdtemp(prefix="hypeman-bench-"))
+    a, b = Backend("a"), Backend("b")
+    port = free_port()
+    manifests = tmp / "manifests"
+    write_tree(manifests, n, port, a.port)
+    (tmp / "instances").mkdir()
+    (tmp / "instances" / "vm.yaml").write_text("name: vm\nip: 127.0.0.1\n")
+    d = Daemon(tmp, manifests=[manifests], instances=tmp / "instances", resync=resync,
+               env={"HYPEMAN_LOG_LEVEL": "info"})
+    try:
+        yield d, a, b, port, manifests
+    finally:
+        d.cleanup()
+        a.close()
+        b.close()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+def bare_load_time(config: dict[str, Any], change: Any, repeats: int = 3) -> float:
+    """Median time of Caddy's own POST /load of ``config`` then of ``change(config)`` (the same edit)."""
+    with tempfile.TemporaryDirectory(prefix="hypeman-bench-bare-") as tmp:
+        caddy = CaddyProcess(Path(tmp))
+        try:
+            cfg = json.loads(json.dumps(config))
+            cfg["admin"]["listen"] = f"127.0.0.1:{caddy.admin_port}"
+            for srv in cfg["apps"]["http"]["servers"].values():
+                srv["listen"] = [f"127.0.0.1:{free_port()}"]
+            assert caddy.load(cfg).status_code == 200
+            times = []
+            for k in range(repeats):
+                changed = change(cfg, k)
+                body = json.dumps(changed).encode()
+                t = time.perf_counter()
+                r = httpx.post(caddy.admin_url + "/load", content=body,
+                               headers={"Content-Type": "application/json"}, timeout=120)
+                times.append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
+                cfg = changed
+            return statistics.median(times)
+        finally:
+            caddy.stop()
+
+
+def _retarget(config: dict[str, Any], k: int, host: str, dial: str) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(config))
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            text = json.dumps(node.get("match", ""))
+            if host in text and "handle" in node:
+                for h in node["handle"]:
+                    if h.get("handler") == "reverse_proxy":
+                        h["upstreams"] = [{"dial": dial}]
+            if node.get("handler") == "map":
+                for m in node.get("mappings", []):
+                    if m.get("input") == host:
+                        m["outputs"] = [dial]
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(cfg)
+    return cfg
+
+
+def change_to_live(manifests: Path, port: int, backends: tuple[Backend, Backend], indices: list[int],
+                   client: httpx.Client) -> list[float]:
+    """Edit one manifest at a time (alternating backends) and time file write -> first routed request."""
+    out = []
+    for k, i in enumerate(indices):
+        target = backends[(k + 1) % 2]
+        text = manifest(i, port, target.port)
+        start = time.perf_counter()
+        atomic(path_of(manifests, i), text)
+        wait_routed(client, port, f"h{i}.example.com", target.name)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def scenario_change_10k(n: int = 10_000, changes: int = 5) -> list[Figure]:
+    with daemon_with(n) as (d, a, b, port, manifests), httpx.Client(timeout=5) as client:
+        t0 = time.perf_counter()
+        d.start(wait_ready=False)
+        wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=120)
+        wait_routed(client, port, "h0.example.com", "a", timeout=10)
+        cold = time.perf_counter() - t0
+        lat = change_to_live(manifests, port, (a, b), [n // 2 + k for k in range(changes)], client)
+        live = httpx.get(f"http://127.0.0.1:{d.admin_port}/config/", timeout=30).json()
+        rss = peak_rss(d)
+    base = bare_load_time(live, lambda cfg, k: _retarget(cfg, k, f"h{n // 2}.example.com",
+                                                         f"127.0.0.1:{[b.port, a.port][k % 2]}"))
+    med = statistics.median(lat)
+    return [
+        Figure(f"cold start to all routes live at {n // 1000}k ingresses", cold, "s", target=3.0),
+        Figure(f"change->live at {n // 1000}k (median of {changes})", med, "s"),
+        Figure(f"Caddy bare POST /load of the same config at {n // 1000}k", base, "s"),
+        Figure(f"change->live / bare POST /load at {n // 1000}k", med / base, "x", target=1.5),
+        Figure(f"change->live minus bare POST /load at {n // 1000}k (our overhead)", (med - base) * 1000, "ms",
+               target=250),
+        Figure(f"reconciler peak RSS at {n // 1000}k ingresses", rss, "MB", target=150),
+    ]
+
+
+def peak_rss(d: Daemon) -> float:
+    assert d.proc is not None
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scenario_change_100(n: int = 100, changes: int = 40) -> list[Figure]:
+    with daemon_with(n) as (d, a, b, port, manifests), httpx.Client(timeout=5) as client:
+        d.start()
+        wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=30)
+        lat = change_to_live(manifests, port, (a, b), [k % n for k in range(changes)], client)
+    lat.sort()
+    p50 = statistics.median(lat)
+    p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+    return [
+        Figure(f"change->live p50 at {n} ingresses ({changes} changes)", p50 * 1000, "ms", target=150),
+        Figure(f"change->live p99 at {n} ingresses ({changes} changes)", p99 * 1000, "ms", target=400),
+    ]
+
+
+def scenario_burst_and_idle(n: int = 1000) -> list[Figure]:
+    from tests.helpers import count_loads
+
+    with daemon_with(0, resync=1) as (d, a, _b, port, manifests), httpx.Client(timeout=5) as client:
+        d.start()
+        before = count_loads(d.caddy_log)
+        write_tree(manifests, n, port, a.port)
+        wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=60)
+        for i in range(0, n, 97):
+            wait_routed(client, port, f"h{i}.example.com", "a", timeout=10)
+        burst = count_loads(d.caddy_log) - before
+        wait_for(lambda: d.log_events("reconcile.finished")[-1]["outcome"] != "applied", timeout=10)
+        idle_start = count_loads(d.caddy_log)
+        passes = d.passes()
+        wait_for(lambda: d.passes() >= passes + 5, timeout=30, message="5 idle resync passes")
+        idle = count_loads(d.caddy_log) - idle_start
+    return [
+        Figure(f"{n} files dropped at once -> Caddy loads", burst, "", target=3),
+        Figure("idle (5 resyncs, nothing changed) -> Caddy loads", idle, "", target=0),
+    ]
+
+
+def scenario_request_latency(n: int = 50_000, samples: int = 400) -> list[Figure]:
+    with daemon_with(n) as (d, _a, _b, port, _manifests), httpx.Client(timeout=10) as client:
+        d.start(wait_ready=False)
+        wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=600)
+
+        def timing(host: str) -> float:
+            out = []
+            for _ in range(samples):
+                t = time.perf_counter()
+                r = client.get(f"http://127.0.0.1:{port}/", headers={"Host": host})
+                out.append(time.perf_counter() - t)
+                assert r.status_code == 200
+            return statistics.median(out)
+
+        timing("h0.example.com")  # warm up
+        first, last = timing("h0.example.com"), timing(f"h{n - 1}.example.com")
+    return [
+        Figure(f"request latency, first-defined host at {n // 1000}k", first * 1000, "ms"),
+        Figure(f"request latency, last-defined host at {n // 1000}k", last * 1000, "ms"),
+        Figure(f"request latency last / first at {n // 1000}k", last / first, "x", target=1.5),
+    ]
+
+
+def caddyfile(n: int, port: int, targets: dict[int, int], default: int, admin: int) -> str:
+    lines = [f"{{\n\tadmin 127.0.0.1:{admin}\n\tauto_https off\n\tpersist_config off\n}}\n"]
+    for i in range(n):
+        lines.append(f"http://h{i}.example.com:{port} {{\n\treverse_proxy 127.0.0.1:{targets.get(i, default)}\n}}\n")
+    return "".join(lines)
+
+
+def caddy_reload_time(n: int, changes: int = 3) -> float:
+    """Median time for a plain Caddy + Caddyfile: edit one site, `caddy reload`, until routed."""
+    with tempfile.TemporaryDirectory(prefix="hypeman-bench-caddyfile-") as tmp:
+        a, b = Backend("a"), Backend("b")
+        admin, port = free_port(), free_port()
+        path = Path(tmp) / "Caddyfile"
+        path.write_text(caddyfile(n, port, {}, a.port, admin))
+        env = {**os.environ, "XDG_DATA_HOME": tmp, "XDG_CONFIG_HOME": tmp, "HOME": tmp}
+        log = open(Path(tmp) / "caddy.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([find_caddy(), "run", "--config", str(path), "--adapter", "caddyfile"],
+                                stdout=log, stderr=log, env=env, start_new_session=True)
+        try:
+            with httpx.Client(timeout=5) as client:
+                wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=120)
+                times = []
+                for k in range(changes):
+                    i = n // 2 + k
+                    path.write_text(caddyfile(n, port, {i: b.port}, a.port, admin))
+                    t = time.perf_counter()
+                    subprocess.run([find_caddy(), "reload", "--config", str(path), "--adapter", "caddyfile",
+                                    "--address", f"127.0.0.1:{admin}"], check=True, capture_output=True, env=env)
+                    wait_routed(client, port, f"h{i}.example.com", "b", timeout=120)
+                    times.append(time.perf_counter() - t)
+            return statistics.median(times)
+        finally:
+            kill_pid(proc.pid)
+            log.close()
+            a.close()
+            b.close()
+
+
+def scenario_vs_caddyfile(sizes: tuple[int, ...] = (1000, 10_000), changes: int = 3) -> list[Figure]:
+    figures = []
+    for n in sizes:
+        theirs = caddy_reload_time(n, changes)
+        with daemon_with(n) as (d, a, b, port, manifests), httpx.Client(timeout=5) as client:
+            d.start(wait_ready=False)
+            wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=120)
+            ours = statistics.median(change_to_live(manifests, port, (a, b),
+                                                    [n // 2 + k for k in range(changes)], client))
+        label = f"{n // 1000}k"
+        figures += [
+            Figure(f"caddy reload of an equivalent Caddyfile, {label} sites", theirs, "s"),
+            Figure(f"our change->live, {label} ingresses", ours, "s"),
+            Figure(f"our change->live / caddy reload at {label}", ours / theirs, "x", target=0.5),
+        ]
+    return figures
