@@ -80,6 +80,12 @@ REDACTED = "[REDACTED]"
 SECRET_KEYS = frozenset({"api_token", "access_key_id", "secret_access_key", "session_token", "token"})
 
 
+def _duration(value: str) -> str | int:
+    """A Caddy duration: ``"2m"`` stays a string; ``-1`` (e.g. "skip propagation checks") must be the JSON
+    number -1, because Caddy parses a string with ``time.ParseDuration``, which refuses ``"-1"``."""
+    return -1 if value == "-1" else value
+
+
 def issuer(tls: TLSSettings) -> dict[str, Any]:
     """The certificate issuer every TLS hostname gets (never an implicit public CA)."""
     if tls.issuer == "internal":
@@ -104,9 +110,9 @@ def issuer(tls: TLSSettings) -> dict[str, Any]:
                 provider["hosted_zone_id"] = tls.aws_hosted_zone_id
         dns: dict[str, Any] = {"provider": provider}
         if tls.dns_propagation_timeout:
-            dns["propagation_timeout"] = tls.dns_propagation_timeout
+            dns["propagation_timeout"] = _duration(tls.dns_propagation_timeout)
         if tls.dns_propagation_delay:
-            dns["propagation_delay"] = tls.dns_propagation_delay
+            dns["propagation_delay"] = _duration(tls.dns_propagation_delay)
         if tls.dns_resolvers:
             dns["resolvers"] = list(tls.dns_resolvers)
         challenges = {"dns": dns, "http": {"disabled": True}, "tls-alpn": {"disabled": True}}

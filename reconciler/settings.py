@@ -100,8 +100,14 @@ class TLSSettings:
         provider = (get("ACME_DNS_PROVIDER") or "").lower() or None
         if provider is not None and provider not in DNS_PROVIDERS:
             raise ConfigError(f"ACME_DNS_PROVIDER={provider!r}: expected one of {', '.join(DNS_PROVIDERS)}")
+        if provider is not None and issuer != "acme":
+            raise ConfigError("ACME_DNS_PROVIDER only applies to ACME (set ACME_EMAIL, or unset ACME_DNS_PROVIDER "
+                              "when TLS_ISSUER=internal)")
         if provider == "cloudflare" and not get("CLOUDFLARE_API_TOKEN"):
             raise ConfigError("ACME_DNS_PROVIDER=cloudflare needs CLOUDFLARE_API_TOKEN")
+        if provider == "route53" and bool(get("AWS_ACCESS_KEY_ID")) != bool(get("AWS_SECRET_ACCESS_KEY")):
+            raise ConfigError("ACME_DNS_PROVIDER=route53: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                              "or neither (then the AWS default credential chain is used)")
         challenges = tuple(c.strip().lower() for c in (get("ACME_CHALLENGES") or ",".join(CHALLENGES)).split(",")
                            if c.strip())
         bad = [c for c in challenges if c not in CHALLENGES]

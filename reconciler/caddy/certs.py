@@ -5,18 +5,30 @@
 * ``failing`` — no certificate, and Caddy's log says the last attempt failed (with its error);
 * ``pending`` — no certificate yet and no failure logged (issuance in progress or not started).
 
-The log is read incrementally (only what was appended since the previous call).
+A failed attempt is Caddy's ``could not get certificate from issuer`` record (one per failed obtain or
+renewal, after every challenge type was tried); the intermediate ``challenge failed`` records of one
+challenge type while another is still being tried do not count. ``certificate obtained successfully`` and
+``certificate renewed successfully`` clear the error. The log is read incrementally (only what was appended
+since the previous call).
+
+With ``issuer_key`` (:func:`issuer_storage_key` of the settings) only certificates from the configured
+issuer count: after switching issuers (say from the internal CA to ACME) Caddy obtains a new certificate
+and ignores the one the old issuer left in storage, so that one must not make the host look ``issued``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
+
+from reconciler.settings import TLSSettings
 
 ISSUED = "issued"
 PENDING = "pending"
@@ -34,10 +46,41 @@ class CertState:
         return {"state": self.state, "not_after": self.not_after, "issuer": self.issuer, "error": self.error}
 
 
+#: what CertMagic names its storage keys after (``safeKey``): lower case, ``:`` -> ``-``, only ``[\w@.-]``
+_UNSAFE = re.compile(r"[^\w@.-]", re.ASCII)
+_FAILED = "could not get certificate"
+_SUCCEEDED = ("certificate obtained successfully", "certificate renewed successfully")
+
+
+def _safe_key(text: str) -> str:
+    text = text.strip().lower()
+    for a, b in ((" ", "_"), ("+", "_plus_"), ("*", "wildcard_"), (":", "-"), ("..", "")):
+        text = text.replace(a, b)
+    return _UNSAFE.sub("", text)
+
+
+def issuer_storage_key(tls: TLSSettings) -> str | None:
+    """The directory under ``{storage}/certificates/`` where Caddy keeps the certificates of the configured
+    issuer: ``local`` for the internal CA; for ACME the CA URL's host and path (CertMagic's ``issuerKey``),
+    e.g. ``acme-v02.api.letsencrypt.org-directory`` or ``127.0.0.1-14000-dir``. None when TLS is off."""
+    if tls.issuer == "internal":
+        return "local"
+    if tls.issuer != "acme":
+        return None
+    ca = urlsplit(tls.acme_ca or "https://acme-v02.api.letsencrypt.org/directory")
+    key = ca.netloc
+    path = ca.path.replace("/", "-").replace("\\", "-").strip("-")
+    if path:
+        key += "-" + path
+    return _safe_key(key)
+
+
 class CertificateTracker:
-    def __init__(self, storage_dir: str, log_path: str, *, max_log_read: int = 4 << 20) -> None:
+    def __init__(self, storage_dir: str, log_path: str, *, max_log_read: int = 4 << 20,
+                 issuer_key: str | None = None) -> None:
         self.storage_dir = storage_dir
         self.log_path = log_path
+        self.issuer_key = issuer_key
         self.max_log_read = max_log_read
         self._offset = 0
         self._inode: int | None = None
@@ -71,9 +114,9 @@ class CertificateTracker:
             if not isinstance(host, str):
                 continue
             msg = str(rec.get("msg", ""))
-            if rec.get("level") == "error" or msg.startswith("could not get certificate"):
+            if msg.startswith(_FAILED):
                 self._errors[host] = str(rec.get("error") or msg)
-            elif msg == "certificate obtained successfully":
+            elif msg in _SUCCEEDED:
                 self._errors.pop(host, None)
 
     def _not_after(self, path: str) -> str | None:
@@ -102,6 +145,8 @@ class CertificateTracker:
         except OSError:
             return found
         for issuer in issuers:
+            if self.issuer_key is not None and issuer.name != self.issuer_key:
+                continue
             try:
                 hosts = list(os.scandir(issuer.path))
             except OSError:

@@ -11,7 +11,7 @@ import structlog
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy, install_binary
-from reconciler.caddy.certs import CertificateTracker
+from reconciler.caddy.certs import CertificateTracker, issuer_storage_key
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.validate import caddy_validate
@@ -76,7 +76,7 @@ class Daemon:
         self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
         self.supervisor.ensure_running()
         supervisor = self.supervisor
-        tracker = CertificateTracker(s.storage_dir, supervisor.log_path)
+        tracker = CertificateTracker(s.storage_dir, supervisor.log_path, issuer_key=issuer_storage_key(s.tls))
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
                                      validate=lambda config: caddy_validate(binary, config),
                                      save_config=supervisor.save_config, caddy_state=supervisor.state,
@@ -175,8 +175,11 @@ class Daemon:
         else:
             self._failures = 0
             (log.info if result.converged else log.error)("reconcile.finished", **fields)
-            if any(st.reason == "CertificatePending" for st in self.reconciler.statuses):
+            reasons = {st.reason for st in self.reconciler.statuses}
+            if "CertificatePending" in reasons:
                 self.triggers.retry_in(2.0)  # look again soon: issuance usually takes seconds
+            elif "CertificateFailing" in reasons:
+                self.triggers.retry_in(15.0)  # Caddy retries with backoff; notice its success in time
         if result.converged:
             self.converged_once.set()
 
