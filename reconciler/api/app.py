@@ -58,7 +58,9 @@ class _Auth(BaseHTTPMiddleware):
             header = request.headers.get("authorization", "")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-                return error(401, "unauthorized", "missing or invalid bearer token")
+                response = error(401, "unauthorized", "missing or invalid bearer token")
+                response.headers["WWW-Authenticate"] = "Bearer"  # RFC 9110: a 401 names the scheme
+                return response
         try:
             return await call_next(request)
         except Exception:
@@ -98,6 +100,10 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         body["source"] = found.path
         body["read_only"] = found.read_only
         st = backend.ingress_status(found.ingress.name)
+        if st is not None and st.get("file") and st["file"] != found.path:
+            # status is kept per name: this one is about another ingress of the same name, which won
+            st = {"ready": False, "reason": "NameConflict", "stale_since": None,
+                  "message": f"name {found.ingress.name!r} is already used by the ingress in {st['file']}"}
         body["status"] = _short_status(st)
         return body
 

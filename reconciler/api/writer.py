@@ -11,6 +11,7 @@ and one ``hostname_in_use``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
@@ -31,7 +32,8 @@ from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reade
 from reconciler.sources.snapshot import sources_for
 from reconciler.validate import InstanceIndex, ingress_from_document, resolve
 
-REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # use with fullmatch: "$" also matches before "\n"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ApiError(Exception):
@@ -120,7 +122,6 @@ class ManifestWriter:
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "the body must be a JSON object (an ingress)")
         data = dict(body)
-        data["created_at"] = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         name = data.get("name")
         api_dir = self.settings.api_dir
         sources = self._sources()
@@ -131,6 +132,10 @@ class ManifestWriter:
         candidate, problems = ingress_from_document(doc)
         if candidate is None:
             raise ApiError(400, "bad_request", "; ".join(p.message for p in problems))
+        _check_text(body)
+        # what the client sent is validated as sent (created_at included); the API then stamps its own time
+        data["created_at"] = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        candidate = dataclasses.replace(candidate, created_at=data["created_at"])
         with self.lock:
             manifests = self._manifests.read(sources)
             instances = self._instances.read([Source(self.settings.instances_path, 0)])
@@ -189,6 +194,12 @@ class ManifestWriter:
             manifests = self._manifests.read(sources)
             found = self._find(ref, sources, manifests.items)
             if found.read_only:
+                # a copy in the API dir shadowed by a read-only source (same name) is still ours to delete
+                shadowed = [i for i in manifests.items if i.name == found.ingress.name
+                            and not sources[i.origin.source_index].read_only]
+                if shadowed:
+                    found = self._found(shadowed[0], sources)
+            if found.read_only:
                 raise ApiError(409, "read_only_source",
                                f"ingress {found.ingress.name!r} lives in the read-only source file {found.path}; "
                                "remove it there (e.g. in git)")
@@ -202,7 +213,25 @@ class ManifestWriter:
         return found
 
 
+def _check_text(body: Any) -> None:
+    """No control characters in any key or string: they never belong in an ingress, and a trailing newline
+    slips through the schema's ``$``-anchored patterns (Python's ``$`` also matches before a final newline).
+    Iterative, so a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if _CONTROL.search(node):
+                raise ApiError(400, "bad_request", f"{where or 'document'}: control characters are not allowed")
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                stack.append((k, where))
+                stack.append((v, f"{where}.{k}" if where else str(k)))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+
+
 def check_ref(ref: str) -> None:
-    if not REF.match(ref):
+    if not REF.fullmatch(ref):
         raise ApiError(400, "bad_request", "the ingress reference must be a name, an id or an id prefix "
                                            "(letters, digits, '.', '_', '-')")
