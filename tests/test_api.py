@@ -279,7 +279,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     port = free_port()
     manifests = tmp / "manifests"
     ro_file = write(manifests / "git-web.yaml", ingress_yaml("git-web", "git.test", port, "vm", backend.port))
-    d = Daemon(tmp, manifests=[manifests], instances=setup_instances(tmp), env={"CADDY_BINARY": str(wrapper)})
+    d = Daemon(tmp, manifests=[manifests], instances=setup_instances(tmp),
+               env={"CADDY_BINARY": str(wrapper), "TLS_ISSUER": "internal", "TLS_ALLOWED_DOMAINS": "*.allowed.test"})
     try:
         d.start()
         wait_for(lambda: routed_to(port, "git.test", "a"), timeout=10, message="git.test routed")
@@ -380,8 +381,12 @@ ERROR_CASES: list[tuple[str, Request, int, str, tuple[str, ...]]] = [
     ("instance-not-found", lambda s: ("POST", "/ingresses", {"json": _good(s) | {"rules": [
         {"match": {"hostname": "fresh.test", "port": s.port}, "target": {"instance": "ghost", "port": 80}}]}}),
      400, "instance_not_found", ("ghost",)),
-    ("tls-not-supported-yet", lambda s: ("POST", "/ingresses", {"json": _with_rule(s, tls=True)}),
-     400, "config_validation_failed", ("TLS is not supported yet",)),
+    ("tls-domain-not-allowed", lambda s: ("POST", "/ingresses", {"json": _with_rule(
+        s, tls=True, match={"hostname": "x.other.test", "port": free_port()})}),
+     400, "domain_not_allowed", ("x.other.test", "TLS_ALLOWED_DOMAINS")),
+    ("tls-on-a-plain-port", lambda s: ("POST", "/ingresses", {"json": _with_rule(
+        s, tls=True, match={"hostname": "x.allowed.test"})}),
+     409, "port_conflict", ("cannot mix TLS and plain HTTP",)),
     ("caddy-validate-rejects", lambda s: ("POST", "/ingresses", {"json": _good(s, host=REJECTED_HOST)}),
      400, "config_validation_failed", ("Caddy would reject the config", f"hostname {REJECTED_HOST} is refused")),
     # -- 409
@@ -437,10 +442,10 @@ def test_error_codes_leave_everything_untouched(shared: Shared, method_path: Req
 
 
 def test_error_codes_cover_the_seed(shared: Shared) -> None:
-    """Every seed code but ``domain_not_allowed`` (TLS comes later) and ``internal_error`` is reached above;
+    """Every seed code but ``internal_error`` (nothing a client sends triggers it) is reached above;
     every code the API can answer is in the OpenAPI document."""
     reached = {c[3] for c in ERROR_CASES}
-    assert SEED_CODES - reached == {"domain_not_allowed", "internal_error"}
+    assert SEED_CODES - reached == {"internal_error"}
     doc = call(shared.d, "GET", "/openapi.json").json()
     enum = set(doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"])
     assert SEED_CODES | reached | {"unauthorized"} <= enum, enum ^ (SEED_CODES | reached)

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "reconciler"
 RANKS = {
     "reconciler.errors": 0,
     "reconciler.settings": 1, "reconciler.parse": 1, "reconciler.fsutil": 1,
-    "reconciler.model": 2, "reconciler.schema": 2,
+    "reconciler.model": 2, "reconciler.schema": 2, "reconciler.layout": 2,
     "reconciler.validate": 3, "reconciler.render": 3, "reconciler.diff": 3, "reconciler.status": 3,
     "reconciler.sources": 4, "reconciler.caddy": 4, "reconciler.state": 4,
     "reconciler.loop": 5,
@@ -22,7 +22,7 @@ RANKS = {
     "reconciler.cli": 7,
 }
 PURE = {"reconciler.errors", "reconciler.settings", "reconciler.parse", "reconciler.model", "reconciler.schema",
-        "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status"}
+        "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status", "reconciler.layout"}
 IMPURE_IMPORTS = {"logging", "structlog", "httpx", "watchdog", "subprocess", "socket", "time", "threading",
                   "random", "datetime"}
 

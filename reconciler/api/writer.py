@@ -36,6 +36,15 @@ REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # use with fullmatch: "$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+_CODES = {
+    Reason.HOSTNAME_CONFLICT: (409, "hostname_in_use"),
+    Reason.NAME_CONFLICT: (409, "already_exists"),
+    Reason.PORT_CONFLICT: (409, "port_conflict"),
+    Reason.DOMAIN_NOT_ALLOWED: (400, "domain_not_allowed"),
+    Reason.TLS_NOT_CONFIGURED: (400, "config_validation_failed"),
+}
+
+
 class ApiError(Exception):
     """An error answered as ``{"code", "message"}`` with ``status``."""
 
@@ -145,16 +154,18 @@ class ManifestWriter:
                 if index.lookup(r.instance) is None:
                     raise ApiError(400, "instance_not_found",
                                    f"rules: instance {r.instance!r} not found (by name or id)")
-                if r.tls:
-                    raise ApiError(400, "config_validation_failed",
-                                   f"{r.hostname}:{r.port}: TLS is not supported yet")
+            before = resolve(manifests.items, instances.items, self.settings)
             desired = resolve([*manifests.items, candidate], instances.items, self.settings)
-            mine = [p for p in desired.problems if p.ingress == candidate.name and p.file == path]
-            if mine:
-                p = mine[0]
-                code = "hostname_in_use" if p.reason == Reason.HOSTNAME_CONFLICT else (
-                    "already_exists" if p.reason == Reason.NAME_CONFLICT else "bad_request")
-                raise ApiError(409 if code != "bad_request" else 400, code, p.message)
+            known = {(p.file, p.message) for p in before.problems}
+            # every problem the candidate causes counts, also when an existing ingress would be the loser
+            new = [p for p in desired.problems if (p.file, p.message) not in known]
+            mine = [p for p in new if p.ingress == candidate.name and p.file == path]
+            if mine or new:
+                p = (mine or new)[0]
+                status, code = _CODES.get(p.reason, (400, "bad_request"))
+                message = p.message if mine else (
+                    f"would take {p.ingress!r} ({p.file}) offline: {p.message}")
+                raise ApiError(status, code, message)
             error = self._validate(render(desired, self.settings))
             if error is not None:
                 raise ApiError(400, "config_validation_failed", f"Caddy would reject the config: {error}")

@@ -92,12 +92,34 @@ def git_commit(root: str) -> str | None:
     if _HEX40.fullmatch(text):
         return str(text)
     if text.startswith("ref:"):
+        return _resolve_ref(head, text[4:].strip())
+    return None
+
+
+def _resolve_ref(gitdir: str, ref: str) -> str | None:
+    """A branch ref of ``gitdir``: loose or in ``packed-refs``, in the worktree's git dir or, for a linked
+    worktree, in the repository's common dir (where branch refs live)."""
+    dirs = [gitdir]
+    try:
+        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as fh:
+            dirs.append(os.path.normpath(os.path.join(gitdir, fh.read().strip())))
+    except OSError:
+        pass
+    for d in dirs:
         try:
-            with open(os.path.join(head, text[4:].strip()), encoding="utf-8") as fh:
-                ref = fh.read().strip()
-            return ref if _HEX40.fullmatch(ref) else None
+            with open(os.path.join(d, ref), encoding="utf-8") as fh:
+                sha = fh.read().strip()
+            return sha if _HEX40.fullmatch(sha) else None
         except OSError:
-            return None
+            pass
+        try:
+            with open(os.path.join(d, "packed-refs"), encoding="utf-8") as fh:
+                for line in fh:
+                    parts = line.split()
+                    if len(parts) == 2 and parts[1] == ref and _HEX40.fullmatch(parts[0]):
+                        return parts[0]
+        except OSError:
+            pass
     return None
 
 
@@ -256,9 +278,22 @@ class IncrementalReader(Generic[T]):
 
     def _use(self, source: Source, scan: SourceScan, files: list[tuple[FileEntry, _Cached[T]]],
              out: ReadResult[T]) -> None:
-        out.problems.extend(Problem(p.file, p.line, p.message, self._reason) for p in scan.problems)
+        scan_problems = [Problem(p.file, p.line, p.message, self._reason) for p in scan.problems]
+        out.problems.extend(scan_problems)
         good = self.good.setdefault(source.path, {})
         present: set[str] = set()
+        # A path the scan could not look at (an unreadable sub-folder, an entry that cannot be stat'ed...) is
+        # not a deletion: what was good at or under it keeps its last good version, reported stale.
+        for problem in scan_problems:
+            blocked = os.path.relpath(problem.file, source.path).replace(os.sep, "/")
+            for relpath, kept in sorted(good.items()):
+                if relpath in present or (relpath != blocked and not relpath.startswith(blocked + "/")):
+                    continue
+                present.add(relpath)
+                out.items.extend(self._good_version(source, relpath, kept.display))
+                out.stale[kept.display] = (problem,)
+                out.stale_since[kept.display] = kept.since
+                out.digests.append(f"{source.path}:{relpath}:{kept.digest}:stale:unreadable")
         for entry, got in files:
             present.add(entry.relpath)
             if not got.problems:
