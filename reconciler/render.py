@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from reconciler.layout import layout
 from reconciler.model import Desired, ResolvedRule, Unavailable, Upstream
 from reconciler.settings import Settings, TLSSettings
 
@@ -163,7 +164,7 @@ def render(desired: Desired, settings: Settings) -> dict[str, Any]:
     servers: dict[str, Any] = {}
     for port in sorted(by_port):
         entries = sorted(by_port[port], key=lambda t: (t[0], t[1]))
-        routes = [r for _, _, r in entries]
+        routes = layout([(h, r) for h, _, r in entries], port=port, threshold=settings.bucket_threshold)
         routes.append(fallback_route(port))
         server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
         if port in tls_ports:

@@ -169,6 +169,8 @@ class Settings:
     api_wait: float = 10.0
     api_max_body: int = 64 * 1024
     tls: TLSSettings = field(default_factory=TLSSettings)
+    #: above this many routes on one port, hosts are bucketed (see reconciler.layout)
+    bucket_threshold: int = 256
     extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -215,6 +217,7 @@ class Settings:
             "stop_caddy_on_shutdown": _bool(env, "CADDY_STOP_ON_SHUTDOWN", False),
             "resync_interval": float(_int(env, "HYPEMAN_RESYNC_SECONDS", 30, 1, 86400)),
             "tls": TLSSettings.from_env(env),
+            "bucket_threshold": _int(env, "HYPEMAN_BUCKET_THRESHOLD", 256, 0, 10_000_000),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

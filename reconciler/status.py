@@ -11,7 +11,7 @@ Ingresses that were refused before rendering keep the reason of their problem (`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.model import Desired, Problem, Reason, ResolvedIngress, Unavailable
@@ -34,12 +34,13 @@ class IngressStatus:
     certificates: Mapping[str, Mapping[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hosts"] = list(self.hosts)
-        d["targets"] = list(self.targets)
-        d["problems"] = list(self.problems)
-        d["certificates"] = {h: dict(c) for h, c in self.certificates.items()} if self.certificates else None
-        return d
+        # by hand: dataclasses.asdict deep-copies every value, ~70 us per status at 10k ingresses
+        return {
+            "name": self.name, "ready": self.ready, "reason": self.reason, "message": self.message,
+            "file": self.file, "line": self.line, "id": self.id, "hosts": list(self.hosts),
+            "targets": list(self.targets), "stale_since": self.stale_since, "problems": list(self.problems),
+            "certificates": {h: dict(c) for h, c in self.certificates.items()} if self.certificates else None,
+        }
 
 
 def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, list[str]],

@@ -45,7 +45,7 @@ def hostname_error(hostname: str) -> str | None:
     if hostname.endswith("."):
         return f"hostname {hostname!r}: remove the trailing dot"
     for label in hostname.split("."):
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             return (
                 f"hostname {hostname!r}: label {label!r} is not valid (RFC 1123: 1-63 letters, digits "
                 "or '-', not starting or ending with '-')"

@@ -311,6 +311,8 @@ class IncrementalReader(Generic[T]):
                 out.stale_since[entry.display] = last.since
                 out.digests.append(f"{source.path}:{entry.relpath}:{last.digest}:stale:{got.digest}")
             else:
+                # never valid: serve the documents that are valid on their own (nothing else was ever live)
+                out.items.extend(got.items)
                 out.digests.append(f"{source.path}:{entry.relpath}:{got.digest}:invalid")
         for relpath in [r for r in good if r not in present]:
             del good[relpath]
