@@ -97,6 +97,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _control_characters(data: Any) -> tuple[str | int, ...] | None:
+    """Path of the first string (key or value) holding a control character, iteratively."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in str(k)):
+                    return (*path, str(k))
+                stack.append(((*path, k), v))
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+    return None
+
+
 def schema_errors(name: str, doc: ParsedDocument) -> list[tuple[int, str]]:
     """``(line, message)`` for every schema violation of ``doc``, sorted by line."""
     fast = _fast(name)
@@ -107,8 +125,10 @@ def schema_errors(name: str, doc: ParsedDocument) -> list[tuple[int, str]]:
         if fast is None:
             return []
         # Python's `$` also matches before a trailing newline, ECMA/Rust's does not: trust the strict one
-        return [(doc.line, "document: a string does not match its pattern (control characters or a trailing "
-                           "newline in a name, id or hostname?)")]
+        path = _control_characters(doc.data)
+        if path is not None:
+            return [(doc.line_of(path), f"{format_path(path) or 'document'}: control characters are not allowed")]
+        return [(doc.line, "document: a value does not match its pattern")]
     found = {}
     for err in v.iter_errors(doc.data):
         path, msg = _message(err)
