@@ -44,7 +44,7 @@ class AdminClient:
 
     def ping(self) -> bool:
         try:
-            self._request("GET", "/config/", timeout=2.0)
+            self._request("GET", "/config/admin", timeout=2.0)  # a small subtree: cheap at any config size
         except (CaddyUnavailable, CaddyRejected):
             return False
         return True

@@ -54,6 +54,9 @@ class Daemon:
         self._started = 0
         self._finished = 0
         self._status_index: dict[str, dict[str, Any]] = {}
+        self._generation = 0  # bumped at every Caddy (re)start by the supervisor loop
+        self._pass_generation = 0
+        self._converged_generation = -1
         self.metrics = Metrics()
         self.binary: str | None = None
         self._states: dict[str, tuple[Any, Any, Any]] | None = None
@@ -98,6 +101,7 @@ class Daemon:
         log.warning("caddy.died", pid=sup.pid, log_tail=sup.log_tail(3))
         try:
             sup.ensure_running()
+            self._generation += 1
             sup.restarts += 1
             self._caddy_failures = 0
             self.triggers.notify("caddy-restart", immediate=True)
@@ -123,6 +127,7 @@ class Daemon:
                     continue
                 with self._pass_cond:
                     self._started += 1
+                self._pass_generation = self._generation
                 try:
                     result = self.reconciler.run_pass(reason)
                     self._record(result)
@@ -182,6 +187,7 @@ class Daemon:
                 self.triggers.retry_in(15.0)  # Caddy retries with backoff; notice its success in time
         if result.converged:
             self.converged_once.set()
+            self._converged_generation = self._pass_generation
 
     # -- what the API needs (reconciler.api.app.Backend) ----------------------------------------
     def request_pass(self) -> int:
@@ -220,6 +226,10 @@ class Daemon:
             return False, "no reconcile pass yet"
         if not last.converged:
             return False, f"last pass {last.outcome}: {last.error}"
+        if self._converged_generation != self._generation:
+            return False, "Caddy was restarted; waiting for a pass to converge it"
+        if not self.client.ping():
+            return False, "Caddy's admin API does not answer"
         return True, f"last pass {last.outcome} (revision {last.revision})"
 
     def metrics_text(self) -> bytes:
