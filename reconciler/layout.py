@@ -13,6 +13,9 @@ binary-searches large host lists), with a subroute holding:
 
 A request then costs a bounded number of route evaluations whatever the number of ingresses, and a
 config holds one ``reverse_proxy`` per bucket instead of one per host.
+
+The mapping entries are memoised (same inputs, same shared dict): callers must treat the rendered
+config as read-only, as every caller here does.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from functools import lru_cache
 from typing import Any
 
 UPSTREAM = "{hypeman.upstream}"
@@ -36,6 +40,16 @@ def _simple_dial(route: dict[str, Any]) -> str | None:
         return None
     dial = h["upstreams"][0].get("dial")
     return dial if isinstance(dial, str) and "{" not in dial else None
+
+
+@lru_cache(maxsize=262_144)
+def _exact(host: str, dial: str) -> dict[str, Any]:
+    return {"input": host, "outputs": [dial]}
+
+
+@lru_cache(maxsize=262_144)
+def _insensitive(host: str, dial: str) -> dict[str, Any]:
+    return {"input_regexp": f"(?i)^{re.escape(host)}$", "outputs": [dial]}
 
 
 def _proxy_if(var: str) -> dict[str, Any]:
@@ -64,17 +78,17 @@ def layout(entries: list[tuple[str, dict[str, Any]]], *, port: int, threshold: i
     for k, group in enumerate(groups):
         if not group:
             continue
-        simple = [(h, d) for h, r in group if (d := _simple_dial(r)) is not None]
-        others = [r for _, r in group if _simple_dial(r) is None]
+        dials = [(h, r, _simple_dial(r)) for h, r in group]
+        simple = [(h, d) for h, _, d in dials if d is not None]
+        others = [r for _, r, d in dials if d is None]
         sub: list[dict[str, Any]] = []
         if simple:
             sub += [
                 {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM],
-                             "mappings": [{"input": h, "outputs": [d]} for h, d in simple], "defaults": [""]}]},
+                             "mappings": [_exact(h, d) for h, d in simple], "defaults": [""]}]},
                 _proxy_if(UPSTREAM),
                 {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM_CI],
-                             "mappings": [{"input_regexp": f"(?i)^{re.escape(h)}$", "outputs": [d]}
-                                          for h, d in simple],
+                             "mappings": [_insensitive(h, d) for h, d in simple],
                              "defaults": [""]}]},
                 _proxy_if(UPSTREAM_CI),
             ]

@@ -88,4 +88,5 @@ class StateStore:
 
     def save_status(self, status: dict[str, Any]) -> None:
         self.ensure()
-        atomic_write(os.path.join(self.dir, STATUS), (json.dumps(status, indent=1, sort_keys=True) + "\n").encode())
+        # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k)
+        atomic_write(os.path.join(self.dir, STATUS), (json.dumps(status, separators=(",", ":")) + "\n").encode())
