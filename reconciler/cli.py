@@ -271,6 +271,9 @@ def _read_status(settings: Settings) -> dict[str, Any] | None:
                 data = resp.json()
                 if isinstance(data, dict) and data:
                     return data
+            if resp.status_code == 401:
+                print(f"warning: the API at {settings.api_listen} refused the token (INGRESS_API_TOKEN); "
+                      f"showing the last status written to {settings.state_dir}", file=sys.stderr)
         except (httpx.HTTPError, ValueError):
             pass
     return StateStore(settings.state_dir).load_status()

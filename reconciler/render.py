@@ -180,6 +180,11 @@ def render(desired: Desired, settings: Settings) -> dict[str, Any]:
     }
     if tls_hosts:
         the_issuer = issuer(settings.tls)
+        wildcard = settings.listen_address in ("", "0.0.0.0", "::", "[::]")
+        if the_issuer["module"] == "acme" and settings.tls.dns_provider is None and not wildcard:
+            # Caddy's own HTTP-01/TLS-ALPN-01 solver listeners bind where our servers listen, not everywhere
+            the_issuer = {**the_issuer, "challenges": {**the_issuer.get("challenges", {}),
+                                                       "bind_host": settings.listen_address}}
         apps["tls"] = {"automation": {"policies": [
             {"subjects": sorted(tls_hosts), "issuers": [the_issuer]},
             {"issuers": [the_issuer]},  # catch-all: nothing ever falls back to Caddy's default public CAs
