@@ -20,6 +20,7 @@ config as read-only, as every caller here does.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import zlib
@@ -78,21 +79,28 @@ def layout(entries: list[tuple[str, dict[str, Any]]], *, port: int, threshold: i
     for k, group in enumerate(groups):
         if not group:
             continue
-        dials = [(h, r, _simple_dial(r)) for h, r in group]
-        simple = [(h, d) for h, _, d in dials if d is not None]
-        others = [r for _, r, d in dials if d is None]
-        sub: list[dict[str, Any]] = []
-        if simple:
-            sub += [
-                {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM],
-                             "mappings": [_exact(h, d) for h, d in simple], "defaults": [""]}]},
-                _proxy_if(UPSTREAM),
-                {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM_CI],
-                             "mappings": [_insensitive(h, d) for h, d in simple],
-                             "defaults": [""]}]},
-                _proxy_if(UPSTREAM_CI),
-            ]
-        sub += others
-        routes.append({"@id": f"bucket.{port}.{k}", "match": [{"host": [h for h, _ in group]}],
-                       "handle": [{"handler": "subroute", "routes": sub}]})
+        # the bucket is a function of its members' (host, upstream) -- or their whole route, for the rare
+        # others -- so an unchanged bucket is reused as it is from the previous render
+        members = tuple((h, d, None if d is not None else json.dumps(r, sort_keys=True))
+                        for h, r in group for d in [_simple_dial(r)])
+        routes.append(_bucket(port, k, members))
     return routes
+
+
+@lru_cache(maxsize=65_536)
+def _bucket(port: int, k: int, members: tuple[tuple[str, str | None, str | None], ...]) -> dict[str, Any]:
+    simple = [(h, d) for h, d, _ in members if d is not None]
+    others = [json.loads(r) for _, d, r in members if d is None and r is not None]
+    sub: list[dict[str, Any]] = []
+    if simple:
+        sub += [
+            {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM],
+                         "mappings": [_exact(h, d) for h, d in simple], "defaults": [""]}]},
+            _proxy_if(UPSTREAM),
+            {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM_CI],
+                         "mappings": [_insensitive(h, d) for h, d in simple], "defaults": [""]}]},
+            _proxy_if(UPSTREAM_CI),
+        ]
+    sub += others
+    return {"@id": f"bucket.{port}.{k}", "match": [{"host": [h for h, _, _ in members]}],
+            "handle": [{"handler": "subroute", "routes": sub}]}

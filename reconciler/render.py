@@ -15,6 +15,7 @@ with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 from reconciler.layout import layout
@@ -55,6 +56,12 @@ def _handler(rule: ResolvedRule) -> dict[str, Any]:
         "headers": _TEXT,
         "body": f"503 Service Unavailable: {_literal(backend.message)}\n",
     }
+
+
+@lru_cache(maxsize=262_144)
+def _route(rid: str, rule: ResolvedRule) -> dict[str, Any]:
+    """One host-matched route (memoised: the rendered config is shared and must be treated read-only)."""
+    return {"@id": rid, "match": [{"host": [rule.rule.hostname]}], "handle": [_handler(rule)], "terminal": True}
 
 
 def fallback_route(port: int) -> dict[str, Any]:
@@ -148,13 +155,7 @@ def render(desired: Desired, settings: Settings) -> dict[str, Any]:
         for rule in resolved.rules:
             r = rule.rule
             rid = route_id(name, rule.index)
-            route: dict[str, Any] = {
-                "@id": rid,
-                "match": [{"host": [r.hostname]}],
-                "handle": [_handler(rule)],
-                "terminal": True,
-            }
-            by_port.setdefault(r.port, []).append((r.hostname, rid, route))
+            by_port.setdefault(r.port, []).append((r.hostname, rid, _route(rid, rule)))
             if r.tls:
                 tls_ports.add(r.port)
                 tls_hosts.add(r.hostname)
