@@ -111,6 +111,9 @@ def instance_from_document(doc: Document) -> tuple[Instance | None, list[Problem
     if errors:
         return None, [_problem(doc, line, msg, Reason.INVALID_INSTANCE) for line, msg in errors]
     data = doc.data
+    if "%" in data["ip"]:  # a zone id would reach Caddy's dial verbatim (and placeholders in it expand)
+        return None, [_problem(doc, doc.parsed.line_of(("ip",)),
+                               f"ip: {data['ip']!r}: IPv6 zone ids (%...) are not supported", Reason.INVALID_INSTANCE)]
     try:
         ip = ipaddress.ip_address(data["ip"])
     except ValueError:

@@ -738,3 +738,11 @@ def test_problems_from_earlier_stages_are_carried_first() -> None:
     desired = resolve(ingresses_of(manifest("a", rule("a.example.com", tls=True))), [], SETTINGS, [earlier])
     assert desired.problems[0] == earlier
     assert len(desired.problems) == 2
+
+
+def test_instance_ip_with_a_zone_id_is_refused() -> None:
+    (d,) = parse_documents("name: vm\nip: 'fe80::1%{env.HOME}'\n")
+    inst, problems = instance_from_document(Document(Origin(0, "i.yaml", 0, "i.yaml", 1), d))
+    assert inst is None
+    (p,) = problems
+    assert p.line == 2 and "ip:" in p.message  # refused by the schema format, and by the zone-id guard
