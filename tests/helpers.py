@@ -59,9 +59,10 @@ def wait_for(check: Callable[[], T], *, timeout: float = 10.0, interval: float =
 
 
 class Backend:
-    """A real HTTP server on 127.0.0.1 answering ``backend=<name> host=<Host> path=<path>``."""
+    """A real HTTP server answering ``backend=<name> host=<Host> path=<path>``, on 127.0.0.1 and a free
+    port unless given (a second loopback address lets an instance's IP change alone re-route a rule)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
         backend = self
 
@@ -80,7 +81,7 @@ class Backend:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

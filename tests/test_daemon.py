@@ -14,10 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -48,48 +46,13 @@ BackendFactory = Callable[[str], Backend]
 
 # -- local helpers -------------------------------------------------------------------------------------
 
-class AddrBackend:
-    """Like :class:`tests.helpers.Backend`, but bound to a chosen loopback address and port.
-
-    Used to answer on ``127.0.0.2:<port>`` next to a helpers backend on ``127.0.0.1:<port>``, so that an
-    instance's IP change alone re-routes a rule.
-    """
-
-    def __init__(self, name: str, host: str, port: int) -> None:
-        self.name = name
-        backend = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                body = f"backend={backend.name} host={self.headers.get('Host')} path={self.path}".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.port = port
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def addr_backends() -> Iterator[Callable[[str, str, int], AddrBackend]]:
-    started: list[AddrBackend] = []
+def addr_backends() -> Iterator[Callable[[str, str, int], Backend]]:
+    """Backends bound to a chosen loopback address and port (e.g. ``127.0.0.2:<port of another>``)."""
+    started: list[Backend] = []
 
-    def make(name: str, host: str, port: int) -> AddrBackend:
-        b = AddrBackend(name, host, port)
+    def make(name: str, host: str, port: int) -> Backend:
+        b = Backend(name, host=host, port=port)
         started.append(b)
         return b
 
@@ -135,11 +98,22 @@ def setup_sources(tmp: Path, instance_ip: str = "127.0.0.1") -> tuple[Path, Path
     return manifests, instances
 
 
+def serve_web(tmp: Path, daemon_factory: DaemonFactory, backend: Backend,
+              **kwargs: Any) -> tuple[Daemon, Path, Path, int]:
+    """The common start: ``web.test`` on a fresh port -> ``backend``, the daemon running, the route live."""
+    manifests, instances = setup_sources(tmp)
+    port = free_port()
+    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", backend.port))
+    d = daemon_factory(manifests=[manifests], instances=instances, **kwargs).start()
+    wait_for(lambda: routed_to(port, "web.test", backend.name), timeout=10, message="routed")
+    return d, manifests, instances, port
+
+
 # -- file -> route --------------------------------------------------------------------------------------
 
 def test_manifest_drop_edit_delete_and_instance_ip_change(
         tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory,
-        addr_backends: Callable[[str, str, int], AddrBackend]) -> None:
+        addr_backends: Callable[[str, str, int], Backend]) -> None:
     a, b = backends("a"), backends("b")
     c = addr_backends("c", "127.0.0.2", b.port)  # same port as b, other loopback address
     manifests, instances = setup_sources(tmp_path)
@@ -234,11 +208,7 @@ def test_replaced_folders_are_watched_again(tmp_path: Path, daemon_factory: Daem
     old one kept aside), or the folder deleted and re-created -- must be watched again: changes written
     into the new folder afterwards are seen (resync is 30 s, far beyond the deadlines)."""
     a, b = backends("a"), backends("b")
-    manifests, instances = setup_sources(tmp_path)
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    daemon_factory(manifests=[manifests], instances=instances).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    _d, manifests, instances, port = serve_web(tmp_path, daemon_factory, a)
 
     # manifests: a new folder renamed into place, the old one moved aside (still exists)
     staging = tmp_path / "manifests.new"
@@ -300,11 +270,7 @@ def test_invalid_file_is_reported_and_everything_else_keeps_serving(
 def test_caddy_sigkill_is_restarted(tmp_path: Path, daemon_factory: DaemonFactory,
                                     backends: BackendFactory) -> None:
     a = backends("a")
-    manifests, instances = setup_sources(tmp_path)
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    d = daemon_factory(manifests=[manifests], instances=instances).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    d, manifests, _instances, port = serve_web(tmp_path, daemon_factory, a)
     old = d.caddy_pid()
     assert old is not None and pid_running(old)
 
@@ -388,11 +354,7 @@ def test_caddy_restart_when_its_last_config_cannot_start(
 def test_out_of_band_load_is_corrected_at_next_resync(tmp_path: Path, daemon_factory: DaemonFactory,
                                                       backends: BackendFactory) -> None:
     a, b = backends("a"), backends("b")
-    manifests, instances = setup_sources(tmp_path)
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    d = daemon_factory(manifests=[manifests], instances=instances, resync=1).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    d, _manifests, _instances, port = serve_web(tmp_path, daemon_factory, a, resync=1)
     desired = live_config(d)
 
     # somebody loads another config by hand: web.test -> b, plus a rogue host
@@ -558,11 +520,7 @@ def test_diff_exit_codes_and_apply_converges_bare_caddy(tmp_path: Path, caddy: C
 def test_diff_against_a_running_daemon(tmp_path: Path, daemon_factory: DaemonFactory,
                                        backends: BackendFactory) -> None:
     a = backends("a")
-    manifests, instances = setup_sources(tmp_path)
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    d = daemon_factory(manifests=[manifests], instances=instances).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    d, manifests, instances, port = serve_web(tmp_path, daemon_factory, a)
     args = ["--data-dir", str(d.data_dir), "--manifests", str(manifests), "--instances", str(instances)]
     r = cli("diff", *args, env=d.env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -578,11 +536,7 @@ def test_diff_against_a_running_daemon(tmp_path: Path, daemon_factory: DaemonFac
 def test_sigterm_leaves_caddy_serving_by_default(tmp_path: Path, daemon_factory: DaemonFactory,
                                                  backends: BackendFactory) -> None:
     a = backends("a")
-    manifests, instances = setup_sources(tmp_path)
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    d = daemon_factory(manifests=[manifests], instances=instances).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    d, _manifests, _instances, port = serve_web(tmp_path, daemon_factory, a)
     pid = d.caddy_pid()
     assert d.stop() == 0
     [stopped] = d.log_events("daemon.stopped")
@@ -594,12 +548,8 @@ def test_sigterm_leaves_caddy_serving_by_default(tmp_path: Path, daemon_factory:
 def test_sigterm_with_stop_on_shutdown_stops_caddy(tmp_path: Path, daemon_factory: DaemonFactory,
                                                    backends: BackendFactory) -> None:
     a = backends("a")
-    manifests, instances = setup_sources(tmp_path)
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    d = daemon_factory(manifests=[manifests], instances=instances,
-                       env={"CADDY_STOP_ON_SHUTDOWN": "true"}).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    d, _manifests, _instances, port = serve_web(tmp_path, daemon_factory, a,
+                                                 env={"CADDY_STOP_ON_SHUTDOWN": "true"})
     pid = d.caddy_pid()
     assert pid is not None
     assert d.stop() == 0

@@ -105,6 +105,7 @@ class Reconciler:
         self.loads = 0
         self.last: PassResult | None = None
         self.statuses: list[IngressStatus] = []
+        self.certificates: dict[str, Any] = {}  # TLS hostname -> certificate state, from the last pass
         previous = store.load_status() if store is not None else None
         #: the status persisted by the previous run of the daemon (empty on a fresh data dir)
         self.status_before: dict[str, Any] = previous or {}
@@ -198,7 +199,7 @@ class Reconciler:
         self.statuses = ingress_statuses(desired, stale=inputs.manifests.stale,
                                          stale_since=inputs.manifests.stale_since, applied=applied,
                                          pass_error=error, rejected=rejected)
-        self.certificates: dict[str, Any] = {}
+        self.certificates = {}
         if self._certs is not None:
             tls_hosts = {ri.ingress.name: sorted({r.hostname for r in ri.ingress.rules if r.tls})
                          for ri in desired.ingresses}

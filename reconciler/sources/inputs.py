@@ -26,9 +26,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Problem, Reason, Source
-from reconciler.parse import ParseError, decode, parse_documents
-from reconciler.sources.loader import DEFAULT_MAX_BYTES, FileEntry, SourceScan, read_file, scan_source
+from reconciler.model import Document, GoodFile, Ingress, Instance, Problem, Reason, Source
+from reconciler.parse import ParseError, decode
+from reconciler.sources.loader import (
+    DEFAULT_MAX_BYTES,
+    FileEntry,
+    SourceScan,
+    documents_from_text,
+    read_file,
+    scan_source,
+)
 from reconciler.validate import ingress_from_document, instance_from_document
 
 T = TypeVar("T")
@@ -142,18 +149,9 @@ class IncrementalReader(Generic[T]):
 
     # -- one file ---------------------------------------------------------------------------
     def _parse_text(self, text: str, entry: FileEntry, index: int) -> tuple[tuple[T, ...], tuple[Problem, ...]]:
-        try:
-            parsed = parse_documents(text)
-        except ParseError as exc:
-            return (), (Problem(entry.display, exc.line, exc.message, self._reason),)
+        docs, problems = documents_from_text(text, entry, index, self._reason)
         items: list[T] = []
-        problems: list[Problem] = []
-        for d in parsed:
-            doc = Document(Origin(index, entry.relpath, d.index, entry.display, d.line), d)
-            if not isinstance(d.data, dict):
-                problems.append(Problem(entry.display, d.line,
-                                        f"expected a mapping (an object), got {type(d.data).__name__}", self._reason))
-                continue
+        for doc in docs:
             item, doc_problems = self._parse_doc(doc)
             problems.extend(doc_problems)
             if item is not None:

@@ -178,20 +178,30 @@ def parse_file(entry: FileEntry, source_index: int, max_bytes: int = DEFAULT_MAX
         raw = read_file(entry, max_bytes)
         if digests is not None:
             digests.append(f"{source_index}:{entry.relpath}:{hashlib.sha256(raw).hexdigest()}")
-        parsed = parse_documents(decode(raw))
+        text = decode(raw)
     except ParseError as exc:
         return [], [Problem(entry.display, exc.line, exc.message)]
     except OSError as exc:
         return [], [Problem(entry.display, None, f"cannot read: {_os_message(exc)}")]
-    docs = [
-        Document(Origin(source_index, entry.relpath, d.index, entry.display, d.line), d)
-        for d in parsed
-    ]
-    problems = [
-        Problem(entry.display, d.origin.line, f"expected a mapping (an object), got {type(d.data).__name__}")
-        for d in docs if not isinstance(d.data, dict)
-    ]
-    return [d for d in docs if isinstance(d.data, dict)], problems
+    return documents_from_text(text, entry, source_index)
+
+
+def documents_from_text(text: str, entry: FileEntry, source_index: int, reason: str = Reason.INVALID_MANIFEST
+                        ) -> tuple[list[Document], list[Problem]]:
+    """The mapping documents of one file's text, tagged with their origin; anything else is a problem."""
+    try:
+        parsed = parse_documents(text)
+    except ParseError as exc:
+        return [], [Problem(entry.display, exc.line, exc.message, reason)]
+    docs: list[Document] = []
+    problems: list[Problem] = []
+    for d in parsed:
+        if isinstance(d.data, dict):
+            docs.append(Document(Origin(source_index, entry.relpath, d.index, entry.display, d.line), d))
+        else:
+            problems.append(Problem(entry.display, d.line,
+                                    f"expected a mapping (an object), got {type(d.data).__name__}", reason))
+    return docs, problems
 
 
 @dataclass(slots=True)
