@@ -461,9 +461,15 @@ def test_burst_of_1000_manifests(tmp_path: Path, daemon_factory: DaemonFactory,
                 return False
             return r.status_code == 200 and r.text.startswith("backend=a ")
 
-        wait_for(lambda: routed(hosts[-1]) and routed(hosts[0]), timeout=30, message="burst applied")
-        missing = [h for h in hosts if not routed(h)]
-    assert missing == []
+        # A pass may scan one sub-folder before the burst reached it and another after: the watch events
+        # of the late files bring a next pass. Poll until every host is routed (each checked until it is).
+        missing = list(hosts)
+
+        def all_routed() -> bool:
+            missing[:] = [h for h in missing if not routed(h)]
+            return not missing
+
+        wait_for(all_routed, timeout=30, message="burst applied")
     # every pass since reads the same files: no further load can happen
     assert count_loads(d.caddy_log) - loads <= 3
     assert len([e for e in passes_since(d, n) if e.get("outcome") == "applied"]) <= 3
