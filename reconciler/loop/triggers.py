@@ -3,7 +3,12 @@
 Watch events, API writes and Caddy restarts call :meth:`Triggers.notify`; the loop calls
 :meth:`Triggers.wait`, which returns once the burst has been quiet for ``debounce`` seconds (or
 ``debounce_max`` after its first event, so a never-ending trickle still converges), or when the
-resync or retry timer fires. The clock is injectable for tests.
+resync or retry timer fires. A burst that touched only a few paths so far (one file saved: its rename,
+or its writes and close) needs only the shorter ``quick`` quiet period. The clock is injectable for tests.
+
+Watch events carry the path that changed: :meth:`Triggers.take_paths` hands the pass the paths of its
+burst so it re-reads only those files. Any trigger without paths (start, resync, retry, a Caddy restart,
+a watch that moved) -- or a burst of more than ``max_paths`` paths -- asks for a full read instead.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from collections.abc import Callable
 class Triggers:
     def __init__(self, *, debounce: float, debounce_max: float, resync_interval: float,
                  clock: Callable[[], float] = time.monotonic, jitter: float = 0.1,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, max_paths: int = 1024, quick: float | None = None,
+                 quick_paths: int = 3) -> None:
         self.debounce = debounce
         self.debounce_max = max(debounce_max, debounce)
         self.resync_interval = resync_interval
@@ -26,6 +32,13 @@ class Triggers:
         self._rng = rng or random.Random()
         self._cond = threading.Condition()
         self._reasons: set[str] = set()
+        self.max_paths = max_paths
+        #: the quiet period of a burst that so far touched at most ``quick_paths`` paths (one file saved)
+        self.quick = debounce if quick is None else min(quick, debounce)
+        self.quick_paths = quick_paths
+        #: paths changed in the pending burst; None = something without a path asked: read everything
+        self._paths: set[str] | None = set()
+        self._taken: frozenset[str] | None = None
         self._first = 0.0
         self._last = 0.0
         self._retry_at: float | None = None
@@ -36,13 +49,19 @@ class Triggers:
         spread = self.resync_interval * self.jitter
         return self.resync_interval + self._rng.uniform(-spread, spread)
 
-    def notify(self, reason: str, *, immediate: bool = False) -> None:
-        """Ask for a pass. ``immediate`` skips the quiet period (API writes, Caddy restarts)."""
+    def notify(self, reason: str, *, immediate: bool = False, path: str | None = None) -> None:
+        """Ask for a pass. ``immediate`` skips the quiet period (API writes, Caddy restarts); ``path`` is
+        what changed (a pass asked for without one reads every input)."""
         with self._cond:
             now = self._clock()
             if not self._reasons:
                 self._first = now
+                self._paths = set()
             self._reasons.add(reason)
+            if path is None or self._paths is None or len(self._paths) >= self.max_paths:
+                self._paths = None
+            else:
+                self._paths.add(path)
             self._last = now - self.debounce if immediate else now
             if immediate:
                 self._first = min(self._first, now - self.debounce_max)
@@ -74,7 +93,9 @@ class Triggers:
             while not self._stopped:
                 now = self._clock()
                 if self._reasons:
-                    due = min(self._last + self.debounce, self._first + self.debounce_max)
+                    small = self._paths is not None and len(self._paths) <= self.quick_paths
+                    quiet = self.quick if small else self.debounce
+                    due = min(self._last + quiet, self._first + self.debounce_max)
                     if now >= due:
                         return self._take()
                 else:
@@ -84,9 +105,11 @@ class Triggers:
                     if now >= self._resync_at:
                         self._resync_at = now + self._next_resync()
                         self._retry_at = None
+                        self._taken = None
                         return "resync"
                     if self._retry_at is not None and now >= self._retry_at:
                         self._retry_at = None
+                        self._taken = None
                         return "retry"
                 if give_up is not None:
                     if now >= give_up:
@@ -95,8 +118,15 @@ class Triggers:
                 self._cond.wait(max(0.0, due - now))
             return None
 
+    def take_paths(self) -> frozenset[str] | None:
+        """The changed paths of the burst the last :meth:`wait` returned; None when everything must be read."""
+        with self._cond:
+            return self._taken
+
     def _take(self) -> str:
         reasons = sorted(self._reasons)
+        self._taken = frozenset(self._paths) if self._paths is not None else None
+        self._paths = set()
         self._reasons.clear()
         self._retry_at = None
         self._resync_at = self._clock() + self._next_resync()

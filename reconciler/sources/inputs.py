@@ -13,6 +13,12 @@ are unchanged is not parsed again. Per file:
 
 A symlinked source (git-sync ``--link``) is resolved once per read; if the resolved folder changes or
 vanishes while it is being read, the read of that source is retried, never used half.
+
+A read may be told which paths changed (the watch events of the burst that caused the pass). A source
+whose last scan was plain -- no problems, no symlinks inside, its root unchanged -- then re-examines only
+those paths and reuses everything else from the previous read; a changed path it cannot account for
+simply (a folder, a symlink, a path outside the folders it knows) makes it scan in full, as does every
+read without paths (start, resync, retry). The result is the same as a full read's, in the same order.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from reconciler.model import Document, GoodFile, Ingress, Instance, Problem, Reason, Source
 from reconciler.parse import ParseError, decode
@@ -33,6 +40,8 @@ from reconciler.sources.loader import (
     FileEntry,
     SourceScan,
     documents_from_text,
+    is_ignored,
+    is_manifest_name,
     read_file,
     scan_source,
 )
@@ -75,6 +84,21 @@ class ReadResult(Generic[T]):
     sources: list[SourceHealth] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
     parsed_files: int = 0
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the last read of a source saw, for reads told which paths changed."""
+
+    root: str
+    files: dict[str, FileEntry]  # relpath -> entry, in scan order
+    dirs: set[str]  # the root ("") and every folder holding a manifest file
+    got: dict[str, _Cached[Any]]  # relpath -> what was read
+
+
+def _order(relpath: str) -> list[str]:
+    """Scan order: the walk sorts each folder by name and descends depth first."""
+    return relpath.split("/")
 
 
 class SourceMoved(Exception):
@@ -146,6 +170,9 @@ class IncrementalReader(Generic[T]):
         self._cache: dict[tuple[str, str], _Cached[T]] = {}
         self._good_items: dict[tuple[str, str, int], tuple[str, tuple[T, ...]]] = {}
         self._parsed = 0
+        self._known: dict[str, _Known] = {}
+        #: how the last read went per source: "full" or "partial" (for logs and tests)
+        self.last_mode: dict[str, str] = {}
 
     # -- one file ---------------------------------------------------------------------------
     def _parse_text(self, text: str, entry: FileEntry, index: int) -> tuple[tuple[T, ...], tuple[Problem, ...]]:
@@ -241,7 +268,93 @@ class IncrementalReader(Generic[T]):
         if now != root or not os.path.isdir(root):
             raise SourceMoved(source.path)
 
-    def _read_source(self, source: Source, out: ReadResult[T]) -> None:
+    def _partial(self, source: Source, changed: frozenset[str]) -> tuple[SourceScan, set[str]] | None:
+        """The source's files updated from ``changed`` alone, and the relative paths to look at again;
+        None when a full scan is needed."""
+        known = self._known.get(source.path)
+        if known is None:
+            return None
+        top = os.path.abspath(source.path)
+        prefixes = {known.root + os.sep, top + os.sep}
+        rels: set[str] = set()
+        for path in changed:
+            if path in (known.root, top):
+                return None
+            prefix = next((p for p in prefixes if path.startswith(p)), None)
+            if prefix is not None:
+                rels.add(path[len(prefix):].replace(os.sep, "/"))
+        try:
+            if os.path.realpath(source.path, strict=True) != known.root:
+                return None
+        except OSError:
+            return None
+        files = dict(known.files)
+        added = False
+        for rel in sorted(rels):
+            parts = rel.split("/")
+            if any(is_ignored(part) for part in parts):
+                continue
+            path = os.path.join(known.root, *parts)
+            parent = "/".join(parts[:-1])
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if rel in known.dirs:
+                    return None  # a folder went away
+                files.pop(rel, None)
+                continue
+            except OSError:
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                return None  # a folder appeared, moved or was replaced
+            if not is_manifest_name(parts[-1]):
+                if stat.S_ISLNK(st.st_mode):
+                    return None
+                continue
+            if not stat.S_ISREG(st.st_mode) or parent not in known.dirs:
+                return None
+            if rel not in files:
+                added = True
+                files[rel] = FileEntry(os.path.join(source.path, *parts), rel, path)
+        if added:
+            files = {rel: files[rel] for rel in sorted(files, key=_order)}
+        return SourceScan(source, root=known.root, files=list(files.values())), rels
+
+    def _remember(self, source: Source, scan: SourceScan, files: list[tuple[FileEntry, _Cached[T]]]) -> None:
+        """Keep the scan for reads told which paths changed, when it is simple enough to update in place."""
+        root = scan.root
+        plain = root is not None and not scan.problems and all(
+            e.real == os.path.join(root, *e.relpath.split("/")) for e, _ in files)
+        if not plain or root is None:
+            self._known.pop(source.path, None)
+            return
+        dirs = {""}
+        for entry, _ in files:
+            parts = entry.relpath.split("/")[:-1]
+            dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        self._known[source.path] = _Known(root, {e.relpath: e for e, _ in files}, dirs,
+                                          {e.relpath: got for e, got in files})
+
+    def _read_partial(self, source: Source, scan: SourceScan, rels: set[str], out: ReadResult[T]) -> None:
+        known = self._known[source.path]
+        files: list[tuple[FileEntry, _Cached[T]]] = []
+        for entry in scan.files:
+            got = known.got.get(entry.relpath) if entry.relpath not in rels else None
+            if got is None:
+                got = self._read_entry(entry, source)
+            if got is not None:
+                files.append((entry, got))
+        self.last_mode[source.path] = "partial"
+        self._use(source, scan, files, out)
+        known.files = {e.relpath: e for e, _ in files}
+        known.got = {e.relpath: got for e, got in files}
+
+    def _read_source(self, source: Source, out: ReadResult[T], changed: frozenset[str] | None = None) -> None:
+        partial = self._partial(source, changed) if changed is not None else None
+        if partial is not None:
+            self._read_partial(source, *partial, out)
+            return
+        self.last_mode[source.path] = "full"
         for attempt in range(3):
             scan = self._scan(source)
             if scan.error is not None or scan.root is None:
@@ -260,9 +373,11 @@ class IncrementalReader(Generic[T]):
                     return
                 continue
             self._use(source, scan, files, out)
+            self._remember(source, scan, files)
             return
 
     def _unavailable(self, source: Source, error: str, out: ReadResult[T]) -> None:
+        self._known.pop(source.path, None)
         out.sources.append(SourceHealth(source.path, False, error=error))
         problem = Problem(source.path, None, f"source unavailable: {error}; keeping its last good routes",
                           Reason.SOURCE_UNAVAILABLE)
@@ -320,11 +435,12 @@ class IncrementalReader(Generic[T]):
         commit = git_commit(root) if root and root != os.path.abspath(source.path) else None
         out.sources.append(SourceHealth(source.path, True, root, None, commit, len(files)))
 
-    def read(self, sources: Iterable[Source]) -> ReadResult[T]:
+    def read(self, sources: Iterable[Source], changed: frozenset[str] | None = None) -> ReadResult[T]:
+        """Read every source; ``changed`` (absolute paths) lets plain sources re-read only those paths."""
         out: ReadResult[T] = ReadResult()
         self._parsed = 0
         for source in sources:
-            self._read_source(source, out)
+            self._read_source(source, out, changed)
         out.parsed_files = self._parsed
         return out
 

@@ -64,11 +64,16 @@ class _Recursive(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        hidden_link = False
         for path in _names(event):
             rel = os.path.relpath(path, self.root)
             if rel == "." or not any(is_ignored(part) for part in rel.split(os.sep)):
-                self.callback(path)
-                return
+                self.callback(path)  # both ends of a rename: the old name is gone, the new one appeared
+            elif event.event_type in ("created", "moved") and os.path.islink(path):
+                hidden_link = True
+        if hidden_link:
+            # a hidden symlink swapped (Kubernetes' ``..data``): visible files may now read other content
+            self.callback(self.root)
 
 
 class _Parent(FileSystemEventHandler):
