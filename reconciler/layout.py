@@ -67,28 +67,33 @@ def bucket_of(hostname: str, buckets: int) -> int:
     return zlib.crc32(hostname.encode()) % buckets
 
 
-def layout(entries: list[tuple[str, dict[str, Any]]], *, port: int, threshold: int) -> list[dict[str, Any]]:
-    """Routes for ``entries`` (hostname, route), already sorted; unique hostnames."""
+Member = tuple[str, str | None, str | None]
+
+
+def member(hostname: str, route: dict[str, Any]) -> Member:
+    """What a bucket needs of one route: (host, upstream) -- or the whole route as JSON, for the rare
+    others. A bucket is a function of its members, so an unchanged bucket is reused from the last render."""
+    dial = _simple_dial(route)
+    return (hostname, dial, None if dial is not None else json.dumps(route, sort_keys=True))
+
+
+def layout(entries: list[tuple[str, dict[str, Any]]], *, port: int, threshold: int,
+           members: list[Member] | None = None) -> list[dict[str, Any]]:
+    """Routes for ``entries`` (hostname, route), already sorted; unique hostnames. ``members``: the
+    :func:`member` of each entry when the caller keeps them already."""
     if len(entries) <= threshold:
         return [route for _, route in entries]
+    if members is None:
+        members = [member(h, r) for h, r in entries]
     n = bucket_count(len(entries))
-    groups: list[list[tuple[str, dict[str, Any]]]] = [[] for _ in range(n)]
-    for hostname, route in entries:
-        groups[bucket_of(hostname, n)].append((hostname, route))
-    routes = []
-    for k, group in enumerate(groups):
-        if not group:
-            continue
-        # the bucket is a function of its members' (host, upstream) -- or their whole route, for the rare
-        # others -- so an unchanged bucket is reused as it is from the previous render
-        members = tuple((h, d, None if d is not None else json.dumps(r, sort_keys=True))
-                        for h, r in group for d in [_simple_dial(r)])
-        routes.append(_bucket(port, k, members))
-    return routes
+    groups: list[list[Member]] = [[] for _ in range(n)]
+    for m in members:
+        groups[bucket_of(m[0], n)].append(m)
+    return [_bucket(port, k, tuple(group)) for k, group in enumerate(groups) if group]
 
 
 @lru_cache(maxsize=65_536)
-def _bucket(port: int, k: int, members: tuple[tuple[str, str | None, str | None], ...]) -> dict[str, Any]:
+def _bucket(port: int, k: int, members: tuple[Member, ...]) -> dict[str, Any]:
     simple = [(h, d) for h, d, _ in members if d is not None]
     others = [json.loads(r) for _, d, r in members if d is None and r is not None]
     sub: list[dict[str, Any]] = []

@@ -18,8 +18,8 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from reconciler.layout import layout
-from reconciler.model import Desired, ResolvedRule, Unavailable, Upstream
+from reconciler.layout import Member, layout, member
+from reconciler.model import Desired, ResolvedIngress, ResolvedRule, Unavailable, Upstream
 from reconciler.settings import Settings, TLSSettings
 
 _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}
@@ -145,58 +145,95 @@ def _redirect_route(name: str, index: int, hostname: str, tls_port: int) -> dict
     }
 
 
-def render(desired: Desired, settings: Settings) -> dict[str, Any]:
-    """``(ingresses, instances, settings) -> Caddy JSON`` as a dict; same input, same output."""
-    by_port: dict[int, list[tuple[str, str, dict[str, Any]]]] = {}
-    tls_ports: set[int] = set()
-    tls_hosts: set[str] = set()
-    for resolved in desired.ingresses:
+#: one rendered route: (port, hostname, route id, route, layout member, tls, is a redirect)
+_Entry = tuple[int, str, str, dict[str, Any], Member, bool]
+
+
+class Renderer:
+    """:func:`render` with a memory between passes (the output is the same as a fresh call's).
+
+    The routes of a :class:`ResolvedIngress` depend on it alone, so they are kept by object identity:
+    unchanged ingresses (the very same objects, see :class:`reconciler.validate.Resolver`) are not
+    rendered again, and unchanged buckets come back from :func:`reconciler.layout.layout`'s memo.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
+
+    def _entries(self, resolved: ResolvedIngress) -> list[_Entry]:
+        hit = self._memo.get(id(resolved))
+        if hit is not None and hit[0] is resolved:
+            return hit[1]
         name = resolved.ingress.name
+        out: list[_Entry] = []
         for rule in resolved.rules:
             r = rule.rule
             rid = route_id(name, rule.index)
-            by_port.setdefault(r.port, []).append((r.hostname, rid, _route(rid, rule)))
-            if r.tls:
-                tls_ports.add(r.port)
-                tls_hosts.add(r.hostname)
-                if r.redirect_http:
-                    redirect = _redirect_route(name, rule.index, r.hostname, r.port)
-                    by_port.setdefault(settings.http_port, []).append((r.hostname, redirect["@id"], redirect))
-    servers: dict[str, Any] = {}
-    for port in sorted(by_port):
-        entries = sorted(by_port[port], key=lambda t: (t[0], t[1]))
-        routes = layout([(h, r) for h, _, r in entries], port=port, threshold=settings.bucket_threshold)
-        routes.append(fallback_route(port))
-        server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
-        if port in tls_ports:
-            # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
-            # unknown SNI falls back to the first host's certificate so it still gets the 404
-            server["automatic_https"] = {"disable_redirects": True}
-            server["tls_connection_policies"] = [{"fallback_sni": entries[0][0]}]
-        else:
-            server["automatic_https"] = {"disable": True}
-        servers[server_name(port)] = server
-    apps: dict[str, Any] = {
-        "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
-    }
-    if tls_hosts:
-        the_issuer = issuer(settings.tls)
-        wildcard = settings.listen_address in ("", "0.0.0.0", "::", "[::]")
-        if the_issuer["module"] == "acme" and settings.tls.dns_provider is None and not wildcard:
-            # Caddy's own HTTP-01/TLS-ALPN-01 solver listeners bind where our servers listen, not everywhere
-            the_issuer = {**the_issuer, "challenges": {**the_issuer.get("challenges", {}),
-                                                       "bind_host": settings.listen_address}}
-        apps["tls"] = {"automation": {"policies": [
-            {"subjects": sorted(tls_hosts), "issuers": [the_issuer]},
-            {"issuers": [the_issuer]},  # catch-all: nothing ever falls back to Caddy's default public CAs
-        ]}}
-        if settings.tls.issuer == "internal":
-            apps["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
-    return {
-        "admin": admin_block(settings),
-        "storage": {"module": "file_system", "root": settings.storage_dir},
-        "apps": apps,
-    }
+            route = _route(rid, rule)
+            out.append((r.port, r.hostname, rid, route, member(r.hostname, route), r.tls))
+            if r.tls and r.redirect_http:
+                redirect = _redirect_route(name, rule.index, r.hostname, r.port)
+                out.append((self.settings.http_port, r.hostname, redirect["@id"], redirect,
+                            member(r.hostname, redirect), False))
+        return out
+
+    def __call__(self, desired: Desired) -> dict[str, Any]:
+        settings = self.settings
+        by_port: dict[int, list[_Entry]] = {}
+        tls_ports: set[int] = set()
+        tls_hosts: set[str] = set()
+        memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
+        for resolved in desired.ingresses:
+            entries = self._entries(resolved)
+            memo[id(resolved)] = (resolved, entries)
+            for entry in entries:
+                by_port.setdefault(entry[0], []).append(entry)
+                if entry[5]:
+                    tls_ports.add(entry[0])
+                    tls_hosts.add(entry[1])
+        self._memo = memo
+        servers: dict[str, Any] = {}
+        for port in sorted(by_port):
+            entries = sorted(by_port[port], key=lambda t: (t[1], t[2]))
+            routes = layout([(e[1], e[3]) for e in entries], port=port, threshold=settings.bucket_threshold,
+                            members=[e[4] for e in entries])
+            routes.append(fallback_route(port))
+            server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
+            if port in tls_ports:
+                # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
+                # unknown SNI falls back to the first host's certificate so it still gets the 404
+                server["automatic_https"] = {"disable_redirects": True}
+                server["tls_connection_policies"] = [{"fallback_sni": entries[0][1]}]
+            else:
+                server["automatic_https"] = {"disable": True}
+            servers[server_name(port)] = server
+        apps: dict[str, Any] = {
+            "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
+        }
+        if tls_hosts:
+            the_issuer = issuer(settings.tls)
+            wildcard = settings.listen_address in ("", "0.0.0.0", "::", "[::]")
+            if the_issuer["module"] == "acme" and settings.tls.dns_provider is None and not wildcard:
+                # Caddy's own HTTP-01/TLS-ALPN-01 solver listeners bind where our servers listen, not everywhere
+                the_issuer = {**the_issuer, "challenges": {**the_issuer.get("challenges", {}),
+                                                           "bind_host": settings.listen_address}}
+            apps["tls"] = {"automation": {"policies": [
+                {"subjects": sorted(tls_hosts), "issuers": [the_issuer]},
+                {"issuers": [the_issuer]},  # catch-all: nothing ever falls back to Caddy's default public CAs
+            ]}}
+            if settings.tls.issuer == "internal":
+                apps["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
+        return {
+            "admin": admin_block(settings),
+            "storage": {"module": "file_system", "root": settings.storage_dir},
+            "apps": apps,
+        }
+
+
+def render(desired: Desired, settings: Settings) -> dict[str, Any]:
+    """``(ingresses, instances, settings) -> Caddy JSON`` as a dict; same input, same output."""
+    return Renderer(settings)(desired)
 
 
 def redact(config: Any) -> Any:

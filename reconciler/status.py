@@ -98,10 +98,34 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
     return IngressStatus(ready=True, reason=Reason.APPLIED, message="routes are live", **base)  # type: ignore[arg-type]
 
 
+class StatusMemo:
+    """Memory between passes for :func:`ingress_statuses` and :meth:`IngressStatus.to_dict`: an ingress
+    whose resolved object and status inputs are unchanged gets the very same status object and dict as in
+    the previous pass (10k ingresses: one changed file no longer rebuilds 10k statuses). The dicts are
+    shared: treat them as read-only."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, tuple[ResolvedIngress, tuple[Any, ...], IngressStatus]] = {}
+        self.dicts: dict[int, tuple[IngressStatus, dict[str, Any]]] = {}
+
+    def to_dict(self, st: IngressStatus) -> dict[str, Any]:
+        memo = self.dicts.get(id(st))
+        if memo is not None and memo[0] is st:
+            return memo[1]
+        d = st.to_dict()
+        self.dicts[id(st)] = (st, d)
+        return d
+
+    def prune(self, statuses: list[IngressStatus]) -> None:
+        """Forget what the last pass did not produce (the memory never outgrows the ingresses)."""
+        keep = {id(st) for st in statuses}
+        self.dicts = {k: v for k, v in self.dicts.items() if k in keep}
+
+
 def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...]] | None = None,
                      stale_since: Mapping[str, float] | None = None, applied: bool = True,
-                     pass_error: str | None = None, rejected: Mapping[str, str] | None = None
-                     ) -> list[IngressStatus]:
+                     pass_error: str | None = None, rejected: Mapping[str, str] | None = None,
+                     memo: StatusMemo | None = None) -> list[IngressStatus]:
     """One status per ingress name, sorted by name."""
     stale = stale or {}
     stale_since = stale_since or {}
@@ -111,10 +135,22 @@ def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...
         if p.ingress:
             by_name.setdefault(p.ingress, []).append(p)
     out: dict[str, IngressStatus] = {}
+    previous = memo.statuses if memo is not None else {}
+    kept: dict[int, tuple[ResolvedIngress, tuple[Any, ...], IngressStatus]] = {}
     for ri in desired.ingresses:
-        out[ri.ingress.name] = _accepted(ri, problems=by_name.get(ri.ingress.name, []), stale=stale,
-                                         stale_since=stale_since, applied=applied, pass_error=pass_error,
-                                         rejected=rejected)
+        name, file = ri.ingress.name, ri.ingress.origin.file
+        problems = by_name.get(name, [])
+        key = (applied, pass_error, rejected.get(name), stale.get(file), stale_since.get(file), tuple(problems))
+        hit = previous.get(id(ri))
+        if hit is not None and hit[0] is ri and hit[1] == key:
+            st = hit[2]
+        else:
+            st = _accepted(ri, problems=problems, stale=stale, stale_since=stale_since, applied=applied,
+                           pass_error=pass_error, rejected=rejected)
+        kept[id(ri)] = (ri, key, st)
+        out[name] = st
+    if memo is not None:
+        memo.statuses = kept
     for name, problems in by_name.items():
         if name in out:
             continue

@@ -190,80 +190,138 @@ def claims_of(ing: Ingress, settings: Settings) -> list[tuple[str, int, bool, in
     return out
 
 
+def _own_problem(ing: Ingress, mine: list[tuple[str, int, bool, int]], settings: Settings) -> tuple[str, str] | None:
+    """What is wrong with ``ing`` on its own with these settings, as (message, reason); None when fine."""
+    own: dict[tuple[str, int], int] = {}
+    for h, p, _, i in mine:
+        if (h, p) in own and own[(h, p)] != i:
+            return (f"rules[{i}]: {h}:{p} is also used by rules[{own[(h, p)]}] (redirect_http occupies the HTTP "
+                    f"port {settings.http_port})", Reason.INVALID_MANIFEST)
+        own[(h, p)] = i
+    return None
+
+
+def _late_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
+    """The checks of ``ing`` on its own that come after the cross-ingress ones, as (message, reason)."""
+    bad_port = next((r for r in ing.rules if r.port == settings.admin_port), None)
+    if bad_port is not None:
+        return (f"{bad_port.hostname}:{bad_port.port}: port {bad_port.port} is Caddy's admin port",
+                Reason.INVALID_MANIFEST)
+    tls_problem = _tls_problem(ing, settings)
+    if tls_problem is not None:
+        return tls_problem[1], tls_problem[0]
+    return None
+
+
+class Resolver:
+    """:func:`resolve` with a memory between passes (the result is the same as a fresh call's).
+
+    Unchanged files yield the very same :class:`Ingress` objects pass after pass, so what depends on an
+    ingress alone (its claims, its own problems) is kept by object identity, and its resolved targets are
+    kept too while the instances are the very same objects. A pass where one file changed then costs a
+    walk over dictionaries instead of re-deriving 10k ingresses.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._static: dict[int, tuple[Ingress, list[tuple[str, int, bool, int]], tuple[str, str] | None,
+                                      tuple[str, str] | None]] = {}
+        self._resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
+        self._instances: tuple[int, ...] | None = None
+
+    def _statics(self, ing: Ingress) -> tuple[list[tuple[str, int, bool, int]], tuple[str, str] | None,
+                                              tuple[str, str] | None]:
+        memo = self._static.get(id(ing))
+        if memo is not None and memo[0] is ing:
+            return memo[1], memo[2], memo[3]
+        mine = claims_of(ing, self.settings)
+        own, late = _own_problem(ing, mine, self.settings), _late_problem(ing, self.settings)
+        self._static[id(ing)] = (ing, mine, own, late)
+        return mine, own, late
+
+    def __call__(self, ingresses: Iterable[Ingress], instances: Iterable[Instance],
+                 problems: Iterable[Problem] = ()) -> Desired:
+        out: list[Problem] = list(problems)
+        known = list(instances)
+        index = InstanceIndex(known)
+        out.extend(index.problems)
+        identity = tuple(id(i) for i in known)
+        same_instances, self._instances = identity == self._instances, identity
+        if not same_instances:
+            self._resolved = {}
+        names: dict[str, Ingress] = {}
+        ids: dict[str, Ingress] = {}
+        claims: dict[tuple[str, int], Ingress] = {}
+        port_mode: dict[int, tuple[bool, Ingress]] = {}
+        accepted: list[ResolvedIngress] = []
+        statics: dict[int, tuple[Ingress, list[tuple[str, int, bool, int]], tuple[str, str] | None,
+                                 tuple[str, str] | None]] = {}
+        resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
+        for ing in sorted(ingresses, key=lambda i: i.origin.sort_key):
+            o = ing.origin
+            mine, own_problem, late_problem = self._statics(ing)
+            statics[id(ing)] = (ing, mine, own_problem, late_problem)
+
+            def reject(message: str, reason: str, o: Origin = o, ing: Ingress = ing) -> None:
+                out.append(Problem(o.file, o.line, message, reason, ing.name))
+
+            if ing.name in names:
+                w = names[ing.name]
+                reject(f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}",
+                       Reason.NAME_CONFLICT)
+                continue
+            if ing.id in ids:
+                w = ids[ing.id]
+                reject(f"id {ing.id!r} is already used by ingress {w.name!r} in {w.origin.describe()}",
+                       Reason.NAME_CONFLICT)
+                continue
+            conflict = next(((h, p, claims[(h, p)]) for h, p, _, _ in mine if (h, p) in claims), None)
+            if conflict is not None:
+                h, p, w = conflict
+                reject(f"{h}:{p} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
+                       Reason.HOSTNAME_CONFLICT)
+                continue
+            if own_problem is not None:
+                reject(*own_problem)
+                continue
+            modes: dict[int, bool] = {}
+            mode_clash = None
+            for _, p, tls, _ in mine:
+                if p in port_mode and port_mode[p][0] != tls:
+                    w = port_mode[p][1]
+                    mode_clash = (f"port {p} serves {'TLS' if port_mode[p][0] else 'plain HTTP'} for ingress "
+                                  f"{w.name!r} in {w.origin.describe()}; a port cannot mix TLS and plain HTTP")
+                    break
+                if p in modes and modes[p] != tls:
+                    mode_clash = f"port {p} is used with and without TLS by this ingress; a port cannot mix them"
+                    break
+                modes[p] = tls
+            if mode_clash is not None:
+                reject(mode_clash, Reason.PORT_CONFLICT)
+                continue
+            if late_problem is not None:
+                reject(*late_problem)
+                continue
+            names[ing.name] = ing
+            ids[ing.id] = ing
+            for h, p, tls, _ in mine:
+                claims[(h, p)] = ing
+                port_mode.setdefault(p, (tls, ing))
+            memo = self._resolved.get(id(ing))
+            if memo is not None and memo[0] is ing:
+                ri = memo[1]
+            else:
+                ri = ResolvedIngress(ing, tuple(ResolvedRule(rule, i, index.backend(rule))
+                                                for i, rule in enumerate(ing.rules)))
+            resolved[id(ing)] = (ing, ri)
+            accepted.append(ri)
+        # keep only what this pass saw: the memory never outgrows the inputs
+        self._static, self._resolved = statics, resolved
+        instances_by_name: Mapping[str, Instance] = index.by_name
+        return Desired(tuple(accepted), tuple(out), instances_by_name)
+
+
 def resolve(ingresses: Iterable[Ingress], instances: Iterable[Instance], settings: Settings,
             problems: Iterable[Problem] = ()) -> Desired:
     """Cross-source checks and target resolution. ``problems`` from earlier stages are carried along."""
-    out: list[Problem] = list(problems)
-    index = InstanceIndex(instances)
-    out.extend(index.problems)
-    names: dict[str, Ingress] = {}
-    ids: dict[str, Ingress] = {}
-    claims: dict[tuple[str, int], Ingress] = {}
-    port_mode: dict[int, tuple[bool, Ingress]] = {}
-    accepted: list[ResolvedIngress] = []
-    for ing in sorted(ingresses, key=lambda i: i.origin.sort_key):
-        o = ing.origin
-
-        def reject(message: str, reason: str, o: Origin = o, ing: Ingress = ing) -> None:
-            out.append(Problem(o.file, o.line, message, reason, ing.name))
-
-        if ing.name in names:
-            w = names[ing.name]
-            reject(f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}", Reason.NAME_CONFLICT)
-            continue
-        if ing.id in ids:
-            w = ids[ing.id]
-            reject(f"id {ing.id!r} is already used by ingress {w.name!r} in {w.origin.describe()}",
-                   Reason.NAME_CONFLICT)
-            continue
-        mine = claims_of(ing, settings)
-        conflict = next(((h, p, claims[(h, p)]) for h, p, _, _ in mine if (h, p) in claims), None)
-        if conflict is not None:
-            h, p, w = conflict
-            reject(f"{h}:{p} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
-                   Reason.HOSTNAME_CONFLICT)
-            continue
-        own: dict[tuple[str, int], int] = {}
-        clash = None
-        for h, p, _, i in mine:
-            if (h, p) in own and own[(h, p)] != i:
-                clash = f"rules[{i}]: {h}:{p} is also used by rules[{own[(h, p)]}] (redirect_http occupies " \
-                        f"the HTTP port {settings.http_port})"
-                break
-            own[(h, p)] = i
-        if clash is not None:
-            reject(clash, Reason.INVALID_MANIFEST)
-            continue
-        modes: dict[int, bool] = {}
-        mode_clash = None
-        for _, p, tls, _ in mine:
-            if p in port_mode and port_mode[p][0] != tls:
-                w = port_mode[p][1]
-                mode_clash = (f"port {p} serves {'TLS' if port_mode[p][0] else 'plain HTTP'} for ingress {w.name!r} "
-                              f"in {w.origin.describe()}; a port cannot mix TLS and plain HTTP")
-                break
-            if p in modes and modes[p] != tls:
-                mode_clash = f"port {p} is used with and without TLS by this ingress; a port cannot mix them"
-                break
-            modes[p] = tls
-        if mode_clash is not None:
-            reject(mode_clash, Reason.PORT_CONFLICT)
-            continue
-        bad_port = next((r for r in ing.rules if r.port == settings.admin_port), None)
-        if bad_port is not None:
-            reject(f"{bad_port.hostname}:{bad_port.port}: port {bad_port.port} is Caddy's admin port",
-                   Reason.INVALID_MANIFEST)
-            continue
-        tls_problem = _tls_problem(ing, settings)
-        if tls_problem is not None:
-            reject(tls_problem[1], tls_problem[0])
-            continue
-        names[ing.name] = ing
-        ids[ing.id] = ing
-        for h, p, tls, _ in mine:
-            claims[(h, p)] = ing
-            port_mode.setdefault(p, (tls, ing))
-        rules = tuple(ResolvedRule(rule, i, index.backend(rule)) for i, rule in enumerate(ing.rules))
-        accepted.append(ResolvedIngress(ing, rules))
-    instances_by_name: Mapping[str, Instance] = index.by_name
-    return Desired(tuple(accepted), tuple(out), instances_by_name)
+    return Resolver(settings)(ingresses, instances, problems)

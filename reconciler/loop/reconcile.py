@@ -18,13 +18,13 @@ from reconciler.caddy.admin import AdminClient
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
-from reconciler.render import render, scrub
+from reconciler.render import Renderer, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
 from reconciler.sources.snapshot import digest, sources_for
 from reconciler.state.store import StateStore
-from reconciler.status import IngressStatus, ingress_statuses, with_certificates
-from reconciler.validate import resolve
+from reconciler.status import IngressStatus, StatusMemo, ingress_statuses, with_certificates
+from reconciler.validate import Resolver
 
 APPLIED = "applied"
 UNCHANGED = "unchanged"
@@ -47,6 +47,8 @@ class PassResult:
     problems: tuple[Problem, ...] = field(default=(), repr=False)
     rejected: tuple[str, ...] = ()
     loads: int = 0
+    #: seconds spent per phase: read (inputs + validation), render, apply (diff + load), status
+    phases: tuple[tuple[str, float], ...] = ()
 
     @property
     def converged(self) -> bool:
@@ -100,6 +102,9 @@ class Reconciler:
         good_m, good_i = store.load_lastgood() if store is not None else ({}, {})
         self.manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good_m, wall=wall)
         self.instances = instance_reader(max_bytes=settings.max_file_bytes, good=good_i, wall=wall)
+        self.resolve = Resolver(settings)
+        self.status_memo = StatusMemo()
+        self.render = Renderer(settings)
         self._saved: Any = None
         self._culprits: dict[str, tuple[str, str]] = {}  # name -> (fingerprint, message)
         self.loads = 0
@@ -115,23 +120,26 @@ class Reconciler:
         self.inputs: Inputs | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
-    def read_inputs(self) -> Inputs:
+    def read_inputs(self, changed: frozenset[str] | None = None) -> Inputs:
+        """Read every input; ``changed`` (the paths a watch burst reported) limits what is read again."""
         s = self.settings
-        manifests = self.manifests.read(sources_for(s, include_api=self.include_api))
-        instances = self.instances.read([Source(s.instances_path, 0)])
-        desired = resolve(manifests.items, instances.items, s, [*manifests.problems, *instances.problems])
+        manifests = self.manifests.read(sources_for(s, include_api=self.include_api), changed)
+        instances = self.instances.read([Source(s.instances_path, 0)], changed)
+        desired = self.resolve(manifests.items, instances.items, [*manifests.problems, *instances.problems])
         revision = digest([d.encode() for d in (*manifests.digests, "--instances--", *instances.digests)])
         commits = {h.path: h.commit for h in manifests.sources if h.commit}
         return Inputs(desired, manifests, instances, revision, commits)
 
     def desired_config(self) -> tuple[Inputs, dict[str, Any]]:
         inputs = self.read_inputs()
-        return inputs, render(inputs.desired, self.settings)
+        return inputs, self.render(inputs.desired)
 
     # -- the pass -------------------------------------------------------------------------------
-    def run_pass(self, trigger: str) -> PassResult:
+    def run_pass(self, trigger: str, changed: frozenset[str] | None = None) -> PassResult:
+        """One pass. ``changed``: the paths a watch burst reported (None: read everything)."""
         start = self._clock()
-        inputs = self.read_inputs()
+        inputs = self.read_inputs(changed)
+        read_done = self._clock()
         self.inputs = inputs
         desired = inputs.desired
         triggers = set(trigger.split("+"))
@@ -145,7 +153,8 @@ class Reconciler:
                     known_bad[ri.ingress.name] = memo[1]
         target = replace(desired, ingresses=tuple(ri for ri in desired.ingresses
                                                   if ri.ingress.name not in known_bad))
-        config = render(target, self.settings)
+        config = self.render(target)
+        render_done = self._clock()
         changes = loads = 0
         rejected: dict[str, str] = dict(known_bad)
         error: str | None = None
@@ -160,12 +169,12 @@ class Reconciler:
                 outcome = UNCHANGED if not rejected else PARTIAL
                 applied_config = config
             else:
-                changes = len(diff.diff(live, config))
                 try:
                     loads += 1
                     self.client.load(config)
                     outcome = APPLIED if not rejected else PARTIAL
                     applied_config = config
+                    changes = len(diff.diff(live, config))  # for the log, once the routes are live
                 except CaddyRejected as exc:
                     iso = isolate(target, self.settings, exc.message, load=self.client.load,
                                   validate=self._validate)
@@ -173,6 +182,7 @@ class Reconciler:
                     rejected.update(iso.rejected)
                     if iso.config is not None:
                         outcome, applied_config = PARTIAL, iso.config
+                        changes = len(diff.diff(live, iso.config))
                     else:
                         outcome, error = REJECTED, iso.error or f"Caddy rejected the config: {exc.message}"
         except CaddyUnavailable as exc:
@@ -196,9 +206,10 @@ class Reconciler:
         elif applied_config is None and outcome == UNAVAILABLE:
             self._saved = None  # Caddy may come back with anything: read it next time
         applied = applied_config is not None
+        apply_done = self._clock()
         self.statuses = ingress_statuses(desired, stale=inputs.manifests.stale,
                                          stale_since=inputs.manifests.stale_since, applied=applied,
-                                         pass_error=error, rejected=rejected)
+                                         pass_error=error, rejected=rejected, memo=self.status_memo)
         self.certificates = {}
         if self._certs is not None:
             tls_hosts = {ri.ingress.name: sorted({r.hostname for r in ri.ingress.rules if r.tls})
@@ -209,10 +220,13 @@ class Reconciler:
                 self.statuses = with_certificates(self.statuses, tls_hosts, self.certificates)
         if rejected and error is None:
             error = "; ".join(f"{n}: {m}" for n, m in sorted(rejected.items()))
+        phases = (("read", read_done - start), ("render", render_done - read_done),
+                  ("apply", apply_done - render_done))
         result = PassResult(trigger, inputs.revision, outcome, self._clock() - start, changes, error,
-                            desired.problems, tuple(sorted(rejected)), loads)
-        self.last = result
+                            desired.problems, tuple(sorted(rejected)), loads, phases)
         self._persist(result, inputs, applied)
+        result = replace(result, phases=(*phases, ("status", self._clock() - apply_done)))
+        self.last = result
         return result
 
     # -- status ---------------------------------------------------------------------------------
@@ -244,10 +258,11 @@ class Reconciler:
                          "error": h.error} for h in inputs.sources],
             "problems": [{"file": p.file, "line": p.line, "reason": p.reason, "ingress": p.ingress,
                           "message": p.message} for p in inputs.desired.problems],
-            "ingresses": [s.to_dict() for s in self.statuses],
+            "ingresses": [self.status_memo.to_dict(s) for s in self.statuses],
             "certificates": self.certificates,
             "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
         }
+        self.status_memo.prune(self.statuses)
         if self.store is not None:
             self.store.save_lastgood(self.manifests.good, self.instances.good)
             self.store.save_status(self.status)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from reconciler.fsutil import atomic_write
@@ -22,10 +24,42 @@ _VERSION = 1
 GoodMap = dict[str, dict[str, GoodFile]]
 
 
+_COMPACT = (",", ":")
+
+
+class _Fragments:
+    """JSON text of objects that are immutable once made (shared status dicts, last-good files), kept by
+    identity from one write to the next: rewriting a 10k-entry file serialises only what changed."""
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[Any, str]] = {}
+        self._next: dict[int, tuple[Any, str]] = {}
+
+    def text(self, item: Any, make: Callable[[], str]) -> str:
+        hit = self._texts.get(id(item))
+        text = hit[1] if hit is not None and hit[0] is item else make()
+        self._next[id(item)] = (item, text)
+        return text
+
+    def done(self) -> None:
+        """End of one write: forget what it did not use."""
+        self._texts, self._next = self._next, {}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=_COMPACT)
+
+
+def _good_entry(rel: str, g: GoodFile) -> str:
+    return _dumps(rel) + ":" + _dumps({"display": g.display, "digest": g.digest, "text": g.text, "since": g.since})
+
+
 class StateStore:
     def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
         self._saved_good: Any = None
+        self._status_parts = _Fragments()
+        self._good_parts = _Fragments()
 
     def ensure(self) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
@@ -71,13 +105,20 @@ class StateStore:
         if fp == self._saved_good:
             return False
 
-        def conv(section: GoodMap) -> Any:
-            return {s: {r: {"display": g.display, "digest": g.digest, "text": g.text, "since": g.since}
-                        for r, g in files.items()} for s, files in section.items() if files}
+        parts = self._good_parts
 
+        def section(good: GoodMap) -> str:
+            return "{" + ",".join(
+                _dumps(src) + ":{" + ",".join(parts.text(g, partial(_good_entry, rel, g)) for rel, g in files.items())
+                + "}"
+                for src, files in good.items() if files) + "}"
+
+        # the same document as json.dumps of {"version", "manifests": {src: {rel: file}}, "instances": ...},
+        # with each unchanged file's text reused
+        text = f'{{"version":{_VERSION},"manifests":{section(manifests)},"instances":{section(instances)}}}'
+        parts.done()
         self.ensure()
-        body = {"version": _VERSION, "manifests": conv(manifests), "instances": conv(instances)}
-        atomic_write(os.path.join(self.dir, LASTGOOD), json.dumps(body, separators=(",", ":")).encode())
+        atomic_write(os.path.join(self.dir, LASTGOOD), text.encode())
         self._saved_good = fp
         return True
 
@@ -88,5 +129,14 @@ class StateStore:
 
     def save_status(self, status: dict[str, Any]) -> None:
         self.ensure()
-        # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k)
-        atomic_write(os.path.join(self.dir, STATUS), (json.dumps(status, separators=(",", ":")) + "\n").encode())
+        # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k);
+        # the per-ingress entries are shared, read-only dicts: their text is reused while they are the same
+        ingresses = status.get("ingresses")
+        if isinstance(ingresses, list):
+            head = _dumps({k: v for k, v in status.items() if k != "ingresses"})
+            listed = "[" + ",".join(self._status_parts.text(d, partial(_dumps, d)) for d in ingresses) + "]"
+            self._status_parts.done()
+            text = f'{head[:-1]}{"," if head != "{}" else ""}"ingresses":{listed}}}'
+        else:
+            text = _dumps(status)
+        atomic_write(os.path.join(self.dir, STATUS), (text + "\n").encode())
