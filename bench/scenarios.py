@@ -136,11 +136,16 @@ def _retarget(config: dict[str, Any], k: int, host: str, dial: str) -> dict[str,
 
 
 def change_to_live(manifests: Path, port: int, backends: tuple[Backend, Backend], indices: list[int],
-                   client: httpx.Client) -> list[float]:
-    """Edit one manifest at a time (alternating backends) and time file write -> first routed request."""
+                   client: httpx.Client, current: dict[int, int] | None = None) -> list[float]:
+    """Edit one manifest at a time, moving its host to the other backend, and time file write -> first
+    request routed to that backend. ``current``: index -> backend (0/1) now, every host on the first by
+    default (a write trees start with); updated in place."""
     out = []
-    for k, i in enumerate(indices):
-        target = backends[(k + 1) % 2]
+    current = current if current is not None else {}
+    for i in indices:
+        to = 1 - current.get(i, 0)
+        current[i] = to
+        target = backends[to]
         text = manifest(i, port, target.port)
         start = time.perf_counter()
         atomic(path_of(manifests, i), text)

@@ -239,9 +239,10 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
-    def save(config: dict[str, Any]) -> None:
+    def save(config: dict[str, Any] | bytes) -> None:
         if os.path.isdir(settings.caddy_dir):
-            atomic_write(os.path.join(settings.caddy_dir, "config.json"), json.dumps(config).encode())
+            body = config if isinstance(config, bytes) else json.dumps(config).encode()
+            atomic_write(os.path.join(settings.caddy_dir, "config.json"), body)
 
     store = StateStore(settings.state_dir) if os.path.isdir(settings.data_dir) else None
     binary = find_caddy()

@@ -236,6 +236,44 @@ def render(desired: Desired, settings: Settings) -> dict[str, Any]:
     return Renderer(settings)(desired)
 
 
+class ConfigEncoder:
+    """Compact JSON of rendered configs (byte for byte ``json.dumps(config, separators=(",", ":"))``) that
+    reuses the text of every route unchanged since the previous call. Rendered routes are shared, read-only
+    objects (see :class:`Renderer`), so a route is known by identity: at 10k ingresses a one-file change
+    re-encodes one bucket instead of the whole config."""
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, config: dict[str, Any]) -> bytes:
+        servers = config.get("apps", {}).get("http", {}).get("servers")
+        if not isinstance(servers, dict) or not servers:
+            return json.dumps(config, separators=(",", ":")).encode()
+        texts: dict[int, tuple[Any, str]] = {}
+        lists: dict[str, str] = {}
+        shallow = {}
+        for name, server in servers.items():
+            routes = server.get("routes") if isinstance(server, dict) else None
+            if not isinstance(routes, list):
+                shallow[name] = server
+                continue
+            marker = f"\x00routes:{len(lists)}\x00"  # encodes as "\u0000routes:N\u0000": never in real text
+            parts = []
+            for route in routes:
+                hit = self._texts.get(id(route))
+                text = hit[1] if hit is not None and hit[0] is route else json.dumps(route, separators=(",", ":"))
+                texts[id(route)] = (route, text)
+                parts.append(text)
+            lists[json.dumps(marker)] = "[" + ",".join(parts) + "]"
+            shallow[name] = {**server, "routes": marker}
+        self._texts = texts
+        http = {**config["apps"]["http"], "servers": shallow}
+        text = json.dumps({**config, "apps": {**config["apps"], "http": http}}, separators=(",", ":"))
+        for marker, listed in lists.items():
+            text = text.replace(marker, listed, 1)
+        return text.encode()
+
+
 def redact(config: Any) -> Any:
     """A copy of ``config`` with every secret value replaced by ``[REDACTED]`` (for printing/diffs)."""
     if isinstance(config, dict):

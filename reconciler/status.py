@@ -137,10 +137,13 @@ def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...
     out: dict[str, IngressStatus] = {}
     previous = memo.statuses if memo is not None else {}
     kept: dict[int, tuple[ResolvedIngress, tuple[Any, ...], IngressStatus]] = {}
+    plain = (applied, pass_error, None, None, None, ())  # the key of an ingress nothing is wrong with
+    special = bool(rejected or stale or by_name)
     for ri in desired.ingresses:
         name, file = ri.ingress.name, ri.ingress.origin.file
-        problems = by_name.get(name, [])
-        key = (applied, pass_error, rejected.get(name), stale.get(file), stale_since.get(file), tuple(problems))
+        problems = by_name.get(name, []) if special else []
+        key = plain if not special else (applied, pass_error, rejected.get(name), stale.get(file),
+                                         stale_since.get(file), tuple(problems))
         hit = previous.get(id(ri))
         if hit is not None and hit[0] is ri and hit[1] == key:
             st = hit[2]

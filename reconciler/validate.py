@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from reconciler.model import (
@@ -20,7 +21,6 @@ from reconciler.model import (
     Document,
     Ingress,
     Instance,
-    Origin,
     Problem,
     Reason,
     ResolvedIngress,
@@ -213,6 +213,17 @@ def _late_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Own:
+    """What resolving needs of one ingress on its own (kept between passes while the ingress is the same)."""
+
+    ingress: Ingress
+    claims: tuple[tuple[str, int, bool, int], ...]
+    keys: tuple[tuple[str, int], ...]  # the (hostname, port) of each claim
+    early: tuple[str, str] | None  # (message, reason) checked right after hostname conflicts
+    late: tuple[str, str] | None  # (message, reason) checked after port modes
+
+
 class Resolver:
     """:func:`resolve` with a memory between passes (the result is the same as a fresh call's).
 
@@ -224,20 +235,17 @@ class Resolver:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._static: dict[int, tuple[Ingress, list[tuple[str, int, bool, int]], tuple[str, str] | None,
-                                      tuple[str, str] | None]] = {}
+        self._own: dict[int, _Own] = {}
         self._resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
         self._instances: tuple[int, ...] | None = None
 
-    def _statics(self, ing: Ingress) -> tuple[list[tuple[str, int, bool, int]], tuple[str, str] | None,
-                                              tuple[str, str] | None]:
-        memo = self._static.get(id(ing))
-        if memo is not None and memo[0] is ing:
-            return memo[1], memo[2], memo[3]
+    def _own_of(self, ing: Ingress) -> _Own:
+        own = self._own.get(id(ing))
+        if own is not None and own.ingress is ing:
+            return own
         mine = claims_of(ing, self.settings)
-        own, late = _own_problem(ing, mine, self.settings), _late_problem(ing, self.settings)
-        self._static[id(ing)] = (ing, mine, own, late)
-        return mine, own, late
+        return _Own(ing, tuple(mine), tuple((h, p) for h, p, _, _ in mine),
+                    _own_problem(ing, mine, self.settings), _late_problem(ing, self.settings))
 
     def __call__(self, ingresses: Iterable[Ingress], instances: Iterable[Instance],
                  problems: Iterable[Problem] = ()) -> Desired:
@@ -246,68 +254,31 @@ class Resolver:
         index = InstanceIndex(known)
         out.extend(index.problems)
         identity = tuple(id(i) for i in known)
-        same_instances, self._instances = identity == self._instances, identity
-        if not same_instances:
+        if identity != self._instances:
             self._resolved = {}
+        self._instances = identity
         names: dict[str, Ingress] = {}
         ids: dict[str, Ingress] = {}
         claims: dict[tuple[str, int], Ingress] = {}
         port_mode: dict[int, tuple[bool, Ingress]] = {}
         accepted: list[ResolvedIngress] = []
-        statics: dict[int, tuple[Ingress, list[tuple[str, int, bool, int]], tuple[str, str] | None,
-                                 tuple[str, str] | None]] = {}
+        owns: dict[int, _Own] = {}
         resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
+        previous = self._resolved
         for ing in sorted(ingresses, key=lambda i: i.origin.sort_key):
-            o = ing.origin
-            mine, own_problem, late_problem = self._statics(ing)
-            statics[id(ing)] = (ing, mine, own_problem, late_problem)
-
-            def reject(message: str, reason: str, o: Origin = o, ing: Ingress = ing) -> None:
-                out.append(Problem(o.file, o.line, message, reason, ing.name))
-
-            if ing.name in names:
-                w = names[ing.name]
-                reject(f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}",
-                       Reason.NAME_CONFLICT)
-                continue
-            if ing.id in ids:
-                w = ids[ing.id]
-                reject(f"id {ing.id!r} is already used by ingress {w.name!r} in {w.origin.describe()}",
-                       Reason.NAME_CONFLICT)
-                continue
-            conflict = next(((h, p, claims[(h, p)]) for h, p, _, _ in mine if (h, p) in claims), None)
-            if conflict is not None:
-                h, p, w = conflict
-                reject(f"{h}:{p} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
-                       Reason.HOSTNAME_CONFLICT)
-                continue
-            if own_problem is not None:
-                reject(*own_problem)
-                continue
-            modes: dict[int, bool] = {}
-            mode_clash = None
-            for _, p, tls, _ in mine:
-                if p in port_mode and port_mode[p][0] != tls:
-                    w = port_mode[p][1]
-                    mode_clash = (f"port {p} serves {'TLS' if port_mode[p][0] else 'plain HTTP'} for ingress "
-                                  f"{w.name!r} in {w.origin.describe()}; a port cannot mix TLS and plain HTTP")
-                    break
-                if p in modes and modes[p] != tls:
-                    mode_clash = f"port {p} is used with and without TLS by this ingress; a port cannot mix them"
-                    break
-                modes[p] = tls
-            if mode_clash is not None:
-                reject(mode_clash, Reason.PORT_CONFLICT)
-                continue
-            if late_problem is not None:
-                reject(*late_problem)
+            own = self._own_of(ing)
+            owns[id(ing)] = own
+            problem = self._problem(ing, own, names, ids, claims, port_mode)
+            if problem is not None:
+                out.append(Problem(ing.origin.file, ing.origin.line, problem[0], problem[1], ing.name))
                 continue
             names[ing.name] = ing
             ids[ing.id] = ing
-            for h, p, tls, _ in mine:
+            for h, p, tls, _ in own.claims:
                 claims[(h, p)] = ing
-                port_mode.setdefault(p, (tls, ing))
-            memo = self._resolved.get(id(ing))
+                if p not in port_mode:
+                    port_mode[p] = (tls, ing)
+            memo = previous.get(id(ing))
             if memo is not None and memo[0] is ing:
                 ri = memo[1]
             else:
@@ -316,9 +287,40 @@ class Resolver:
             resolved[id(ing)] = (ing, ri)
             accepted.append(ri)
         # keep only what this pass saw: the memory never outgrows the inputs
-        self._static, self._resolved = statics, resolved
+        self._own, self._resolved = owns, resolved
         instances_by_name: Mapping[str, Instance] = index.by_name
         return Desired(tuple(accepted), tuple(out), instances_by_name)
+
+    @staticmethod
+    def _problem(ing: Ingress, own: _Own, names: Mapping[str, Ingress], ids: Mapping[str, Ingress],
+                 claims: Mapping[tuple[str, int], Ingress],
+                 port_mode: Mapping[int, tuple[bool, Ingress]]) -> tuple[str, str] | None:
+        """Why ``ing`` loses to an earlier ingress or cannot be served, as (message, reason); None if fine."""
+        if ing.name in names:
+            w = names[ing.name]
+            return f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}", Reason.NAME_CONFLICT
+        if ing.id in ids:
+            w = ids[ing.id]
+            return (f"id {ing.id!r} is already used by ingress {w.name!r} in {w.origin.describe()}",
+                    Reason.NAME_CONFLICT)
+        for key in own.keys:
+            if key in claims:
+                w = claims[key]
+                return (f"{key[0]}:{key[1]} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
+                        Reason.HOSTNAME_CONFLICT)
+        if own.early is not None:
+            return own.early
+        modes: dict[int, bool] = {}
+        for _, p, tls, _ in own.claims:
+            mode = port_mode.get(p)
+            if mode is not None and mode[0] != tls:
+                return (f"port {p} serves {'TLS' if mode[0] else 'plain HTTP'} for ingress {mode[1].name!r} in "
+                        f"{mode[1].origin.describe()}; a port cannot mix TLS and plain HTTP", Reason.PORT_CONFLICT)
+            if p in modes and modes[p] != tls:
+                return f"port {p} is used with and without TLS by this ingress; a port cannot mix them", \
+                    Reason.PORT_CONFLICT
+            modes[p] = tls
+        return own.late
 
 
 def resolve(ingresses: Iterable[Ingress], instances: Iterable[Instance], settings: Settings,

@@ -56,9 +56,10 @@ class AdminClient:
         except ValueError as exc:
             raise CaddyUnavailable(f"Caddy returned invalid JSON from GET /config/: {exc}") from exc
 
-    def load(self, config: dict[str, Any], *, force: bool = False) -> None:
-        """``POST /load``. Raises :class:`CaddyRejected` on 400 (the old config keeps serving)."""
-        body = json.dumps(config, separators=(",", ":")).encode()
+    def load(self, config: dict[str, Any] | bytes, *, force: bool = False) -> None:
+        """``POST /load`` of a config (or the body :func:`encode` made of it). Raises :class:`CaddyRejected` on 400
+        (the old config keeps serving)."""
+        body = config if isinstance(config, bytes) else encode(config)
         headers = {"Content-Type": "application/json"}
         if force:
             headers["Cache-Control"] = "must-revalidate"
@@ -66,6 +67,11 @@ class AdminClient:
 
     def stop(self) -> None:
         self._request("POST", "/stop", timeout=5.0)
+
+
+def encode(config: dict[str, Any]) -> bytes:
+    """The compact JSON body Caddy gets (and ``config.json`` holds)."""
+    return json.dumps(config, separators=(",", ":")).encode()
 
 
 def _error_text(resp: httpx.Response) -> str:

@@ -75,9 +75,10 @@ class CaddySupervisor:
             os.makedirs(os.path.join(d, sub), mode=0o700, exist_ok=True)
             os.chmod(os.path.join(d, sub), 0o700)
 
-    def save_config(self, config: Mapping[str, Any]) -> None:
-        """Persist the config we applied, so a restarted Caddy starts with it."""
-        atomic_write(self.config_path, json.dumps(config, separators=(",", ":")).encode())
+    def save_config(self, config: Mapping[str, Any] | bytes) -> None:
+        """Persist the config we applied (or its encoded body), so a restarted Caddy starts with it."""
+        body = config if isinstance(config, bytes) else json.dumps(config, separators=(",", ":")).encode()
+        atomic_write(self.config_path, body)
 
     def _startup_config(self) -> dict[str, Any]:
         """Make sure config.json exists and its admin block matches the current settings."""

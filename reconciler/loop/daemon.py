@@ -61,6 +61,7 @@ class Daemon:
         self.metrics = Metrics()
         self.binary: str | None = None
         self._states: dict[str, tuple[Any, Any, Any]] | None = None
+        self._last_statuses: dict[str, Any] = {}
         self._caddy_failures = 0
         self._caddy_retry_at = 0.0
 
@@ -261,10 +262,19 @@ class Daemon:
             self._states = {i["name"]: (i.get("ready"), i.get("reason"), i.get("message"))
                             for i in previous if isinstance(i, dict) and "name" in i}
         now = {s.name: s for s in self.reconciler.statuses}
-        for name in sorted(set(now) | set(self._states)):
-            old = self._states.get(name)
+        same = self._last_statuses
+        states = self._states
+        # only names whose status object is new this pass can have changed (statuses are memoised)
+        touched = [n for n, st in now.items() if same.get(n) is not st]
+        touched += [n for n in states if n not in now]
+        for name in sorted(touched):
+            old = states.get(name)
             st = now.get(name)
             new = (st.ready, st.reason, st.message) if st is not None else None
+            if st is None:
+                states.pop(name, None)
+            else:
+                states[name] = (st.ready, st.reason, st.message)
             if old == new:
                 continue
             if st is None:
@@ -274,7 +284,7 @@ class Daemon:
             (log.info if st.ready else log.warning)(
                 "ingress.state", ingress=name, ready=st.ready, reason=st.reason,
                 previous_reason=old[1] if old else None, message=st.message, file=st.file)
-        self._states = {n: (s.ready, s.reason, s.message) for n, s in now.items()}
+        self._last_statuses = now
 
     def shutdown(self) -> None:
         if self.watcher is not None:

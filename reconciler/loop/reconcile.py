@@ -18,7 +18,7 @@ from reconciler.caddy.admin import AdminClient
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
-from reconciler.render import Renderer, scrub
+from reconciler.render import ConfigEncoder, Renderer, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
 from reconciler.sources.snapshot import digest, sources_for
@@ -47,7 +47,8 @@ class PassResult:
     problems: tuple[Problem, ...] = field(default=(), repr=False)
     rejected: tuple[str, ...] = ()
     loads: int = 0
-    #: seconds spent per phase: read (inputs + validation), render, apply (diff + load), status
+    #: seconds per phase: read (inputs + validation), render, load (Caddy's POST /load, as we saw it), apply
+    #: (the rest of applying: compare, save), status
     phases: tuple[tuple[str, float], ...] = ()
 
     @property
@@ -84,7 +85,7 @@ class Reconciler:
     def __init__(self, *, settings: Settings, client: AdminClient,
                  validate: Callable[[dict[str, Any]], str | None] | None = None,
                  store: StateStore | None = None,
-                 save_config: Callable[[dict[str, Any]], None] | None = None,
+                 save_config: Callable[[bytes], None] | None = None,
                  caddy_state: Callable[[], dict[str, Any]] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  include_api: bool = True,
@@ -106,6 +107,8 @@ class Reconciler:
         self.status_memo = StatusMemo()
         self.render = Renderer(settings)
         self._saved: Any = None
+        self._body: tuple[dict[str, Any], bytes] | None = None
+        self._encode = ConfigEncoder()
         self._culprits: dict[str, tuple[str, str]] = {}  # name -> (fingerprint, message)
         self.loads = 0
         self.last: PassResult | None = None
@@ -134,6 +137,12 @@ class Reconciler:
         inputs = self.read_inputs()
         return inputs, self.render(inputs.desired)
 
+    def _encoded(self, config: dict[str, Any]) -> bytes:
+        """The config as Caddy's body, encoded once per config (the load and ``config.json`` share it)."""
+        if self._body is None or self._body[0] is not config:
+            self._body = (config, self._encode(config))
+        return self._body[1]
+
     # -- the pass -------------------------------------------------------------------------------
     def run_pass(self, trigger: str, changed: frozenset[str] | None = None) -> PassResult:
         """One pass. ``changed``: the paths a watch burst reported (None: read everything)."""
@@ -156,6 +165,7 @@ class Reconciler:
         config = self.render(target)
         render_done = self._clock()
         changes = loads = 0
+        load_time = 0.0
         rejected: dict[str, str] = dict(known_bad)
         error: str | None = None
         applied_config: dict[str, Any] | None = None
@@ -171,7 +181,9 @@ class Reconciler:
             else:
                 try:
                     loads += 1
-                    self.client.load(config)
+                    load_start = self._clock()
+                    self.client.load(self._encoded(config))
+                    load_time = self._clock() - load_start
                     outcome = APPLIED if not rejected else PARTIAL
                     applied_config = config
                     changes = len(diff.diff(live, config))  # for the log, once the routes are live
@@ -201,7 +213,7 @@ class Reconciler:
         self._culprits = {n: (_fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
         if applied_config is not None and self._saved != applied_config:
             if self._save is not None:
-                self._save(applied_config)
+                self._save(self._encoded(applied_config))
             self._saved = applied_config
         elif applied_config is None and outcome == UNAVAILABLE:
             self._saved = None  # Caddy may come back with anything: read it next time
@@ -220,8 +232,8 @@ class Reconciler:
                 self.statuses = with_certificates(self.statuses, tls_hosts, self.certificates)
         if rejected and error is None:
             error = "; ".join(f"{n}: {m}" for n, m in sorted(rejected.items()))
-        phases = (("read", read_done - start), ("render", render_done - read_done),
-                  ("apply", apply_done - render_done))
+        phases = (("read", read_done - start), ("render", render_done - read_done), ("load", load_time),
+                  ("apply", apply_done - render_done - load_time))
         result = PassResult(trigger, inputs.revision, outcome, self._clock() - start, changes, error,
                             desired.problems, tuple(sorted(rejected)), loads, phases)
         self._persist(result, inputs, applied)

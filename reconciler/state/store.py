@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from reconciler.fsutil import atomic_write
@@ -35,11 +34,13 @@ class _Fragments:
         self._texts: dict[int, tuple[Any, str]] = {}
         self._next: dict[int, tuple[Any, str]] = {}
 
-    def text(self, item: Any, make: Callable[[], str]) -> str:
+    def text(self, item: Any, make: Callable[..., str], *args: Any) -> str:
+        """The text of ``item``: from the last write while it is the same object, else ``make(*args)``."""
         hit = self._texts.get(id(item))
-        text = hit[1] if hit is not None and hit[0] is item else make()
-        self._next[id(item)] = (item, text)
-        return text
+        if hit is None or hit[0] is not item:
+            hit = (item, make(*args))
+        self._next[id(item)] = hit
+        return hit[1]
 
     def done(self) -> None:
         """End of one write: forget what it did not use."""
@@ -109,7 +110,7 @@ class StateStore:
 
         def section(good: GoodMap) -> str:
             return "{" + ",".join(
-                _dumps(src) + ":{" + ",".join(parts.text(g, partial(_good_entry, rel, g)) for rel, g in files.items())
+                _dumps(src) + ":{" + ",".join(parts.text(g, _good_entry, rel, g) for rel, g in files.items())
                 + "}"
                 for src, files in good.items() if files) + "}"
 
@@ -134,7 +135,7 @@ class StateStore:
         ingresses = status.get("ingresses")
         if isinstance(ingresses, list):
             head = _dumps({k: v for k, v in status.items() if k != "ingresses"})
-            listed = "[" + ",".join(self._status_parts.text(d, partial(_dumps, d)) for d in ingresses) + "]"
+            listed = "[" + ",".join(self._status_parts.text(d, _dumps, d) for d in ingresses) + "]"
             self._status_parts.done()
             text = f'{head[:-1]}{"," if head != "{}" else ""}"ingresses":{listed}}}'
         else:
