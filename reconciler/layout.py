@@ -14,8 +14,8 @@ binary-searches large host lists), with a subroute holding:
 A request then costs a bounded number of route evaluations whatever the number of ingresses, and a
 config holds one ``reverse_proxy`` per bucket instead of one per host.
 
-The mapping entries are memoised (same inputs, same shared dict): callers must treat the rendered
-config as read-only, as every caller here does.
+Buckets are reused from the previous layout while their members are the same (shared dicts): callers
+must treat the rendered config as read-only, as every caller here does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import math
 import re
 import zlib
-from functools import lru_cache
 from typing import Any
 
 UPSTREAM = "{hypeman.upstream}"
@@ -43,12 +42,10 @@ def _simple_dial(route: dict[str, Any]) -> str | None:
     return dial if isinstance(dial, str) and "{" not in dial else None
 
 
-@lru_cache(maxsize=262_144)
 def _exact(host: str, dial: str) -> dict[str, Any]:
     return {"input": host, "outputs": [dial]}
 
 
-@lru_cache(maxsize=262_144)
 def _insensitive(host: str, dial: str) -> dict[str, Any]:
     return {"input_regexp": f"(?i)^{re.escape(host)}$", "outputs": [dial]}
 
@@ -77,22 +74,40 @@ def member(hostname: str, route: dict[str, Any]) -> Member:
     return (hostname, dial, None if dial is not None else json.dumps(route, sort_keys=True))
 
 
-def layout(entries: list[tuple[str, dict[str, Any]]], *, port: int, threshold: int,
-           members: list[Member] | None = None) -> list[dict[str, Any]]:
+#: (port, bucket index) -> (its members, its route): the buckets of the previous layout, for reuse
+Buckets = dict[tuple[int, int], tuple[tuple[Member, ...], dict[str, Any]]]
+
+
+def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, threshold: int,
+           members: list[Member] | None = None, previous: Buckets | None = None,
+           kept: Buckets | None = None) -> list[dict[str, Any]]:
     """Routes for ``entries`` (hostname, route), already sorted; unique hostnames. ``members``: the
-    :func:`member` of each entry when the caller keeps them already."""
+    :func:`member` of each entry when the caller has them already (then a simple route may be None: a
+    bucket needs only its member). ``previous``: the buckets of the last layout, reused when their
+    members are the same; ``kept`` receives the buckets of this one."""
     if len(entries) <= threshold:
-        return [route for _, route in entries]
+        out = [route for _, route in entries]
+        assert all(r is not None for r in out), "flat layouts need every route"
+        return out  # type: ignore[return-value]
     if members is None:
-        members = [member(h, r) for h, r in entries]
+        members = [member(h, r) for h, r in entries if r is not None]
     n = bucket_count(len(entries))
     groups: list[list[Member]] = [[] for _ in range(n)]
     for m in members:
         groups[bucket_of(m[0], n)].append(m)
-    return [_bucket(port, k, tuple(group)) for k, group in enumerate(groups) if group]
+    routes = []
+    for k, group in enumerate(groups):
+        if not group:
+            continue
+        mine = tuple(group)
+        hit = previous.get((port, k)) if previous is not None else None
+        bucket = hit[1] if hit is not None and hit[0] == mine else _bucket(port, k, mine)
+        if kept is not None:
+            kept[(port, k)] = (mine, bucket)
+        routes.append(bucket)
+    return routes
 
 
-@lru_cache(maxsize=65_536)
 def _bucket(port: int, k: int, members: tuple[Member, ...]) -> dict[str, Any]:
     simple = [(h, d) for h, d, _ in members if d is not None]
     others = [json.loads(r) for _, d, r in members if d is None and r is not None]

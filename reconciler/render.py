@@ -15,10 +15,9 @@ with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from typing import Any
 
-from reconciler.layout import Member, layout, member
+from reconciler.layout import Buckets, Member, layout, member
 from reconciler.model import Desired, ResolvedIngress, ResolvedRule, Unavailable, Upstream
 from reconciler.settings import Settings, TLSSettings
 
@@ -58,9 +57,8 @@ def _handler(rule: ResolvedRule) -> dict[str, Any]:
     }
 
 
-@lru_cache(maxsize=262_144)
 def _route(rid: str, rule: ResolvedRule) -> dict[str, Any]:
-    """One host-matched route (memoised: the rendered config is shared and must be treated read-only)."""
+    """One host-matched route."""
     return {"@id": rid, "match": [{"host": [rule.rule.hostname]}], "handle": [_handler(rule)], "terminal": True}
 
 
@@ -145,21 +143,24 @@ def _redirect_route(name: str, index: int, hostname: str, tls_port: int) -> dict
     }
 
 
-#: one rendered route: (port, hostname, route id, route, layout member, tls, is a redirect)
-_Entry = tuple[int, str, str, dict[str, Any], Member, bool]
+#: one rendered rule: (port, hostname, route id, its rule, its route -- None for a plain proxy to an upstream,
+#: built only if its port is laid out flat --, layout member, tls)
+_Entry = tuple[int, str, str, ResolvedRule, dict[str, Any] | None, Member, bool]
 
 
 class Renderer:
     """:func:`render` with a memory between passes (the output is the same as a fresh call's).
 
-    The routes of a :class:`ResolvedIngress` depend on it alone, so they are kept by object identity:
+    What a :class:`ResolvedIngress` renders to depends on it alone, so it is kept by object identity:
     unchanged ingresses (the very same objects, see :class:`reconciler.validate.Resolver`) are not
-    rendered again, and unchanged buckets come back from :func:`reconciler.layout.layout`'s memo.
+    rendered again, and buckets whose members did not change are reused (shared, read-only dicts). The
+    memory holds what the last render used, nothing older.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
+        self._buckets: Buckets = {}
 
     def _entries(self, resolved: ResolvedIngress) -> list[_Entry]:
         hit = self._memo.get(id(resolved))
@@ -170,11 +171,15 @@ class Renderer:
         for rule in resolved.rules:
             r = rule.rule
             rid = route_id(name, rule.index)
-            route = _route(rid, rule)
-            out.append((r.port, r.hostname, rid, route, member(r.hostname, route), r.tls))
+            backend = rule.backend
+            if isinstance(backend, Upstream) and "{" not in backend.dial:
+                out.append((r.port, r.hostname, rid, rule, None, (r.hostname, backend.dial, None), r.tls))
+            else:
+                route = _route(rid, rule)
+                out.append((r.port, r.hostname, rid, rule, route, member(r.hostname, route), r.tls))
             if r.tls and r.redirect_http:
                 redirect = _redirect_route(name, rule.index, r.hostname, r.port)
-                out.append((self.settings.http_port, r.hostname, redirect["@id"], redirect,
+                out.append((self.settings.http_port, r.hostname, redirect["@id"], rule, redirect,
                             member(r.hostname, redirect), False))
         return out
 
@@ -189,15 +194,19 @@ class Renderer:
             memo[id(resolved)] = (resolved, entries)
             for entry in entries:
                 by_port.setdefault(entry[0], []).append(entry)
-                if entry[5]:
+                if entry[6]:
                     tls_ports.add(entry[0])
                     tls_hosts.add(entry[1])
         self._memo = memo
         servers: dict[str, Any] = {}
+        buckets: Buckets = {}
         for port in sorted(by_port):
             entries = sorted(by_port[port], key=lambda t: (t[1], t[2]))
-            routes = layout([(e[1], e[3]) for e in entries], port=port, threshold=settings.bucket_threshold,
-                            members=[e[4] for e in entries])
+            if len(entries) <= settings.bucket_threshold:
+                routes = [e[4] if e[4] is not None else _route(e[2], e[3]) for e in entries]
+            else:
+                routes = layout([(e[1], e[4]) for e in entries], port=port, threshold=settings.bucket_threshold,
+                                members=[e[5] for e in entries], previous=self._buckets, kept=buckets)
             routes.append(fallback_route(port))
             server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
             if port in tls_ports:
@@ -208,6 +217,7 @@ class Renderer:
             else:
                 server["automatic_https"] = {"disable": True}
             servers[server_name(port)] = server
+        self._buckets = buckets
         apps: dict[str, Any] = {
             "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
         }

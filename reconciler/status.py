@@ -99,27 +99,12 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
 
 
 class StatusMemo:
-    """Memory between passes for :func:`ingress_statuses` and :meth:`IngressStatus.to_dict`: an ingress
-    whose resolved object and status inputs are unchanged gets the very same status object and dict as in
-    the previous pass (10k ingresses: one changed file no longer rebuilds 10k statuses). The dicts are
-    shared: treat them as read-only."""
+    """Memory between passes for :func:`ingress_statuses`: an ingress whose resolved object and status
+    inputs are unchanged gets the very same status object as in the previous pass (10k ingresses: one
+    changed file no longer rebuilds 10k statuses, and callers can tell what changed by identity)."""
 
     def __init__(self) -> None:
         self.statuses: dict[int, tuple[ResolvedIngress, tuple[Any, ...], IngressStatus]] = {}
-        self.dicts: dict[int, tuple[IngressStatus, dict[str, Any]]] = {}
-
-    def to_dict(self, st: IngressStatus) -> dict[str, Any]:
-        memo = self.dicts.get(id(st))
-        if memo is not None and memo[0] is st:
-            return memo[1]
-        d = st.to_dict()
-        self.dicts[id(st)] = (st, d)
-        return d
-
-    def prune(self, statuses: list[IngressStatus]) -> None:
-        """Forget what the last pass did not produce (the memory never outgrows the ingresses)."""
-        keep = {id(st) for st in statuses}
-        self.dicts = {k: v for k, v in self.dicts.items() if k in keep}
 
 
 def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...]] | None = None,

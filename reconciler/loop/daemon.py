@@ -24,6 +24,7 @@ from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
 from reconciler.state.metrics import Metrics
 from reconciler.state.store import StateStore
+from reconciler.status import IngressStatus
 
 log = structlog.get_logger("hypeman.ingress")
 
@@ -54,7 +55,7 @@ class Daemon:
         self._pass_cond = threading.Condition()
         self._started = 0
         self._finished = 0
-        self._status_index: dict[str, dict[str, Any]] = {}
+        self._status_index: dict[str, IngressStatus] = {}
         self._generation = 0  # bumped at every Caddy (re)start by the supervisor loop
         self._pass_generation = 0
         self._converged_generation = -1
@@ -169,7 +170,7 @@ class Daemon:
         self._problems = set(current)
         self._log_ingress_changes()
         assert self.reconciler is not None
-        self._status_index = {st.name: self.reconciler.status_memo.to_dict(st) for st in self.reconciler.statuses}
+        self._status_index = {st.name: st for st in self.reconciler.statuses}
         self.metrics.observe_pass(result, converged=result.converged, problems=len(result.problems),
                                   wall=time.time())
         self.metrics.observe_ingresses(self.reconciler.statuses)
@@ -224,12 +225,13 @@ class Daemon:
         return True
 
     def ingress_status(self, name: str) -> dict[str, Any] | None:
-        return self._status_index.get(name)
+        st = self._status_index.get(name)
+        return st.to_dict() if st is not None else None
 
     def status(self) -> dict[str, Any]:
         if self.reconciler is None:
             return {}
-        status = dict(self.reconciler.status)
+        status = self.reconciler.status_document()
         if self.supervisor is not None:
             status["caddy"] = self.supervisor.state()
         return status

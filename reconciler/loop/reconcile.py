@@ -117,7 +117,8 @@ class Reconciler:
         previous = store.load_status() if store is not None else None
         #: the status persisted by the previous run of the daemon (empty on a fresh data dir)
         self.status_before: dict[str, Any] = previous or {}
-        self.status: dict[str, Any] = dict(self.status_before)
+        #: the status of the last pass without its per-ingress entries (see :meth:`status_document`)
+        self.status: dict[str, Any] = {k: v for k, v in self.status_before.items() if k != "ingresses"}
         self.history: list[dict[str, Any]] = list(self.status.get("history", []))[-HISTORY:]
         self.last_applied: dict[str, Any] | None = self.status.get("last_applied")
         self.inputs: Inputs | None = None
@@ -239,6 +240,7 @@ class Reconciler:
         self._persist(result, inputs, applied)
         result = replace(result, phases=(*phases, ("status", self._clock() - apply_done)))
         self.last = result
+        self._body = None  # megabytes at 10k routes; the encoder keeps what the next pass can reuse
         return result
 
     # -- status ---------------------------------------------------------------------------------
@@ -270,12 +272,17 @@ class Reconciler:
                          "error": h.error} for h in inputs.sources],
             "problems": [{"file": p.file, "line": p.line, "reason": p.reason, "ingress": p.ingress,
                           "message": p.message} for p in inputs.desired.problems],
-            "ingresses": [self.status_memo.to_dict(s) for s in self.statuses],
             "certificates": self.certificates,
             "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
         }
-        self.status_memo.prune(self.statuses)
         if self.store is not None:
             self.store.save_lastgood(self.manifests.good, self.instances.good)
-            self.store.save_status(self.status)
+            self.store.save_status(self.status, self.statuses)
+
+    def status_document(self) -> dict[str, Any]:
+        """The status as ``status.json`` holds it (per-ingress entries built now: at 10k ingresses keeping
+        them as dicts between passes would cost more memory than building them on request)."""
+        if self.last is None:
+            return dict(self.status_before)
+        return {**self.status, "ingresses": [s.to_dict() for s in self.statuses]}
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from reconciler.fsutil import atomic_write
 from reconciler.model import GoodFile
@@ -49,6 +49,14 @@ class _Fragments:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=_COMPACT)
+
+
+class _ToDict(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def _dumps_status(st: _ToDict) -> str:
+    return _dumps(st.to_dict())
 
 
 def _good_entry(rel: str, g: GoodFile) -> str:
@@ -128,16 +136,19 @@ class StateStore:
         data = self._read(STATUS)
         return data if isinstance(data, dict) else None
 
-    def save_status(self, status: dict[str, Any]) -> None:
+    def save_status(self, status: dict[str, Any], ingresses: Sequence[_ToDict] | None = None) -> None:
+        """Write ``status`` (plus an ``"ingresses"`` list made of ``ingresses``' ``to_dict()``, when given).
+
+        Per-ingress statuses are immutable objects, reused between passes while unchanged: the JSON text
+        of each is kept by identity, so a pass that changed one ingress of 10k serialises one entry."""
         self.ensure()
-        # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k);
-        # the per-ingress entries are shared, read-only dicts: their text is reused while they are the same
-        ingresses = status.get("ingresses")
-        if isinstance(ingresses, list):
-            head = _dumps({k: v for k, v in status.items() if k != "ingresses"})
-            listed = "[" + ",".join(self._status_parts.text(d, _dumps, d) for d in ingresses) + "]"
-            self._status_parts.done()
-            text = f'{head[:-1]}{"," if head != "{}" else ""}"ingresses":{listed}}}'
-        else:
+        # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k)
+        if ingresses is None:
             text = _dumps(status)
+        else:
+            head = _dumps({k: v for k, v in status.items() if k != "ingresses"})
+            parts = self._status_parts
+            listed = "[" + ",".join(parts.text(st, _dumps_status, st) for st in ingresses) + "]"
+            parts.done()
+            text = f'{head[:-1]}{"," if head != "{}" else ""}"ingresses":{listed}}}'
         atomic_write(os.path.join(self.dir, STATUS), (text + "\n").encode())
