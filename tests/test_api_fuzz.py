@@ -66,7 +66,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.tickets = 0
 
-    def request_pass(self) -> int:
+    def request_pass(self, path: str | None = None) -> int:
         self.tickets += 1
         return self.tickets
 

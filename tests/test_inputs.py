@@ -362,13 +362,13 @@ def test_git_sync_swap_to_a_broken_revision_keeps_the_previous_revisions_file(tm
 @pytest.fixture
 def count_reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     calls: list[str] = []
-    real = inputs.read_file
+    real = inputs.read_file_stat
 
-    def counting(entry: Any, max_bytes: int = inputs.DEFAULT_MAX_BYTES) -> bytes:
+    def counting(entry: Any, max_bytes: int = inputs.DEFAULT_MAX_BYTES) -> tuple[bytes, os.stat_result]:
         calls.append(entry.relpath)
         return real(entry, max_bytes)
 
-    monkeypatch.setattr(inputs, "read_file", counting)
+    monkeypatch.setattr(inputs, "read_file_stat", counting)
     return lambda: len(calls)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -29,8 +30,9 @@ log = structlog.get_logger("hypeman.ingress.api")
 class Backend(Protocol):
     """What the API needs from the daemon."""
 
-    def request_pass(self) -> int:
-        """Trigger a pass now; returns a ticket for :meth:`wait_pass`."""
+    def request_pass(self, path: str | None = None) -> int:
+        """Trigger a pass now (``path``: the manifest file written or removed, so the pass need not read
+        every file); returns a ticket for :meth:`wait_pass`."""
 
     def wait_pass(self, ticket: int, timeout: float) -> bool:
         """Block until a pass that started after the ticket finished; False on timeout."""
@@ -129,7 +131,7 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
     async def create_ingress(request: Request) -> Response:
         body = await _body(request, max_body)
         ingress = await anyio.to_thread.run_sync(writer.create, body)
-        ticket = backend.request_pass()
+        ticket = backend.request_pass(os.path.abspath(ingress.origin.file))
         log.info("api.ingress_created", ingress=ingress.name, id=ingress.id)
 
         # 201 once a pass that saw the new file has finished (bounded: else the current status)
@@ -140,7 +142,7 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
     @handle
     async def delete_ingress(request: Request) -> Response:
         found = await anyio.to_thread.run_sync(writer.delete, request.path_params["ref"])
-        ticket = backend.request_pass()
+        ticket = backend.request_pass(os.path.abspath(found.path))
         log.info("api.ingress_deleted", ingress=found.ingress.name, id=found.ingress.id)
         await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
         return Response(status_code=204)

@@ -17,7 +17,7 @@ from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError
-from reconciler.loop.reconcile import PassResult, Reconciler
+from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
 from reconciler.sources.snapshot import api_dir_ready, sources_for
@@ -65,6 +65,8 @@ class Daemon:
         self._last_statuses: dict[str, Any] = {}
         self._caddy_failures = 0
         self._caddy_retry_at = 0.0
+        self._tracker: CertificateTracker | None = None
+        self._prefetched: tuple[Inputs, float] | None = None
 
     def stop(self) -> None:
         self.triggers.stop()
@@ -75,21 +77,51 @@ class Daemon:
     def setup(self) -> None:
         s = self.settings
         api_dir_ready(s)
-        source = self._binary_source or find_caddy()
-        binary = install_binary(source, s.data_dir)
-        preflight(s, binary)
-        self.binary = binary
-        self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
-        self.supervisor.ensure_running()
-        supervisor = self.supervisor
-        tracker = CertificateTracker(s.storage_dir, supervisor.log_path, issuer_key=issuer_storage_key(s.tls))
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
-                                     validate=lambda config: caddy_validate(binary, config),
-                                     save_config=supervisor.save_config, caddy_state=supervisor.state,
-                                     certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()})
+                                     validate=self._validate_config, save_config=self._save_config,
+                                     caddy_state=self._caddy_state, certs=self._certificates)
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
+        # Read every input while the binary is checked and Caddy starts: that side mostly hashes, copies
+        # and waits (the GIL is free), so the first pass finds its inputs read (~0.4 s less at 10k files).
+        prefetch = threading.Thread(target=self._prefetch, name="prefetch", daemon=True)
+        prefetch.start()
+        try:
+            source = self._binary_source or find_caddy()
+            binary = install_binary(source, s.data_dir)
+            preflight(s, binary)
+            self.binary = binary
+            self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
+            self.supervisor.ensure_running()
+            self._tracker = CertificateTracker(s.storage_dir, self.supervisor.log_path,
+                                               issuer_key=issuer_storage_key(s.tls))
+        finally:
+            prefetch.join()
+
+    def _prefetch(self) -> None:
+        assert self.reconciler is not None
+        start = time.monotonic()
+        try:
+            self._prefetched = (self.reconciler.read_inputs(), time.monotonic() - start)
+        except Exception as exc:  # only a head start: the first pass then reads for itself
+            log.warning("prefetch.failed", error=str(exc))
+
+    def _validate_config(self, config: dict[str, Any]) -> str | None:
+        assert self.binary is not None
+        return caddy_validate(self.binary, config)
+
+    def _save_config(self, body: bytes) -> None:
+        assert self.supervisor is not None
+        self.supervisor.save_config(body)
+
+    def _caddy_state(self) -> dict[str, Any]:
+        return self.supervisor.state() if self.supervisor is not None else {}
+
+    def _certificates(self, hosts: list[str]) -> dict[str, dict[str, Any]]:
+        if self._tracker is None:
+            return {}
+        return {h: c.to_dict() for h, c in self._tracker.states(hosts).items()}
 
     def _log_event(self, event: str, **fields: Any) -> None:
         log.info(event, **fields)
@@ -132,12 +164,14 @@ class Daemon:
                     self._started += 1
                 self._pass_generation = self._generation
                 changed = self.triggers.take_paths()
+                # the inputs read during setup serve the first pass, unless something changed since
+                prefetched, self._prefetched = (self._prefetched if reason == "start" else None), None
                 try:
                     # no cyclic GC inside a pass: at 10k ingresses its collections cost ~30 % of a pass
                     # (the pass's garbage is acyclic and freed by refcounting; the rest waits a moment)
                     gc.disable()
                     try:
-                        result = self.reconciler.run_pass(reason, changed=changed)
+                        result = self.reconciler.run_pass(reason, changed=changed, prefetched=prefetched)
                     finally:
                         gc.enable()
                     self._record(result)
@@ -207,11 +241,11 @@ class Daemon:
             self._converged_generation = self._pass_generation
 
     # -- what the API needs (reconciler.api.app.Backend) ----------------------------------------
-    def request_pass(self) -> int:
+    def request_pass(self, path: str | None = None) -> int:
         """Ask for a pass now; the ticket is satisfied by the first pass that starts after this call."""
         with self._pass_cond:
             ticket = self._started
-        self.triggers.notify("api", immediate=True)
+        self.triggers.notify("api", immediate=True, path=path)
         return ticket
 
     def wait_pass(self, ticket: int, timeout: float) -> bool:

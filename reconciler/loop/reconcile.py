@@ -145,10 +145,12 @@ class Reconciler:
         return self._body[1]
 
     # -- the pass -------------------------------------------------------------------------------
-    def run_pass(self, trigger: str, changed: frozenset[str] | None = None) -> PassResult:
-        """One pass. ``changed``: the paths a watch burst reported (None: read everything)."""
+    def run_pass(self, trigger: str, changed: frozenset[str] | None = None,
+                 prefetched: tuple[Inputs, float] | None = None) -> PassResult:
+        """One pass. ``changed``: the paths a watch burst reported (None: read everything);
+        ``prefetched``: inputs already read for this pass (by :meth:`read_inputs`), and how long that took."""
         start = self._clock()
-        inputs = self.read_inputs(changed)
+        inputs = self.read_inputs(changed) if prefetched is None else prefetched[0]
         read_done = self._clock()
         self.inputs = inputs
         desired = inputs.desired
@@ -233,7 +235,8 @@ class Reconciler:
                 self.statuses = with_certificates(self.statuses, tls_hosts, self.certificates)
         if rejected and error is None:
             error = "; ".join(f"{n}: {m}" for n, m in sorted(rejected.items()))
-        phases = (("read", read_done - start), ("render", render_done - read_done), ("load", load_time),
+        read_time = read_done - start if prefetched is None else prefetched[1]
+        phases = (("read", read_time), ("render", render_done - read_done), ("load", load_time),
                   ("apply", apply_done - render_done - load_time))
         result = PassResult(trigger, inputs.revision, outcome, self._clock() - start, changes, error,
                             desired.problems, tuple(sorted(rejected)), loads, phases)

@@ -42,7 +42,7 @@ from reconciler.sources.loader import (
     documents_from_text,
     is_ignored,
     is_manifest_name,
-    read_file,
+    read_file_stat,
     scan_source,
 )
 from reconciler.validate import ingress_from_document, instance_from_document
@@ -94,6 +94,12 @@ class _Known:
     files: dict[str, FileEntry]  # relpath -> entry, in scan order
     dirs: set[str]  # the root ("") and every folder holding a manifest file
     got: dict[str, _Cached[Any]]  # relpath -> what was read
+
+
+def _signature(st: os.stat_result, source: Source) -> tuple[int, ...]:
+    """What says a file is unchanged without reading it (the source index: the same bytes parse to items
+    that carry it)."""
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, source.index)
 
 
 def _order(relpath: str) -> list[str]:
@@ -187,23 +193,27 @@ class IncrementalReader(Generic[T]):
 
     def _read_entry(self, entry: FileEntry, source: Source) -> _Cached[T] | None:
         key = (source.path, entry.relpath)
-        try:
-            st = os.stat(entry.real)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            problem = Problem(entry.display, None, f"cannot stat: {exc.strerror}", self._reason)
-            return _Cached((), "", (), (problem,), None)
-        signature = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, source.index)
         cached = self._cache.get(key)
-        racy = self._wall() - st.st_mtime_ns / 1e9 < RACY_SECONDS
-        if cached is not None and cached.signature == signature and not racy:
-            return cached
+        if cached is not None:  # a file seen before: unchanged when its stat signature says so
+            try:
+                st = os.stat(entry.real)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                problem = Problem(entry.display, None, f"cannot stat: {exc.strerror}", self._reason)
+                return _Cached((), "", (), (problem,), None)
+            racy = self._wall() - st.st_mtime_ns / 1e9 < RACY_SECONDS
+            if cached.signature == _signature(st, source) and not racy:
+                return cached
         try:
-            raw = read_file(entry, self.max_bytes)
+            raw, st = read_file_stat(entry, self.max_bytes)
         except FileNotFoundError:
             return None
         except ParseError as exc:
+            try:
+                signature = _signature(os.stat(entry.real), source)
+            except OSError:
+                signature = ()
             result: _Cached[T] = _Cached(signature, "", (), (Problem(entry.display, exc.line, exc.message,
                                                                      self._reason),), None)
             self._cache[key] = result
@@ -211,10 +221,11 @@ class IncrementalReader(Generic[T]):
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
-            return _Cached(signature, "", (), (Problem(entry.display, None, f"cannot read: {exc.strerror}",
-                                                       self._reason),), None)
+            return _Cached((), "", (), (Problem(entry.display, None, f"cannot read: {exc.strerror}",
+                                                self._reason),), None)
+        signature = _signature(st, source)
         digest = hashlib.sha256(raw).hexdigest()
-        if cached is not None and cached.digest == digest and cached.signature[-1] == source.index:
+        if cached is not None and cached.digest == digest and cached.signature[-1:] == (source.index,):
             cached.signature = signature
             return cached
         try:

@@ -117,13 +117,15 @@ def _walk(display_dir: str, real_dir: str, rel_dir: str, root: str, ancestors: s
                     scan.problems.append(Problem(display, None, f"refused: symlink points outside the source "
                                                  f"({os.readlink(entry.path)!r})"))
                     continue
-                st = os.stat(real)
+                mode = os.stat(real).st_mode
+                is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
             else:
-                st = entry.stat(follow_symlinks=False)
+                # the file type from the directory listing itself: no stat call per file
+                is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
         except OSError as exc:
             scan.problems.append(Problem(display, None, f"cannot stat: {_os_message(exc)}"))
             continue
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir:
             if real in ancestors:
                 scan.problems.append(Problem(display, None, "refused: symlink loop (points to a parent folder)"))
                 continue
@@ -132,7 +134,7 @@ def _walk(display_dir: str, real_dir: str, rel_dir: str, root: str, ancestors: s
             visited.add(real)
             yield from _walk(display, real, rel, root, ancestors | {real}, scan, visited)
         elif name.lower().endswith(EXTENSIONS):
-            if not stat.S_ISREG(st.st_mode):
+            if not is_file:
                 scan.problems.append(Problem(display, None, "refused: not a regular file"))
                 continue
             yield FileEntry(display, rel, real)
@@ -145,6 +147,11 @@ def _os_message(exc: OSError, path: str | None = None) -> str:
 
 def read_file(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Read at most ``max_bytes``; raise :class:`ParseError` when the file is larger."""
+    return read_file_stat(entry, max_bytes)[0]
+
+
+def read_file_stat(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, os.stat_result]:
+    """:func:`read_file`, and the stat of the file that was read (of the open file: no race)."""
     fd = os.open(entry.real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -163,7 +170,7 @@ def read_file(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         raw = b"".join(chunks)
         if len(raw) > max_bytes:
             raise ParseError(f"file is larger than the limit of {max_bytes} bytes")
-        return raw
+        return raw, st
     finally:
         os.close(fd)
 
