@@ -237,7 +237,7 @@ class Resolver:
         self.settings = settings
         self._own: dict[int, _Own] = {}
         self._resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
-        self._instances: tuple[int, ...] | None = None
+        self._instances: tuple[Instance, ...] | None = None
 
     def _own_of(self, ing: Ingress) -> _Own:
         own = self._own.get(id(ing))
@@ -253,10 +253,12 @@ class Resolver:
         known = list(instances)
         index = InstanceIndex(known)
         out.extend(index.problems)
-        identity = tuple(id(i) for i in known)
-        if identity != self._instances:
+        # the very same instance objects (kept here, so an id can never be reused by another object)
+        same = self._instances is not None and len(known) == len(self._instances) and all(
+            a is b for a, b in zip(known, self._instances, strict=True))
+        if not same:
             self._resolved = {}
-        self._instances = identity
+        self._instances = tuple(known)
         names: dict[str, Ingress] = {}
         ids: dict[str, Ingress] = {}
         claims: dict[tuple[str, int], Ingress] = {}

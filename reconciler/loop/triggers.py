@@ -58,7 +58,8 @@ class Triggers:
                 self._first = now
                 self._paths = set()
             self._reasons.add(reason)
-            if path is None or self._paths is None or len(self._paths) >= self.max_paths:
+            if path is None or self._paths is None or (path not in self._paths
+                                                       and len(self._paths) >= self.max_paths):
                 self._paths = None
             else:
                 self._paths.add(path)

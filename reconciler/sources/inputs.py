@@ -334,8 +334,9 @@ class IncrementalReader(Generic[T]):
     def _remember(self, source: Source, scan: SourceScan, files: list[tuple[FileEntry, _Cached[T]]]) -> None:
         """Keep the scan for reads told which paths changed, when it is simple enough to update in place."""
         root = scan.root
-        plain = root is not None and not scan.problems and all(
-            e.real == os.path.join(root, *e.relpath.split("/")) for e, _ in files)
+        # no symlink at all: a link may give a file a second name, or point into a hidden folder whose
+        # events are ignored -- only a full scan sees what those mean
+        plain = root is not None and not scan.problems and not scan.links
         if not plain or root is None:
             self._known.pop(source.path, None)
             return

@@ -55,6 +55,8 @@ class SourceScan:
     files: list[FileEntry] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     error: str | None = None
+    #: symlinks met inside the source (followed or not): such a source is always read in full
+    links: int = 0
 
 
 def _within(path: str, root: str) -> bool:
@@ -103,6 +105,7 @@ def _walk(display_dir: str, real_dir: str, rel_dir: str, root: str, ancestors: s
         real = entry.path
         try:
             if entry.is_symlink():
+                scan.links += 1
                 try:
                     real = os.path.realpath(entry.path, strict=True)
                 except OSError as exc:

@@ -31,16 +31,17 @@ class _Fragments:
     identity from one write to the next: rewriting a 10k-entry file serialises only what changed."""
 
     def __init__(self) -> None:
-        self._texts: dict[int, tuple[Any, str]] = {}
-        self._next: dict[int, tuple[Any, str]] = {}
+        self._texts: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
+        self._next: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
 
     def text(self, item: Any, make: Callable[..., str], *args: Any) -> str:
-        """The text of ``item``: from the last write while it is the same object, else ``make(*args)``."""
+        """``make(*args)``, reused from the last write while ``item`` is the same object and ``args`` are
+        equal (they hold what the text says besides ``item``, e.g. the path it is filed under)."""
         hit = self._texts.get(id(item))
-        if hit is None or hit[0] is not item:
-            hit = (item, make(*args))
+        if hit is None or hit[0] is not item or hit[1] != args:
+            hit = (item, args, make(*args))
         self._next[id(item)] = hit
-        return hit[1]
+        return hit[2]
 
     def done(self) -> None:
         """End of one write: forget what it did not use."""
