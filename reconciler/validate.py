@@ -203,10 +203,9 @@ def _own_problem(ing: Ingress, mine: list[tuple[str, int, bool, int]], settings:
 
 def _late_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
     """The checks of ``ing`` on its own that come after the cross-ingress ones, as (message, reason)."""
-    bad_port = next((r for r in ing.rules if r.port == settings.admin_port), None)
-    if bad_port is not None:
-        return (f"{bad_port.hostname}:{bad_port.port}: port {bad_port.port} is Caddy's admin port",
-                Reason.INVALID_MANIFEST)
+    for r in ing.rules:
+        if r.port == settings.admin_port:
+            return f"{r.hostname}:{r.port}: port {r.port} is Caddy's admin port", Reason.INVALID_MANIFEST
     tls_problem = _tls_problem(ing, settings)
     if tls_problem is not None:
         return tls_problem[1], tls_problem[0]

@@ -474,6 +474,11 @@ def test_burst_of_1000_manifests(tmp_path: Path, daemon_factory: DaemonFactory,
     assert count_loads(d.caddy_log) - loads <= 3
     assert len([e for e in passes_since(d, n) if e.get("outcome") == "applied"]) <= 3
     assert not d.log_events("input.problem")
+    # each ingress went live once: a line each, or (over 200 in one pass) counted in one summary per pass
+    summaries = d.log_events("ingress.states")
+    singles = [e for e in d.log_events("ingress.state") if e.get("ingress", "").startswith("ing-")]
+    assert all(e["changed"] > 200 and e["reasons"] == {"Applied": e["changed"]} for e in summaries)
+    assert sum(e["changed"] for e in summaries) + len(singles) == 1000
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

@@ -162,15 +162,18 @@ def read_file_stat(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> tupl
             raise ParseError("not a regular file")
         if st.st_size > max_bytes:
             raise ParseError(f"file is {st.st_size} bytes, larger than the limit of {max_bytes} bytes")
-        chunks = []
-        remaining = max_bytes + 1
-        while remaining > 0:
+        # one read of the size fstat gave, plus a byte: a regular file that returns less is at its end
+        # (a file growing meanwhile reads on, up to the limit); small files then cost one read call
+        first = os.read(fd, min(st.st_size + 1, max_bytes + 1))
+        chunks = [first]
+        remaining = max_bytes + 1 - len(first)
+        while len(first) > st.st_size and remaining > 0:
             chunk = os.read(fd, min(remaining, 1 << 20))
             if not chunk:
                 break
             chunks.append(chunk)
             remaining -= len(chunk)
-        raw = b"".join(chunks)
+        raw = b"".join(chunks) if len(chunks) > 1 else first
         if len(raw) > max_bytes:
             raise ParseError(f"file is larger than the limit of {max_bytes} bytes")
         return raw, st
