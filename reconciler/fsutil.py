@@ -6,11 +6,13 @@ import contextlib
 import os
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: str, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename, fsync the dir.
 
     Readers see either the old or the new content, never a partial file, even after a crash. The temp
     name starts with a dot and ends in ``.tmp`` so directory watchers and loaders ignore it.
+    ``durable=False`` skips the fsyncs: still never a partial file for readers, but a power loss may
+    bring back an older version (for files rewritten at every pass anyway, like the status).
     """
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -19,12 +21,15 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dfd)

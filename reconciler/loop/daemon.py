@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -18,6 +19,7 @@ from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError
+from reconciler.loop.background import Background
 from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
@@ -70,6 +72,7 @@ class Daemon:
         self._caddy_failures = 0
         self._caddy_retry_at = 0.0
         self._tracker: CertificateTracker | None = None
+        self.background: Background | None = None
         self._prefetched: tuple[Inputs, float] | None = None
 
     def stop(self) -> None:
@@ -81,9 +84,11 @@ class Daemon:
     def setup(self) -> None:
         s = self.settings
         api_dir_ready(s)
+        self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)))
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
                                      validate=self._validate_config, save_config=self._save_config,
-                                     caddy_state=self._caddy_state, certs=self._certificates)
+                                     caddy_state=self._caddy_state, certs=self._certificates,
+                                     defer=self.background.submit)
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
@@ -201,6 +206,33 @@ class Daemon:
         return 0
 
     def _record(self, result: PassResult) -> None:
+        """What the loop needs of a pass at once (status for the API, retries, readiness); its log lines
+        and metrics go to the report thread, after the pass's state files (same order as they happened)."""
+        assert self.reconciler is not None
+        statuses = self.reconciler.statuses
+        self._status_index = {st.name: st for st in statuses}
+        self.passes.append(result)
+        del self.passes[:-100]
+        retry_in: float | None = None
+        if result.transient:
+            self._failures += 1
+            retry_in = backoff(self._failures)
+            self.triggers.retry_in(retry_in)
+        else:
+            self._failures = 0
+            reasons = {st.reason for st in statuses}
+            if "CertificatePending" in reasons:
+                self.triggers.retry_in(2.0)  # look again soon: issuance usually takes seconds
+            elif "CertificateFailing" in reasons:
+                self.triggers.retry_in(15.0)  # Caddy retries with backoff; notice its success in time
+        self.metrics.observe_pass(result, converged=result.converged, problems=len(result.problems),
+                                  wall=time.time())
+        if result.converged:
+            self.converged_once.set()
+            self._converged_generation = self._pass_generation
+        self._report(lambda: self._log_pass(result, statuses, retry_in))
+
+    def _log_pass(self, result: PassResult, statuses: list[IngressStatus], retry_in: float | None) -> None:
         current = {p.format(): p for p in result.problems}
         for text in sorted(set(current) - self._problems):
             p = current[text]
@@ -209,14 +241,8 @@ class Daemon:
         for text in sorted(self._problems - set(current)):
             log.info("input.problem_resolved", problem=text)
         self._problems = set(current)
-        self._log_ingress_changes()
-        assert self.reconciler is not None
-        self._status_index = {st.name: st for st in self.reconciler.statuses}
-        self.metrics.observe_pass(result, converged=result.converged, problems=len(result.problems),
-                                  wall=time.time())
-        self.metrics.observe_ingresses(self.reconciler.statuses)
-        self.passes.append(result)
-        del self.passes[:-100]
+        self._log_ingress_changes(statuses)
+        self.metrics.observe_ingresses(statuses)
         fields: dict[str, Any] = {
             "trigger": result.trigger, "revision": result.revision, "outcome": result.outcome,
             "changes": result.changes, "problems": len(result.problems),
@@ -229,23 +255,17 @@ class Daemon:
             fields["rejected"] = list(result.rejected)
         if result.loads:
             fields["loads"] = result.loads
-        if result.transient:
-            self._failures += 1
-            delay = backoff(self._failures)
-            self.triggers.retry_in(delay)
-            fields["retry_in"] = round(delay, 2)
+        if retry_in is not None:
+            fields["retry_in"] = round(retry_in, 2)
             log.warning("reconcile.finished", **fields)
         else:
-            self._failures = 0
             (log.info if result.converged else log.error)("reconcile.finished", **fields)
-            reasons = {st.reason for st in self.reconciler.statuses}
-            if "CertificatePending" in reasons:
-                self.triggers.retry_in(2.0)  # look again soon: issuance usually takes seconds
-            elif "CertificateFailing" in reasons:
-                self.triggers.retry_in(15.0)  # Caddy retries with backoff; notice its success in time
-        if result.converged:
-            self.converged_once.set()
-            self._converged_generation = self._pass_generation
+
+    def _report(self, job: Callable[[], None]) -> None:
+        if self.background is not None:
+            self.background.submit(job)
+        else:
+            job()
 
     # -- what the API needs (reconciler.api.app.Backend) ----------------------------------------
     def request_pass(self, path: str | None = None) -> int:
@@ -296,7 +316,7 @@ class Daemon:
             self.metrics.observe_caddy(up=self.supervisor.alive(), restarts=self.supervisor.restarts)
         return self.metrics.render()
 
-    def _log_ingress_changes(self) -> None:
+    def _log_ingress_changes(self, statuses: list[IngressStatus]) -> None:
         """One ``ingress.state`` event per ingress whose (ready, reason, message) changed, or that appeared
         or disappeared. The previous states come from the persisted status after a restart."""
         assert self.reconciler is not None
@@ -304,7 +324,7 @@ class Daemon:
             previous = self.reconciler.status_before.get("ingresses", [])
             self._states = {i["name"]: (i.get("ready"), i.get("reason"), i.get("message"))
                             for i in previous if isinstance(i, dict) and "name" in i}
-        now = {s.name: s for s in self.reconciler.statuses}
+        now = {s.name: s for s in statuses}
         same = self._last_statuses
         states = self._states
         # only names whose status object is new this pass can have changed (statuses are memoised)
@@ -341,6 +361,8 @@ class Daemon:
     def shutdown(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.background is not None:
+            self.background.close()  # the last pass's status files and log lines land before we exit
         if self.settings.stop_caddy_on_shutdown and self.supervisor is not None:
             self.supervisor.stop()
         self.client.close()

@@ -89,8 +89,11 @@ class Reconciler:
                  caddy_state: Callable[[], dict[str, Any]] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  include_api: bool = True,
-                 certs: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None) -> None:
+                 certs: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None,
+                 defer: Callable[[Callable[[], None]], None] | None = None) -> None:
         self._certs = certs
+        #: runs the state file writes of a pass (default: at once); the daemon hands them to a thread
+        self._defer = defer
         self.settings = settings
         self.include_api = include_api
         self.client = client
@@ -279,8 +282,19 @@ class Reconciler:
             "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
         }
         if self.store is not None:
-            self.store.save_lastgood(self.manifests.good, self.instances.good)
-            self.store.save_status(self.status, self.statuses)
+            store, status, statuses = self.store, self.status, self.statuses
+            # a snapshot: the readers update their last good files in the next pass
+            good_m = {src: dict(files) for src, files in self.manifests.good.items()}
+            good_i = {src: dict(files) for src, files in self.instances.good.items()}
+
+            def write() -> None:
+                store.save_lastgood(good_m, good_i)
+                store.save_status(status, statuses)
+
+            if self._defer is not None:
+                self._defer(write)
+            else:
+                write()
 
     def status_document(self) -> dict[str, Any]:
         """The status as ``status.json`` holds it (per-ingress entries built now: at 10k ingresses keeping

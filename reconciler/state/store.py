@@ -152,4 +152,5 @@ class StateStore:
             listed = "[" + ",".join(parts.text(st, _dumps_status, st) for st in ingresses) + "]"
             parts.done()
             text = f'{head[:-1]}{"," if head != "{}" else ""}"ingresses":{listed}}}'
-        atomic_write(os.path.join(self.dir, STATUS), (text + "\n").encode())
+        # not fsync'ed: rewritten at every pass, and a lost one is rebuilt by the next
+        atomic_write(os.path.join(self.dir, STATUS), (text + "\n").encode(), durable=False)
