@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename, fsync the dir.
+def atomic_write(path: str, data: bytes | Iterable[bytes], mode: int = 0o600, *, durable: bool = True) -> None:
+    """Write ``data`` (bytes, or the pieces of one document) to ``path`` via a temp file in the same dir,
+    fsync, rename, fsync the dir.
 
     Readers see either the old or the new content, never a partial file, even after a crash. The temp
     name starts with a dot and ends in ``.tmp`` so directory watchers and loaders ignore it.
@@ -19,7 +21,10 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600, *, durable: bool = T
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, bytes):
+                fh.write(data)
+            else:
+                fh.writelines(data)  # pieces of one document: never joined into one copy in memory
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())

@@ -162,10 +162,13 @@ class Renderer:
         self._memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
         self._buckets: Buckets = {}
 
-    def _entries(self, resolved: ResolvedIngress) -> list[_Entry]:
+    def _memo_of(self, resolved: ResolvedIngress) -> tuple[ResolvedIngress, list[_Entry]]:
         hit = self._memo.get(id(resolved))
-        if hit is not None and hit[0] is resolved:
-            return hit[1]
+        if hit is None or hit[0] is not resolved:
+            hit = (resolved, self._entries(resolved))
+        return hit
+
+    def _entries(self, resolved: ResolvedIngress) -> list[_Entry]:
         name = resolved.ingress.name
         out: list[_Entry] = []
         for rule in resolved.rules:
@@ -190,9 +193,8 @@ class Renderer:
         tls_hosts: set[str] = set()
         memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
         for resolved in desired.ingresses:
-            entries = self._entries(resolved)
-            memo[id(resolved)] = (resolved, entries)
-            for entry in entries:
+            hit = memo[id(resolved)] = self._memo_of(resolved)
+            for entry in hit[1]:
                 by_port.setdefault(entry[0], []).append(entry)
                 if entry[6]:
                     tls_ports.add(entry[0])
@@ -248,19 +250,19 @@ def render(desired: Desired, settings: Settings) -> dict[str, Any]:
 
 class ConfigEncoder:
     """Compact JSON of rendered configs (byte for byte ``json.dumps(config, separators=(",", ":"))``) that
-    reuses the text of every route unchanged since the previous call. Rendered routes are shared, read-only
-    objects (see :class:`Renderer`), so a route is known by identity: at 10k ingresses a one-file change
-    re-encodes one bucket instead of the whole config."""
+    reuses the encoded text of every route unchanged since the previous call. Rendered routes are shared,
+    read-only objects (see :class:`Renderer`), so a route is known by identity: at 10k ingresses a one-file
+    change re-encodes one bucket instead of the whole config, and the body is joined once."""
 
     def __init__(self) -> None:
-        self._texts: dict[int, tuple[Any, str]] = {}
+        self._texts: dict[int, tuple[Any, bytes]] = {}
 
     def __call__(self, config: dict[str, Any]) -> bytes:
         servers = config.get("apps", {}).get("http", {}).get("servers")
         if not isinstance(servers, dict) or not servers:
             return json.dumps(config, separators=(",", ":")).encode()
-        texts: dict[int, tuple[Any, str]] = {}
-        lists: dict[str, str] = {}
+        texts: dict[int, tuple[Any, bytes]] = {}
+        lists: dict[str, list[bytes]] = {}
         shallow = {}
         for name, server in servers.items():
             routes = server.get("routes") if isinstance(server, dict) else None
@@ -268,20 +270,31 @@ class ConfigEncoder:
                 shallow[name] = server
                 continue
             marker = f"\x00routes:{len(lists)}\x00"  # encodes as "\u0000routes:N\u0000": never in real text
-            parts = []
+            parts: list[bytes] = []
             for route in routes:
                 hit = self._texts.get(id(route))
-                text = hit[1] if hit is not None and hit[0] is route else json.dumps(route, separators=(",", ":"))
-                texts[id(route)] = (route, text)
-                parts.append(text)
-            lists[json.dumps(marker)] = "[" + ",".join(parts) + "]"
+                if hit is None or hit[0] is not route:
+                    hit = (route, json.dumps(route, separators=(",", ":")).encode())
+                texts[id(route)] = hit
+                parts.append(hit[1])
+            lists[json.dumps(marker)] = parts
             shallow[name] = {**server, "routes": marker}
         self._texts = texts
         http = {**config["apps"]["http"], "servers": shallow}
-        text = json.dumps({**config, "apps": {**config["apps"], "http": http}}, separators=(",", ":"))
-        for marker, listed in lists.items():
-            text = text.replace(marker, listed, 1)
-        return text.encode()
+        skeleton = json.dumps({**config, "apps": {**config["apps"], "http": http}}, separators=(",", ":"))
+        chunks: list[bytes] = []
+        rest = skeleton
+        for marker, parts in lists.items():
+            before, _, rest = rest.partition(marker)
+            chunks.append(before.encode())
+            chunks.append(b"[")
+            for i, part in enumerate(parts):
+                if i:
+                    chunks.append(b",")
+                chunks.append(part)
+            chunks.append(b"]")
+        chunks.append(rest.encode())
+        return b"".join(chunks)
 
 
 def redact(config: Any) -> Any:

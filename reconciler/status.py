@@ -130,13 +130,11 @@ def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...
         key = plain if not special else (applied, pass_error, rejected.get(name), stale.get(file),
                                          stale_since.get(file), tuple(problems))
         hit = previous.get(id(ri))
-        if hit is not None and hit[0] is ri and hit[1] == key:
-            st = hit[2]
-        else:
-            st = _accepted(ri, problems=problems, stale=stale, stale_since=stale_since, applied=applied,
-                           pass_error=pass_error, rejected=rejected)
-        kept[id(ri)] = (ri, key, st)
-        out[name] = st
+        if hit is None or hit[0] is not ri or hit[1] != key:
+            hit = (ri, key, _accepted(ri, problems=problems, stale=stale, stale_since=stale_since,
+                                      applied=applied, pass_error=pass_error, rejected=rejected))
+        kept[id(ri)] = hit
+        out[name] = hit[2]
     if memo is not None:
         memo.statuses = kept
     for name, problems in by_name.items():

@@ -280,13 +280,11 @@ class Resolver:
                 if p not in port_mode:
                     port_mode[p] = (tls, ing)
             memo = previous.get(id(ing))
-            if memo is not None and memo[0] is ing:
-                ri = memo[1]
-            else:
-                ri = ResolvedIngress(ing, tuple(ResolvedRule(rule, i, index.backend(rule))
-                                                for i, rule in enumerate(ing.rules)))
-            resolved[id(ing)] = (ing, ri)
-            accepted.append(ri)
+            if memo is None or memo[0] is not ing:
+                memo = (ing, ResolvedIngress(ing, tuple(ResolvedRule(rule, i, index.backend(rule))
+                                                        for i, rule in enumerate(ing.rules))))
+            resolved[id(ing)] = memo  # the same tuple when unchanged: no garbage per ingress and pass
+            accepted.append(memo[1])
         # keep only what this pass saw: the memory never outgrows the inputs
         self._own, self._resolved = owns, resolved
         instances_by_name: Mapping[str, Instance] = index.by_name

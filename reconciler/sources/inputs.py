@@ -61,6 +61,8 @@ class _Cached(Generic[T]):
     items: tuple[T, ...]
     problems: tuple[Problem, ...]
     text: str | None
+    #: this file's part of the revision, made once (``source:relpath:digest``)
+    part: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +425,9 @@ class IncrementalReader(Generic[T]):
             present.add(entry.relpath)
             if not got.problems:
                 out.items.extend(got.items)
-                out.digests.append(f"{source.path}:{entry.relpath}:{got.digest}")
+                if got.part is None:
+                    got.part = f"{source.path}:{entry.relpath}:{got.digest}"
+                out.digests.append(got.part)
                 old = good.get(entry.relpath)
                 if got.text is not None and (old is None or old.digest != got.digest):
                     good[entry.relpath] = GoodFile(entry.display, got.digest, got.text, self._wall())

@@ -27,19 +27,19 @@ _COMPACT = (",", ":")
 
 
 class _Fragments:
-    """JSON text of objects that are immutable once made (shared status dicts, last-good files), kept by
-    identity from one write to the next: rewriting a 10k-entry file serialises only what changed."""
+    """Encoded JSON of objects that are immutable once made (per-ingress statuses, last-good files), kept
+    by identity from one write to the next: rewriting a 10k-entry file serialises only what changed."""
 
     def __init__(self) -> None:
-        self._texts: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
-        self._next: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
+        self._texts: dict[int, tuple[Any, tuple[Any, ...], bytes]] = {}
+        self._next: dict[int, tuple[Any, tuple[Any, ...], bytes]] = {}
 
-    def text(self, item: Any, make: Callable[..., str], *args: Any) -> str:
-        """``make(*args)``, reused from the last write while ``item`` is the same object and ``args`` are
-        equal (they hold what the text says besides ``item``, e.g. the path it is filed under)."""
+    def text(self, item: Any, make: Callable[..., str], *args: Any) -> bytes:
+        """``make(*args)`` encoded, reused from the last write while ``item`` is the same object and
+        ``args`` are equal (they hold what the text says besides ``item``, e.g. the path it is filed under)."""
         hit = self._texts.get(id(item))
         if hit is None or hit[0] is not item or hit[1] != args:
-            hit = (item, args, make(*args))
+            hit = (item, args, make(*args).encode())
         self._next[id(item)] = hit
         return hit[2]
 
@@ -116,19 +116,27 @@ class StateStore:
             return False
 
         parts = self._good_parts
-
-        def section(good: GoodMap) -> str:
-            return "{" + ",".join(
-                _dumps(src) + ":{" + ",".join(parts.text(g, _good_entry, rel, g) for rel, g in files.items())
-                + "}"
-                for src, files in good.items() if files) + "}"
-
-        # the same document as json.dumps of {"version", "manifests": {src: {rel: file}}, "instances": ...},
-        # with each unchanged file's text reused
-        text = f'{{"version":{_VERSION},"manifests":{section(manifests)},"instances":{section(instances)}}}'
+        chunks = [b'{"version":%d' % _VERSION]
+        for key, good in (("manifests", manifests), ("instances", instances)):
+            chunks.append(b',"%s":{' % key.encode())
+            first_source = True
+            for src, files in good.items():
+                if not files:
+                    continue
+                chunks.append((b"" if first_source else b",") + _dumps(src).encode() + b":{")
+                first_source = False
+                for i, (rel, g) in enumerate(files.items()):
+                    if i:
+                        chunks.append(b",")
+                    chunks.append(parts.text(g, _good_entry, rel, g))
+                chunks.append(b"}")
+            chunks.append(b"}")
+        chunks.append(b"}")
         parts.done()
+        # the same document as json.dumps of {"version", "manifests": {src: {rel: file}}, "instances": ...},
+        # each unchanged file's text reused, written piece by piece (never one whole copy in memory)
         self.ensure()
-        atomic_write(os.path.join(self.dir, LASTGOOD), text.encode())
+        atomic_write(os.path.join(self.dir, LASTGOOD), chunks)
         self._saved_good = fp
         return True
 
@@ -145,12 +153,16 @@ class StateStore:
         self.ensure()
         # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k)
         if ingresses is None:
-            text = _dumps(status)
+            chunks = [_dumps(status).encode(), b"\n"]
         else:
-            head = _dumps({k: v for k, v in status.items() if k != "ingresses"})
+            head = _dumps({k: v for k, v in status.items() if k != "ingresses"}).encode()
             parts = self._status_parts
-            listed = "[" + ",".join(parts.text(st, _dumps_status, st) for st in ingresses) + "]"
+            chunks = [head[:-1], b',"ingresses":[' if head != b"{}" else b'"ingresses":[']
+            for i, st in enumerate(ingresses):
+                if i:
+                    chunks.append(b",")
+                chunks.append(parts.text(st, _dumps_status, st))
+            chunks.append(b"]}\n")
             parts.done()
-            text = f'{head[:-1]}{"," if head != "{}" else ""}"ingresses":{listed}}}'
         # not fsync'ed: rewritten at every pass, and a lost one is rebuilt by the next
-        atomic_write(os.path.join(self.dir, STATUS), (text + "\n").encode(), durable=False)
+        atomic_write(os.path.join(self.dir, STATUS), chunks, durable=False)
