@@ -312,7 +312,7 @@ def caddy_reload_time(n: int, changes: int = 3) -> float:
             b.close()
 
 
-def scenario_vs_caddyfile(sizes: tuple[int, ...] = (1000, 10_000), changes: int = 3) -> list[Figure]:
+def scenario_vs_caddyfile(sizes: tuple[int, ...] = (1000, 10_000), changes: int = 5) -> list[Figure]:
     figures = []
     for n in sizes:
         theirs = caddy_reload_time(n, changes)

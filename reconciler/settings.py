@@ -162,7 +162,7 @@ class Settings:
     resync_interval: float = 30.0
     debounce: float = 0.1
     #: quiet period when the burst so far touched at most 3 paths (a single file saved)
-    debounce_quick: float = 0.02
+    debounce_quick: float = 0.01
     debounce_max: float = 1.0
     max_file_bytes: int = 1024 * 1024
     api_listen: str | None = DEFAULT_API_LISTEN
