@@ -39,7 +39,8 @@ class Inputs:
         self.hosts = [f"app{i}.example.test" for i in range(hosts)]
         self.ingresses = {f"f{i:04}.yaml": self.make(f"f{i:04}.yaml", i) for i in range(n)}
         self.instances = {f"vm{i}": self.instance(f"vm{i}") for i in range(8)}
-        self.keepalive: list[Instance] = list(self.instances.values())  # the instances a pass resolved against stay alive, as in the daemon
+        # the instances a pass resolved against stay alive, as in the daemon
+        self.keepalive: list[Instance] = list(self.instances.values())
 
     def make(self, rel: str, k: int) -> Ingress:
         rng = self.rng
