@@ -78,6 +78,16 @@ def bench_pipeline(n: int, repeats: int) -> list[Figure]:
         ]
 
 
+def steal_seconds() -> float | None:
+    """CPU time stolen from this VM so far (``/proc/stat``), None where unknown."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "pipeline": lambda a: bench_pipeline(a.n, a.repeats),
     "change-100": lambda a: scenarios.scenario_change_100(),
@@ -99,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     for name in args.only or list(SCENARIOS):
         print(f"running {name}...", file=sys.stderr, flush=True)
+        stolen = steal_seconds()
         figures.extend(SCENARIOS[name](args))
+        if stolen is not None and (after := steal_seconds()) is not None:
+            # a shared VM: CPU time the hypervisor gave to others while this scenario ran
+            figures.append(Figure(f"  CPU steal during {name} (noise indicator)", after - stolen, "s"))
     width = max(len(f.name) for f in figures)
     print(f"{'figure':<{width}}  {'value':>10}  {'target':>8}  met")
     for f in figures:
