@@ -248,6 +248,7 @@ class Daemon:
             "changes": result.changes, "problems": len(result.problems),
             "duration_ms": round(result.duration * 1000, 1),
             "phases_ms": {name: round(seconds * 1000, 1) for name, seconds in result.phases},
+            "started_at": round(result.started_at, 3),
         }
         if result.error:
             fields["error"] = result.error

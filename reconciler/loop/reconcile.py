@@ -50,6 +50,8 @@ class PassResult:
     #: seconds per phase: read (inputs + validation), render, load (Caddy's POST /load, as we saw it), apply
     #: (the rest of applying: compare, save), status
     phases: tuple[tuple[str, float], ...] = ()
+    #: wall-clock time the pass started (its log line may be written a moment after it finished)
+    started_at: float = 0.0
 
     @property
     def converged(self) -> bool:
@@ -152,7 +154,7 @@ class Reconciler:
                  prefetched: tuple[Inputs, float] | None = None) -> PassResult:
         """One pass. ``changed``: the paths a watch burst reported (None: read everything);
         ``prefetched``: inputs already read for this pass (by :meth:`read_inputs`), and how long that took."""
-        start = self._clock()
+        start, started_at = self._clock(), self._wall()
         inputs = self.read_inputs(changed) if prefetched is None else prefetched[0]
         read_done = self._clock()
         self.inputs = inputs
@@ -242,7 +244,7 @@ class Reconciler:
         phases = (("read", read_time), ("render", render_done - read_done), ("load", load_time),
                   ("apply", apply_done - render_done - load_time))
         result = PassResult(trigger, inputs.revision, outcome, self._clock() - start, changes, error,
-                            desired.problems, tuple(sorted(rejected)), loads, phases)
+                            desired.problems, tuple(sorted(rejected)), loads, phases, started_at)
         self._persist(result, inputs, applied)
         result = replace(result, phases=(*phases, ("status", self._clock() - apply_done)))
         self.last = result
