@@ -48,3 +48,17 @@ def test_close_runs_what_is_queued_and_later_jobs_run_in_the_caller() -> None:
     assert ran == ["report"]
     bg.submit(lambda: ran.append(threading.current_thread().name))
     assert ran == ["report", threading.current_thread().name]
+
+
+def test_jobs_wait_while_the_gate_is_closed() -> None:
+    gate = threading.Event()
+    ran: list[int] = []
+    bg = Background(gate=gate)
+    try:
+        bg.submit(lambda: ran.append(1))
+        assert not bg.flush(timeout=0.1) and ran == []  # a pass is reading: the report waits
+        gate.set()
+        assert bg.flush(timeout=5) and ran == [1]
+    finally:
+        gate.set()
+        bg.close()

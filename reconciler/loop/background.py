@@ -13,7 +13,11 @@ Job = Callable[[], None]
 
 
 class Background:
-    def __init__(self, *, on_error: Callable[[BaseException], None] | None = None, name: str = "report") -> None:
+    def __init__(self, *, on_error: Callable[[BaseException], None] | None = None, name: str = "report",
+                 gate: threading.Event | None = None) -> None:
+        """``gate``: when given, a job starts only while it is set (the daemon clears it while a pass reads
+        and renders, so reports do not compete with the pass for the interpreter)."""
+        self._gate = gate
         self._cond = threading.Condition()
         self._jobs: collections.deque[Job] = collections.deque()
         self._busy = False
@@ -53,6 +57,8 @@ class Background:
 
     def _run(self) -> None:
         while True:
+            if self._gate is not None:
+                self._gate.wait()
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs or self._closed)
                 if not self._jobs:

@@ -73,6 +73,9 @@ class Daemon:
         self._caddy_retry_at = 0.0
         self._tracker: CertificateTracker | None = None
         self.background: Background | None = None
+        #: cleared while a pass reads and renders (until its POST /load): reports wait meanwhile
+        self._reports_may_run = threading.Event()
+        self._reports_may_run.set()
         self._prefetched: tuple[Inputs, float] | None = None
 
     def stop(self) -> None:
@@ -84,11 +87,12 @@ class Daemon:
     def setup(self) -> None:
         s = self.settings
         api_dir_ready(s)
-        self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)))
+        self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)),
+                                     gate=self._reports_may_run)
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
                                      validate=self._validate_config, save_config=self._save_config,
                                      caddy_state=self._caddy_state, certs=self._certificates,
-                                     defer=self.background.submit)
+                                     defer=self.background.submit, on_load=self._reports_may_run.set)
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
@@ -176,17 +180,21 @@ class Daemon:
                     self._started += 1
                 self._pass_generation = self._generation
                 changed = self.triggers.take_paths()
+                burst = self.triggers.burst_started
+                queued = time.monotonic() - burst if burst is not None else None
                 # the inputs read during setup serve the first pass, unless something changed since
                 prefetched, self._prefetched = (self._prefetched if reason == "start" else None), None
                 try:
                     # no cyclic GC inside a pass: at 10k ingresses its collections cost ~30 % of a pass
                     # (the pass's garbage is acyclic and freed by refcounting; the rest waits a moment)
                     gc.disable()
+                    self._reports_may_run.clear()
                     try:
                         result = self.reconciler.run_pass(reason, changed=changed, prefetched=prefetched)
                     finally:
+                        self._reports_may_run.set()
                         gc.enable()
-                    self._record(result)
+                    self._record(result, queued)
                 finally:
                     with self._pass_cond:
                         self._finished += 1
@@ -205,7 +213,7 @@ class Daemon:
             self.shutdown()
         return 0
 
-    def _record(self, result: PassResult) -> None:
+    def _record(self, result: PassResult, queued: float | None = None) -> None:
         """What the loop needs of a pass at once (status for the API, retries, readiness); its log lines
         and metrics go to the report thread, after the pass's state files (same order as they happened)."""
         assert self.reconciler is not None
@@ -230,9 +238,10 @@ class Daemon:
         if result.converged:
             self.converged_once.set()
             self._converged_generation = self._pass_generation
-        self._report(lambda: self._log_pass(result, statuses, retry_in))
+        self._report(lambda: self._log_pass(result, statuses, retry_in, queued))
 
-    def _log_pass(self, result: PassResult, statuses: list[IngressStatus], retry_in: float | None) -> None:
+    def _log_pass(self, result: PassResult, statuses: list[IngressStatus], retry_in: float | None,
+                  queued: float | None) -> None:
         current = {p.format(): p for p in result.problems}
         for text in sorted(set(current) - self._problems):
             p = current[text]
@@ -250,6 +259,8 @@ class Daemon:
             "phases_ms": {name: round(seconds * 1000, 1) for name, seconds in result.phases},
             "started_at": round(result.started_at, 3),
         }
+        if queued is not None:  # from the first event of the burst to the start of the pass (debounce included)
+            fields["queued_ms"] = round(queued * 1000, 1)
         if result.error:
             fields["error"] = result.error
         if result.rejected:
@@ -363,6 +374,7 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         if self.background is not None:
+            self._reports_may_run.set()
             self.background.close()  # the last pass's status files and log lines land before we exit
         if self.settings.stop_caddy_on_shutdown and self.supervisor is not None:
             self.supervisor.stop()

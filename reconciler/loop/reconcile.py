@@ -7,7 +7,9 @@ culprits and apply the rest -> persist last-good inputs, the applied config and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -92,10 +94,13 @@ class Reconciler:
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  include_api: bool = True,
                  certs: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None,
-                 defer: Callable[[Callable[[], None]], None] | None = None) -> None:
+                 defer: Callable[[Callable[[], None]], None] | None = None,
+                 on_load: Callable[[], None] | None = None) -> None:
         self._certs = certs
         #: runs the state file writes of a pass (default: at once); the daemon hands them to a thread
         self._defer = defer
+        #: called when a pass starts its POST /load (the daemon lets its report thread run from then on)
+        self._on_load = on_load
         self.settings = settings
         self.include_api = include_api
         self.client = client
@@ -149,6 +154,27 @@ class Reconciler:
             self._body = (config, self._encode(config))
         return self._body[1]
 
+    def _load_overlapped(self, body: bytes, meanwhile: Callable[[], None]) -> None:
+        """``POST /load`` on a helper thread while ``meanwhile`` runs here; raises what the load raised.
+        ``meanwhile`` is only a head start: if it fails, the pass does that work again afterwards."""
+        if self._on_load is not None:
+            self._on_load()
+        failure: list[BaseException] = []
+
+        def post() -> None:
+            try:
+                self.client.load(body)
+            except BaseException as exc:  # re-raised in the pass's thread below
+                failure.append(exc)
+
+        poster = threading.Thread(target=post, name="caddy-load", daemon=True)
+        poster.start()
+        with contextlib.suppress(Exception):  # a head start only: the pass computes it again
+            meanwhile()
+        poster.join()
+        if failure:
+            raise failure[0]
+
     # -- the pass -------------------------------------------------------------------------------
     def run_pass(self, trigger: str, changed: frozenset[str] | None = None,
                  prefetched: tuple[Inputs, float] | None = None) -> PassResult:
@@ -174,6 +200,8 @@ class Reconciler:
         render_done = self._clock()
         changes = loads = 0
         load_time = 0.0
+        speculative: list[list[IngressStatus]] = []
+        spec_args: tuple[bool, str | None, dict[str, str]] | None = None
         rejected: dict[str, str] = dict(known_bad)
         error: str | None = None
         applied_config: dict[str, Any] | None = None
@@ -190,7 +218,13 @@ class Reconciler:
                 try:
                     loads += 1
                     load_start = self._clock()
-                    self.client.load(self._encoded(config))
+                    # while Caddy loads (seconds at 10k routes, the GIL free), work out the statuses this
+                    # pass will have if the load succeeds -- off the path to the next change
+                    spec_args = (True, None, dict(known_bad))  # (applied, error, rejected) if the load works
+                    self._load_overlapped(self._encoded(config), lambda: speculative.append(
+                        ingress_statuses(desired, stale=inputs.manifests.stale,
+                                         stale_since=inputs.manifests.stale_since, applied=True,
+                                         pass_error=None, rejected=dict(known_bad), memo=self.status_memo)))
                     load_time = self._clock() - load_start
                     outcome = APPLIED if not rejected else PARTIAL
                     applied_config = config
@@ -221,19 +255,24 @@ class Reconciler:
         self._culprits = {n: (_fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
         if applied_config is not None and self._saved != applied_config:
             if self._save is not None:
-                self._save(self._encoded(applied_config))
+                save, body = self._save, self._encoded(applied_config)
+                # in order with the pass's other state files (on the report thread in the daemon)
+                self._later(lambda: save(body))
             self._saved = applied_config
         elif applied_config is None and outcome == UNAVAILABLE:
             self._saved = None  # Caddy may come back with anything: read it next time
         applied = applied_config is not None
         apply_done = self._clock()
-        self.statuses = ingress_statuses(desired, stale=inputs.manifests.stale,
-                                         stale_since=inputs.manifests.stale_since, applied=applied,
-                                         pass_error=error, rejected=rejected, memo=self.status_memo)
+        if speculative and spec_args == (applied, error, rejected):
+            self.statuses = speculative[0]
+        else:
+            self.statuses = ingress_statuses(desired, stale=inputs.manifests.stale,
+                                             stale_since=inputs.manifests.stale_since, applied=applied,
+                                             pass_error=error, rejected=rejected, memo=self.status_memo)
         self.certificates = {}
-        if self._certs is not None:
+        if self._certs is not None and "tls" in config["apps"]:  # only a config with TLS hosts has the app
             tls_hosts = {ri.ingress.name: sorted({r.hostname for r in ri.ingress.rules if r.tls})
-                         for ri in desired.ingresses}
+                         for ri in desired.ingresses if any(r.tls for r in ri.ingress.rules)}
             all_hosts = sorted({h for hosts in tls_hosts.values() for h in hosts})
             if all_hosts:
                 self.certificates = {h: dict(c) for h, c in self._certs(all_hosts).items()}
@@ -289,14 +328,19 @@ class Reconciler:
             good_m = {src: dict(files) for src, files in self.manifests.good.items()}
             good_i = {src: dict(files) for src, files in self.instances.good.items()}
 
-            def write() -> None:
+            # separate jobs: the report thread pauses between jobs while a pass reads and renders
+            def save_lastgood() -> None:
                 store.save_lastgood(good_m, good_i)
-                store.save_status(status, statuses)
 
-            if self._defer is not None:
-                self._defer(write)
-            else:
-                write()
+            self._later(save_lastgood)
+            self._later(lambda: store.save_status(status, statuses))
+
+    def _later(self, job: Callable[[], None]) -> None:
+        """Run a state file write after the pass (the daemon's report thread) or, without one, now."""
+        if self._defer is not None:
+            self._defer(job)
+        else:
+            job()
 
     def status_document(self) -> dict[str, Any]:
         """The status as ``status.json`` holds it (per-ingress entries built now: at 10k ingresses keeping

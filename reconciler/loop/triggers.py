@@ -40,6 +40,9 @@ class Triggers:
         self._paths: set[str] | None = set()
         self._taken: frozenset[str] | None = None
         self._first = 0.0
+        self._first_event = 0.0
+        #: clock time of the first event of the burst the last :meth:`wait` returned (None: a timer fired)
+        self.burst_started: float | None = None
         self._last = 0.0
         self._retry_at: float | None = None
         self._stopped = False
@@ -55,7 +58,7 @@ class Triggers:
         with self._cond:
             now = self._clock()
             if not self._reasons:
-                self._first = now
+                self._first = self._first_event = now
                 self._paths = set()
             self._reasons.add(reason)
             if path is None or self._paths is None or (path not in self._paths
@@ -106,11 +109,11 @@ class Triggers:
                     if now >= self._resync_at:
                         self._resync_at = now + self._next_resync()
                         self._retry_at = None
-                        self._taken = None
+                        self._taken = self.burst_started = None
                         return "resync"
                     if self._retry_at is not None and now >= self._retry_at:
                         self._retry_at = None
-                        self._taken = None
+                        self._taken = self.burst_started = None
                         return "retry"
                 if give_up is not None:
                     if now >= give_up:
@@ -126,6 +129,7 @@ class Triggers:
 
     def _take(self) -> str:
         reasons = sorted(self._reasons)
+        self.burst_started = self._first_event
         self._taken = frozenset(self._paths) if self._paths is not None else None
         self._paths = set()
         self._reasons.clear()
