@@ -40,6 +40,19 @@ def free_port() -> int:
             return port
 
 
+class FakeClock:
+    """An injectable clock (monotonic or wall) that moves only when told to."""
+
+    def __init__(self, start: float = 1024.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def wait_for(check: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.02,
              message: str = "condition") -> T:
     """Poll ``check`` until it returns a truthy value; fail after ``timeout`` seconds."""

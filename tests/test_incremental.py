@@ -47,21 +47,16 @@ from reconciler.sources.watcher import Watcher
 from reconciler.state.store import LASTGOOD, STATUS, StateStore
 from reconciler.status import IngressStatus, StatusMemo, ingress_statuses, with_certificates
 from reconciler.validate import Resolver, resolve
-from tests.helpers import ingress_yaml, instance_yaml, wait_for, write
+from tests.helpers import FakeClock, ingress_yaml, instance_yaml, wait_for, write
 
 # =====================================================================================================
 # helpers: files
 # =====================================================================================================
 
 
-class Clock:
+def wall_clock() -> FakeClock:
     """Injected wall clock shared by the readers being compared (same ``since`` values on both sides)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
+    return FakeClock(time.time())
 
 
 def manifest_for(rel: str, variant: int = 0) -> str:
@@ -118,7 +113,7 @@ def assert_same(got: ReadResult[Any], want: ReadResult[Any], context: str = "") 
         assert a[key] == b[key], f"{context}: {key} differs\n incremental: {a[key]}\n reference:   {b[key]}"
 
 
-def reference(reader: IncrementalReader[Any], sources: list[Source], clock: Clock,
+def reference(reader: IncrementalReader[Any], sources: list[Source], clock: FakeClock,
               make: Callable[..., IncrementalReader[Any]] = ingress_reader) -> ReadResult[Any]:
     """A fresh reader's full read, starting from the long-lived reader's last-good memory (as after a restart
     with ``lastgood.json``): without it a file that turned invalid would not be stale, by design."""
@@ -126,7 +121,7 @@ def reference(reader: IncrementalReader[Any], sources: list[Source], clock: Cloc
 
 
 def incremental_matches(reader: IncrementalReader[Any], sources: list[Source], changed: set[str] | frozenset[str],
-                        clock: Clock, make: Callable[..., IncrementalReader[Any]] = ingress_reader
+                        clock: FakeClock, make: Callable[..., IncrementalReader[Any]] = ingress_reader
                         ) -> ReadResult[Any]:
     """Read with ``changed`` and check it against a fresh full read; returns the incremental result."""
     want = reference(reader, sources, clock, make)
@@ -164,7 +159,7 @@ class ReaderMachine(RuleBasedStateMachine):
         self.root.mkdir()
         self.outside.mkdir()
         self.sources = [src(self.root)]
-        self.clock = Clock()
+        self.clock = wall_clock()
         self.reader = ingress_reader(wall=self.clock)
         self.touched: set[str] = set()
         for rel, kind in (("a.yaml", "valid"), ("sub/b.yml", "valid"), ("sub/deep/c.json", "broken_yaml")):
@@ -380,7 +375,7 @@ def test_random_bursts_seeded_walk() -> None:
         for r in roots:
             (r / "sub").mkdir(parents=True)
         sources = [src(r, i) for i, r in enumerate(roots)]
-        clock = Clock()
+        clock = wall_clock()
         reader = ingress_reader(wall=clock)
         reader.read(sources)
         partial = 0
@@ -415,11 +410,11 @@ def test_random_bursts_seeded_walk() -> None:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return wall_clock()
 
 
-def test_one_file_edit_is_partial_and_parses_that_file_only(tmp_path: Path, clock: Clock) -> None:
+def test_one_file_edit_is_partial_and_parses_that_file_only(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     for rel in ("a.yaml", "b.yaml", "sub/c.yaml", "sub/d.yaml"):
         write(root / rel, manifest_for(rel))
@@ -433,7 +428,7 @@ def test_one_file_edit_is_partial_and_parses_that_file_only(tmp_path: Path, cloc
     assert [i.rules[0].port for i in got.items] == [8080, 8080, 8083, 8080]
 
 
-def test_first_read_with_paths_is_full(tmp_path: Path, clock: Clock) -> None:
+def test_first_read_with_paths_is_full(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -442,7 +437,7 @@ def test_first_read_with_paths_is_full(tmp_path: Path, clock: Clock) -> None:
     assert [i.name for i in got.items] == ["i-a-yaml"]
 
 
-def test_new_directory_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
+def test_new_directory_is_a_full_read(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -453,7 +448,7 @@ def test_new_directory_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
     assert [i.origin.relpath for i in got.items] == ["a.yaml", "newdir/b.yaml"]
 
 
-def test_populated_folder_moved_in_and_out_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
+def test_populated_folder_moved_in_and_out_is_a_full_read(tmp_path: Path, clock: FakeClock) -> None:
     """A folder moved in from outside the source is one event (the folder's); its files are not reported."""
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
@@ -470,7 +465,7 @@ def test_populated_folder_moved_in_and_out_is_a_full_read(tmp_path: Path, clock:
     assert [i.origin.relpath for i in got.items] == ["a.yaml"]
 
 
-def test_new_file_in_a_folder_without_manifests_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
+def test_new_file_in_a_folder_without_manifests_is_a_full_read(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     write(root / "docs/README.md", "# docs\n")
@@ -483,7 +478,7 @@ def test_new_file_in_a_folder_without_manifests_is_a_full_read(tmp_path: Path, c
     assert [i.origin.relpath for i in got.items] == ["a.yaml", "docs/b.yaml"]
 
 
-def test_deleted_folder_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
+def test_deleted_folder_is_a_full_read(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     write(root / "sub/b.yaml", manifest_for("sub/b.yaml"))
@@ -495,7 +490,7 @@ def test_deleted_folder_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
     assert [i.origin.relpath for i in got.items] == ["a.yaml"]
 
 
-def test_changed_root_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
+def test_changed_root_is_a_full_read(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -505,7 +500,7 @@ def test_changed_root_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
     assert reader.last_mode[str(root)] == "full"
 
 
-def test_source_with_a_symlink_inside_is_always_read_in_full(tmp_path: Path, clock: Clock) -> None:
+def test_source_with_a_symlink_inside_is_always_read_in_full(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     write(root / "b.yaml", manifest_for("b.yaml"))
@@ -524,7 +519,7 @@ def test_source_with_a_symlink_inside_is_always_read_in_full(tmp_path: Path, clo
     assert reader.last_mode[str(root)] == "partial"
 
 
-def test_new_symlink_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
+def test_new_symlink_is_a_full_read(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "sub/a.yaml", manifest_for("sub/a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -535,7 +530,7 @@ def test_new_symlink_is_a_full_read(tmp_path: Path, clock: Clock) -> None:
     assert got.problems == []
 
 
-def test_paths_outside_the_source_are_ignored(tmp_path: Path, clock: Clock) -> None:
+def test_paths_outside_the_source_are_ignored(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -550,7 +545,7 @@ def test_paths_outside_the_source_are_ignored(tmp_path: Path, clock: Clock) -> N
     assert summary(got) == summary(before)
 
 
-def test_ignored_and_non_manifest_paths_parse_nothing(tmp_path: Path, clock: Clock) -> None:
+def test_ignored_and_non_manifest_paths_parse_nothing(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -565,7 +560,7 @@ def test_ignored_and_non_manifest_paths_parse_nothing(tmp_path: Path, clock: Clo
     assert [i.origin.relpath for i in got.items] == ["a.yaml"]
 
 
-def test_added_files_take_the_scan_order(tmp_path: Path, clock: Clock) -> None:
+def test_added_files_take_the_scan_order(tmp_path: Path, clock: FakeClock) -> None:
     """The walk sorts each folder by name, so ``a/x.yaml`` < ``a-b.yaml`` < ``a.yaml`` < ``b.yaml``."""
     root = tmp_path / "m"
     for rel in ("a/x.yaml", "a.yaml", "c.yaml"):
@@ -582,7 +577,7 @@ def test_added_files_take_the_scan_order(tmp_path: Path, clock: Clock) -> None:
                                                      "c.yaml"]
 
 
-def test_file_turning_invalid_then_deleted_partially(tmp_path: Path, clock: Clock) -> None:
+def test_file_turning_invalid_then_deleted_partially(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     write(root / "b.yaml", manifest_for("b.yaml"))
@@ -600,7 +595,7 @@ def test_file_turning_invalid_then_deleted_partially(tmp_path: Path, clock: Cloc
     assert "a.yaml" not in reader.good[str(root)]
 
 
-def test_rename_reported_by_both_names(tmp_path: Path, clock: Clock) -> None:
+def test_rename_reported_by_both_names(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "sub/a.yaml", manifest_for("sub/a.yaml"))
     write(root / "z.yaml", manifest_for("z.yaml"))
@@ -612,7 +607,7 @@ def test_rename_reported_by_both_names(tmp_path: Path, clock: Clock) -> None:
     assert [i.origin.relpath for i in got.items] == ["b.yaml", "z.yaml"]
 
 
-def test_empty_change_set_reuses_everything(tmp_path: Path, clock: Clock) -> None:
+def test_empty_change_set_reuses_everything(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -622,7 +617,7 @@ def test_empty_change_set_reuses_everything(tmp_path: Path, clock: Clock) -> Non
     assert summary(got) == summary(before)
 
 
-def test_unavailable_source_then_back_is_read_in_full(tmp_path: Path, clock: Clock) -> None:
+def test_unavailable_source_then_back_is_read_in_full(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     reader = ingress_reader(wall=clock)
@@ -637,7 +632,7 @@ def test_unavailable_source_then_back_is_read_in_full(tmp_path: Path, clock: Clo
     assert back.sources[0].ok and back.items[0].rules[0].port == 8081
 
 
-def test_two_sources_each_partial(tmp_path: Path, clock: Clock) -> None:
+def test_two_sources_each_partial(tmp_path: Path, clock: FakeClock) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     write(one / "a.yaml", manifest_for("one-a"))
     write(two / "a.yaml", manifest_for("two-a"))
@@ -651,7 +646,7 @@ def test_two_sources_each_partial(tmp_path: Path, clock: Clock) -> None:
     assert [(i.origin.source_index, i.rules[0].port) for i in got.items] == [(0, 8080), (1, 8084)]
 
 
-def test_instance_reader_partial(tmp_path: Path, clock: Clock) -> None:
+def test_instance_reader_partial(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "instances"
     write(root / "vm1.yaml", instance_yaml("vm1"))
     write(root / "vm2.yaml", instance_yaml("vm2"))
@@ -663,7 +658,7 @@ def test_instance_reader_partial(tmp_path: Path, clock: Clock) -> None:
     assert [(i.name, i.state) for i in got.items] == [("vm1", "Running"), ("vm2", "Stopped")]
 
 
-def test_symlinked_source_root_partial_via_the_link_path(tmp_path: Path, clock: Clock) -> None:
+def test_symlinked_source_root_partial_via_the_link_path(tmp_path: Path, clock: FakeClock) -> None:
     """A git-sync style source: events may name the link path or the resolved folder."""
     real = tmp_path / "rev-1"
     write(real / "a.yaml", manifest_for("a.yaml"))
@@ -694,7 +689,8 @@ def test_symlinked_source_root_partial_via_the_link_path(tmp_path: Path, clock: 
 # target was read partially, differently from a full read)
 
 
-def test_second_name_of_a_manifest_dangles_after_its_target_is_deleted_regression(tmp_path: Path, clock: Clock) -> None:
+def test_second_name_of_a_manifest_dangles_after_its_target_is_deleted_regression(tmp_path: Path,
+                                                                                   clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     os.symlink("a.yaml", root / "z.yaml")  # walked after a.yaml: deduplicated, no entry of its own
@@ -706,7 +702,7 @@ def test_second_name_of_a_manifest_dangles_after_its_target_is_deleted_regressio
 
 
 def test_link_to_a_folder_without_manifests_dangles_after_it_is_deleted_regression(tmp_path: Path,
-                                                                            clock: Clock) -> None:
+                                                                            clock: FakeClock) -> None:
     root = tmp_path / "m"
     write(root / "a.yaml", manifest_for("a.yaml"))
     write(root / "docs/README.md", "# docs\n")
@@ -717,7 +713,7 @@ def test_link_to_a_folder_without_manifests_dangles_after_it_is_deleted_regressi
     incremental_matches(reader, [src(root)], {str(root / "docs"), str(root / "docs/README.md")}, clock)
 
 
-def test_visible_link_to_a_hidden_folder_sees_a_new_manifest_regression(tmp_path: Path, clock: Clock) -> None:
+def test_visible_link_to_a_hidden_folder_sees_a_new_manifest_regression(tmp_path: Path, clock: FakeClock) -> None:
     root = tmp_path / "m"
     (root / ".hidden").mkdir(parents=True)
     os.symlink(".hidden", root / "data")
@@ -731,17 +727,6 @@ def test_visible_link_to_a_hidden_folder_sees_a_new_manifest_regression(tmp_path
 # =====================================================================================================
 # Triggers: paths of a burst, quick quiet period
 # =====================================================================================================
-
-
-class FakeClock:
-    def __init__(self, start: float = 1024.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def triggers(clock: FakeClock, *, debounce: float = 0.125, debounce_max: float = 1.0, quick: float | None = 0.03125,

@@ -12,18 +12,7 @@ import threading
 import time
 
 from reconciler.loop.triggers import Triggers
-from tests.helpers import wait_for
-
-
-class FakeClock:
-    def __init__(self, start: float = 1024.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.helpers import FakeClock, wait_for
 
 
 def make(clock: FakeClock, *, debounce: float = 0.1, debounce_max: float = 1.0,
