@@ -31,7 +31,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from reconciler.model import Document, GoodFile, Ingress, Instance, Problem, Reason, Source
 from reconciler.parse import ParseError, decode
@@ -95,7 +95,6 @@ class _Known:
     root: str
     files: dict[str, FileEntry]  # relpath -> entry, in scan order
     dirs: set[str]  # the root ("") and every folder holding a manifest file
-    got: dict[str, _Cached[Any]]  # relpath -> what was read
 
 
 def _signature(st: os.stat_result, source: Source) -> tuple[int, ...]:
@@ -346,14 +345,14 @@ class IncrementalReader(Generic[T]):
         for entry, _ in files:
             parts = entry.relpath.split("/")[:-1]
             dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-        self._known[source.path] = _Known(root, {e.relpath: e for e, _ in files}, dirs,
-                                          {e.relpath: got for e, got in files})
+        self._known[source.path] = _Known(root, {e.relpath: e for e, _ in files}, dirs)
 
     def _read_partial(self, source: Source, scan: SourceScan, rels: set[str], out: ReadResult[T]) -> None:
         known = self._known[source.path]
         files: list[tuple[FileEntry, _Cached[T]]] = []
         for entry in scan.files:
-            got = known.got.get(entry.relpath) if entry.relpath not in rels else None
+            # unchanged files: what the cache holds (a file whose read failed is tried again, as in a full read)
+            got = self._cache.get((source.path, entry.relpath)) if entry.relpath not in rels else None
             if got is None:
                 got = self._read_entry(entry, source)
             if got is not None:
@@ -361,7 +360,6 @@ class IncrementalReader(Generic[T]):
         self.last_mode[source.path] = "partial"
         self._use(source, scan, files, out)
         known.files = {e.relpath: e for e, _ in files}
-        known.got = {e.relpath: got for e, got in files}
 
     def _read_source(self, source: Source, out: ReadResult[T], changed: frozenset[str] | None = None) -> None:
         partial = self._partial(source, changed) if changed is not None else None
