@@ -222,3 +222,24 @@ def test_wait_timeout_returns_none_with_the_real_clock() -> None:
     start = time.monotonic()
     assert t.wait(timeout=0.05) is None
     assert 0.04 <= time.monotonic() - start < 1.0
+
+
+def test_notify_names_the_burst_whose_pass_handles_it() -> None:
+    """An API write waits for the pass of the burst its notification joined: a notification that arrives
+    after :meth:`wait` handed out a burst (its pass is starting) belongs to the next burst."""
+    clock = FakeClock()
+    t = make(clock, debounce=0.125)
+    assert t.bursts == 0
+    assert t.notify("watch", path="/m/a.yaml") == 1
+    assert t.notify("api", immediate=True, path="/m/b.yaml") == 1
+    assert poll(t) == "api+watch"
+    assert t.bursts == 1
+    assert t.take_paths() == {"/m/a.yaml", "/m/b.yaml"}
+    # the pass of burst 1 has started; this write is not in its paths, so it must wait for burst 2
+    assert t.notify("api", immediate=True, path="/m/c.yaml") == 2
+    assert t.take_paths() == {"/m/a.yaml", "/m/b.yaml"}
+    assert poll(t) == "api"
+    assert (t.bursts, t.take_paths()) == (2, {"/m/c.yaml"})
+    clock.advance(40)  # a timer pass takes no burst
+    assert poll(t) == "resync"
+    assert t.bursts == 2

@@ -35,7 +35,7 @@ class Backend(Protocol):
         every file); returns a ticket for :meth:`wait_pass`."""
 
     def wait_pass(self, ticket: int, timeout: float) -> bool:
-        """Block until a pass that started after the ticket finished; False on timeout."""
+        """Block until the pass the ticket asked for finished; False on timeout."""
 
     def ingress_status(self, name: str) -> dict[str, Any] | None: ...
 

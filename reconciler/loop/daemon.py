@@ -59,8 +59,8 @@ class Daemon:
         self._failures = 0
         self._problems: set[str] = set()
         self._pass_cond = threading.Condition()
-        self._started = 0
-        self._finished = 0
+        #: the last burst (see Triggers.bursts) whose pass has finished: API tickets wait for theirs
+        self._served = 0
         self._status_index: dict[str, IngressStatus] = {}
         self._generation = 0  # bumped at every Caddy (re)start by the supervisor loop
         self._pass_generation = 0
@@ -176,11 +176,10 @@ class Daemon:
                 self._check_caddy()
                 if reason is None:
                     continue
-                with self._pass_cond:
-                    self._started += 1
-                self._pass_generation = self._generation
+                serving = self.triggers.bursts  # only this thread takes bursts: stable until the next wait
                 changed = self.triggers.take_paths()
                 burst = self.triggers.burst_started
+                self._pass_generation = self._generation
                 queued = time.monotonic() - burst if burst is not None else None
                 # the inputs read during setup serve the first pass, unless something changed since
                 prefetched, self._prefetched = (self._prefetched if reason == "start" else None), None
@@ -197,7 +196,7 @@ class Daemon:
                     self._record(result, queued)
                 finally:
                     with self._pass_cond:
-                        self._finished += 1
+                        self._served = serving
                         self._pass_cond.notify_all()
                 if changed is None:
                     # after a full read, park what is long-lived out of the collector's way (later
@@ -281,16 +280,15 @@ class Daemon:
 
     # -- what the API needs (reconciler.api.app.Backend) ----------------------------------------
     def request_pass(self, path: str | None = None) -> int:
-        """Ask for a pass now; the ticket is satisfied by the first pass that starts after this call."""
-        with self._pass_cond:
-            ticket = self._started
-        self.triggers.notify("api", immediate=True, path=path)
-        return ticket
+        """Ask for a pass now; the ticket is satisfied once the pass that reads ``path`` has finished."""
+        # the ticket is the burst the notification joins: the pass that takes that burst reads ``path``
+        # (a pass already started took an earlier burst, so it cannot satisfy the ticket)
+        return self.triggers.notify("api", immediate=True, path=path)
 
     def wait_pass(self, ticket: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._pass_cond:
-            while self._finished <= ticket:
+            while self._served < ticket:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.triggers.stopped:
                     return False

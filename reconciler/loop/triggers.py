@@ -39,6 +39,8 @@ class Triggers:
         #: paths changed in the pending burst; None = something without a path asked: read everything
         self._paths: set[str] | None = set()
         self._taken: frozenset[str] | None = None
+        #: bursts handed out by :meth:`wait` so far (a notification belongs to burst ``bursts + 1``)
+        self.bursts = 0
         self._first = 0.0
         self._first_event = 0.0
         #: clock time of the first event of the burst the last :meth:`wait` returned (None: a timer fired)
@@ -52,9 +54,10 @@ class Triggers:
         spread = self.resync_interval * self.jitter
         return self.resync_interval + self._rng.uniform(-spread, spread)
 
-    def notify(self, reason: str, *, immediate: bool = False, path: str | None = None) -> None:
+    def notify(self, reason: str, *, immediate: bool = False, path: str | None = None) -> int:
         """Ask for a pass. ``immediate`` skips the quiet period (API writes, Caddy restarts); ``path`` is
-        what changed (a pass asked for without one reads every input)."""
+        what changed (a pass asked for without one reads every input). Returns the number of the burst
+        this belongs to: the pass that :meth:`wait` returns with :attr:`bursts` equal to it handles it."""
         with self._cond:
             now = self._clock()
             if not self._reasons:
@@ -70,6 +73,7 @@ class Triggers:
             if immediate:
                 self._first = min(self._first, now - self.debounce_max)
             self._cond.notify_all()
+            return self.bursts + 1
 
     def retry_in(self, delay: float) -> None:
         with self._cond:
@@ -129,6 +133,7 @@ class Triggers:
 
     def _take(self) -> str:
         reasons = sorted(self._reasons)
+        self.bursts += 1
         self.burst_started = self._first_event
         self._taken = frozenset(self._paths) if self._paths is not None else None
         self._paths = set()
