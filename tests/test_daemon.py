@@ -481,6 +481,44 @@ def test_burst_of_1000_manifests(tmp_path: Path, daemon_factory: DaemonFactory,
     assert sum(e["changed"] for e in summaries) + len(singles) == 1000
 
 
+def _children(pid: int) -> list[str]:
+    """Command lines of the live processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return out
+
+
+def test_cold_start_shares_parsing_with_a_helper_that_then_exits(tmp_path: Path, daemon_factory: DaemonFactory,
+                                                                backends: BackendFactory) -> None:
+    from reconciler.sources.inputs import HELPER_MIN_FILES
+
+    a = backends("a")
+    manifests, instances = setup_sources(tmp_path)
+    port = free_port()
+    n = HELPER_MIN_FILES + 100
+    for i in range(n):
+        write(manifests / f"{i % 10}" / f"ing-{i:04d}.yaml", ingress_yaml(f"ing-{i:04d}", f"h{i}.cold.test", port,
+                                                                          "vm", a.port))
+    d = daemon_factory(manifests=[manifests], instances=instances).start()
+    [first] = d.log_events("reconcile.finished")[:1]
+    assert first["outcome"] == "applied"
+    [prefetched] = d.log_events("inputs.prefetched")
+    assert prefetched["files"] == n + 1  # and the instances file
+    assert 0.4 * n < prefetched["by_helper"] < 0.5 * n
+    assert not d.log_events("parse_helper.failed")
+    assert all(routed_to(port, f"h{i}.cold.test", "a") for i in (0, n // 2, n - 1))
+    assert d.proc is not None
+    # the helper is gone once the first read is done: only Caddy is left as a child
+    wait_for(lambda: all("caddy" in c for c in _children(d.proc.pid)), timeout=10, message="helper exited")
+    assert d.caddy_pid() is not None
+
+
 # -- CLI ------------------------------------------------------------------------------------------------
 
 def test_diff_exit_codes_and_apply_converges_bare_caddy(tmp_path: Path, caddy: CaddyProcess,

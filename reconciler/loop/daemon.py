@@ -23,6 +23,7 @@ from reconciler.loop.background import Background
 from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
+from reconciler.sources.inputs import drop_helper, fork_helper
 from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
 from reconciler.state.metrics import Metrics
@@ -44,8 +45,11 @@ def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.R
 class Daemon:
     """``hypeman-ingress run``. :meth:`stop` (or a signal handler calling it) ends :meth:`run` cleanly."""
 
-    def __init__(self, settings: Settings, *, binary: str | None = None, health_interval: float = 0.5) -> None:
+    def __init__(self, settings: Settings, *, binary: str | None = None, health_interval: float = 0.5,
+                 fork_parser: bool = True) -> None:
         self.settings = settings
+        #: fork a helper process for the first read's parsing (only when no other thread runs yet)
+        self.fork_parser = fork_parser
         self.health_interval = health_interval
         self._binary_source = binary
         self.client = AdminClient(settings.admin_url)
@@ -87,12 +91,15 @@ class Daemon:
     def setup(self) -> None:
         s = self.settings
         api_dir_ready(s)
-        self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)),
-                                     gate=self._reports_may_run)
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
                                      validate=self._validate_config, save_config=self._save_config,
                                      caddy_state=self._caddy_state, certs=self._certificates,
-                                     defer=self.background.submit, on_load=self._reports_may_run.set)
+                                     defer=self._report, on_load=self._reports_may_run.set)
+        # the parse helper is a copy of this process: forked now, before the first thread starts
+        if self.fork_parser and threading.active_count() == 1:
+            fork_helper(self.reconciler.manifests, self.reconciler.instances)
+        self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)),
+                                     gate=self._reports_may_run)
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
@@ -117,11 +124,26 @@ class Daemon:
         start = time.monotonic()
         gc.disable()  # as in a pass: collections while 10k files' objects pile up cost ~20 % of the read
         try:
-            self._prefetched = (self.reconciler.read_inputs(), time.monotonic() - start)
+            inputs = self.reconciler.read_inputs()
+            self._prefetched = (inputs, time.monotonic() - start)
+            log.info("inputs.prefetched", files=sum(h.files for h in inputs.sources),
+                     parsed=inputs.manifests.parsed_files + inputs.instances.parsed_files,
+                     by_helper=inputs.manifests.helped_files + inputs.instances.helped_files,
+                     read_ms=round(self._prefetched[1] * 1000, 1))
         except Exception as exc:  # only a head start: the first pass then reads for itself
             log.warning("prefetch.failed", error=str(exc))
         finally:
             gc.enable()
+            self._drop_helper()
+
+    def _drop_helper(self) -> None:
+        """End the parse helper: later reads are small (only what changed), or full reads of files the
+        cache mostly knows."""
+        assert self.reconciler is not None
+        helper = self.reconciler.manifests.helper
+        drop_helper(self.reconciler.manifests, self.reconciler.instances)
+        if helper is not None and helper.last_error:
+            log.warning("parse_helper.failed", error=helper.last_error)
 
     def _validate_config(self, config: dict[str, Any]) -> str | None:
         assert self.binary is not None
@@ -369,6 +391,8 @@ class Daemon:
                 previous_reason=previous, message=st.message, file=st.file)
 
     def shutdown(self) -> None:
+        if self.reconciler is not None:
+            self._drop_helper()
         if self.watcher is not None:
             self.watcher.stop()
         if self.background is not None:
