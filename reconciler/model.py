@@ -17,6 +17,16 @@ _NAMESPACE_BYTES = INGRESS_ID_NAMESPACE.bytes
 RUNNING = "Running"
 
 
+class Record:
+    """Base of the records a forked parse helper sends back: pickled as a call of the constructor with
+    the fields (~3x faster both ways than the default for frozen slotted dataclasses)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return type(self), tuple(getattr(self, name) for name in self.__dataclass_fields__)  # type: ignore[attr-defined]
+
+
 def derive_ingress_id(name: str) -> str:
     """Deterministic id of an ingress that does not carry one: ``str(uuid.uuid5(INGRESS_ID_NAMESPACE,
     name))``, computed without building UUID objects (RFC 4122 §4.3: SHA-1 of namespace + name, version
@@ -50,7 +60,7 @@ class Reason:
 
 
 @dataclass(frozen=True, slots=True)
-class Source:
+class Source(Record):
     """A manifest directory. ``index`` is its position; earlier sources win conflicts."""
 
     path: str
@@ -59,7 +69,7 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(Record):
     """Where a document came from. Orders documents deterministically: source, relative path, index."""
 
     source_index: int
@@ -89,7 +99,7 @@ class Document:
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
+class Problem(Record):
     """Something wrong with the input, located at ``file:line``."""
 
     file: str
@@ -114,7 +124,7 @@ class GoodFile:
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(Record):
     """One routing rule after defaults: (hostname, port) -> instance:target_port."""
 
     hostname: str
@@ -126,7 +136,7 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class Ingress:
+class Ingress(Record):
     name: str
     id: str
     rules: tuple[Rule, ...]
@@ -135,7 +145,7 @@ class Ingress:
 
 
 @dataclass(frozen=True, slots=True)
-class Instance:
+class Instance(Record):
     name: str
     id: str | None
     ip: str

@@ -10,11 +10,12 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from reconciler.parse import ParsedDocument
+
+if TYPE_CHECKING:
+    import jsonschema
 
 _rs: Any
 try:  # Rust validator for the fast "is it valid?" path (~1 us/doc instead of ~400 us)
@@ -41,6 +42,10 @@ def load_schema(name: str) -> dict[str, Any]:
 
 @cache
 def validator(name: str) -> jsonschema.protocols.Validator:
+    """The full validator, for readable error messages (imported when first needed: ~70 ms of start-up
+    otherwise, and valid documents never need it while jsonschema-rs is there)."""
+    import jsonschema
+
     schema = load_schema(name)
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)

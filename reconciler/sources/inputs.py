@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from reconciler.model import Document, GoodFile, Ingress, Instance, Problem, Reason, Source
+from reconciler.model import Document, GoodFile, Ingress, Instance, Problem, Reason, Record, Source
 from reconciler.parse import ParseError, decode
 from reconciler.sources.forked import ForkedHelper
 from reconciler.sources.loader import (
@@ -63,7 +63,7 @@ _HEX40 = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
 
 
 @dataclass(slots=True)
-class _Cached(Generic[T]):
+class _Cached(Record, Generic[T]):
     signature: tuple[int, ...]
     digest: str
     items: tuple[T, ...]
