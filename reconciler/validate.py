@@ -230,6 +230,11 @@ class Resolver:
     ingress alone (its claims, its own problems) is kept by object identity, and its resolved targets are
     kept too while the instances are the very same objects. A pass where one file changed then costs a
     walk over dictionaries instead of re-deriving 10k ingresses.
+
+    Who wins a conflict depends only on the ingresses' order, names, ids, claims and own problems. When
+    the ingresses come in the same order as last time and each new object claims exactly what the one it
+    replaces claimed, from the same place (an edited target, port of the backend, instance...), every
+    verdict is last pass's: they are reused without walking the conflict rules again.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -237,6 +242,9 @@ class Resolver:
         self._own: dict[int, _Own] = {}
         self._resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
         self._instances: tuple[Instance, ...] | None = None
+        #: last call's ingresses as given, and in resolution order with each one's problem (None: accepted)
+        self._given: list[Ingress] = []
+        self._verdicts: list[tuple[Ingress, Problem | None]] = []
 
     def _own_of(self, ing: Ingress) -> _Own:
         own = self._own.get(id(ing))
@@ -245,6 +253,24 @@ class Resolver:
         mine = claims_of(ing, self.settings)
         return _Own(ing, tuple(mine), tuple((h, p) for h, p, _, _ in mine),
                     _own_problem(ing, mine, self.settings), _late_problem(ing, self.settings))
+
+    def _same_verdicts(self, given: list[Ingress]) -> dict[int, tuple[Ingress, _Own]] | None:
+        """The replaced ingresses (id of the old object -> (new object, its _Own)) when last pass's
+        verdicts hold for ``given``; None when the conflict rules must be walked again."""
+        if len(given) != len(self._given):
+            return None
+        swaps: dict[int, tuple[Ingress, _Own]] = {}
+        for new, old in zip(given, self._given, strict=True):
+            if new is old:
+                continue
+            if new.origin != old.origin or new.name != old.name or new.id != old.id:
+                return None
+            mine, theirs = self._own_of(new), self._own.get(id(old))
+            if (theirs is None or id(old) in swaps
+                    or (mine.claims, mine.early, mine.late) != (theirs.claims, theirs.early, theirs.late)):
+                return None
+            swaps[id(old)] = (new, mine)
+        return swaps
 
     def __call__(self, ingresses: Iterable[Ingress], instances: Iterable[Instance],
                  problems: Iterable[Problem] = ()) -> Desired:
@@ -258,27 +284,16 @@ class Resolver:
         if not same:
             self._resolved = {}
         self._instances = tuple(known)
-        names: dict[str, Ingress] = {}
-        ids: dict[str, Ingress] = {}
-        claims: dict[tuple[str, int], Ingress] = {}
-        port_mode: dict[int, tuple[bool, Ingress]] = {}
+        given = list(ingresses)
+        swaps = self._same_verdicts(given)
+        verdicts = self._reuse(swaps) if swaps is not None else self._walk(given)
         accepted: list[ResolvedIngress] = []
-        owns: dict[int, _Own] = {}
         resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
         previous = self._resolved
-        for ing in sorted(ingresses, key=lambda i: i.origin.sort_key):
-            own = self._own_of(ing)
-            owns[id(ing)] = own
-            problem = self._problem(ing, own, names, ids, claims, port_mode)
+        for ing, problem in verdicts:
             if problem is not None:
-                out.append(Problem(ing.origin.file, ing.origin.line, problem[0], problem[1], ing.name))
+                out.append(problem)
                 continue
-            names[ing.name] = ing
-            ids[ing.id] = ing
-            for h, p, tls, _ in own.claims:
-                claims[(h, p)] = ing
-                if p not in port_mode:
-                    port_mode[p] = (tls, ing)
             memo = previous.get(id(ing))
             if memo is None or memo[0] is not ing:
                 memo = (ing, ResolvedIngress(ing, tuple(ResolvedRule(rule, i, index.backend(rule))
@@ -286,9 +301,49 @@ class Resolver:
             resolved[id(ing)] = memo  # the same tuple when unchanged: no garbage per ingress and pass
             accepted.append(memo[1])
         # keep only what this pass saw: the memory never outgrows the inputs
-        self._own, self._resolved = owns, resolved
+        self._resolved = resolved
+        self._given, self._verdicts = given, verdicts
         instances_by_name: Mapping[str, Instance] = index.by_name
         return Desired(tuple(accepted), tuple(out), instances_by_name)
+
+    def _reuse(self, swaps: dict[int, tuple[Ingress, _Own]]) -> list[tuple[Ingress, Problem | None]]:
+        """Last pass's verdicts with the replaced ingresses swapped in (their problems, if any, are the same
+        messages at the same place)."""
+        if not swaps:
+            return self._verdicts
+        for old_id, (new, own) in swaps.items():
+            del self._own[old_id]
+            self._own[id(new)] = own
+        out: list[tuple[Ingress, Problem | None]] = []
+        for ing, problem in self._verdicts:
+            swap = swaps.get(id(ing))
+            out.append((swap[0], problem) if swap is not None else (ing, problem))
+        return out
+
+    def _walk(self, given: list[Ingress]) -> list[tuple[Ingress, Problem | None]]:
+        """Every ingress in origin order with its problem (None: accepted), by the conflict rules."""
+        names: dict[str, Ingress] = {}
+        ids: dict[str, Ingress] = {}
+        claims: dict[tuple[str, int], Ingress] = {}
+        port_mode: dict[int, tuple[bool, Ingress]] = {}
+        owns: dict[int, _Own] = {}
+        verdicts: list[tuple[Ingress, Problem | None]] = []
+        for ing in sorted(given, key=lambda i: i.origin.sort_key):
+            own = self._own_of(ing)
+            owns[id(ing)] = own
+            problem = self._problem(ing, own, names, ids, claims, port_mode)
+            if problem is not None:
+                verdicts.append((ing, Problem(ing.origin.file, ing.origin.line, problem[0], problem[1], ing.name)))
+                continue
+            verdicts.append((ing, None))
+            names[ing.name] = ing
+            ids[ing.id] = ing
+            for h, p, tls, _ in own.claims:
+                claims[(h, p)] = ing
+                if p not in port_mode:
+                    port_mode[p] = (tls, ing)
+        self._own = owns
+        return verdicts
 
     @staticmethod
     def _problem(ing: Ingress, own: _Own, names: Mapping[str, Ingress], ids: Mapping[str, Ingress],

@@ -21,6 +21,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1010,6 +1011,53 @@ def test_resolver_equals_resolve_across_changes(case: str) -> None:
                             if hasattr(r.backend, "reason"))
     # the walk met conflicts and unavailable instances, not only the happy path
     assert {"NameConflict", "HostnameConflict", "InstanceNotFound", "InstanceNotRunning"} <= seen_reasons
+
+
+def retarget(rng: random.Random, ing: Ingress) -> Ingress:
+    """The same ingress pointed elsewhere (what an edit of a backend does): same names, claims, place."""
+    rules = tuple(replace(r, instance=rng.choice([*INSTANCE_NAMES, "ghost"]), target_port=rng.choice([1, 2, 3]))
+                  for r in ing.rules)
+    return replace(ing, rules=rules)
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS_CASES))
+def test_resolver_reusing_verdicts_equals_resolve(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingresses in the reader's stable order, mostly retargeted between passes (the verdicts of the last
+    pass are reused), sometimes changed in what they claim or where they are (the rules are walked)."""
+    s = SETTINGS_CASES[case]
+    rng = random.Random(zlib.crc32(b"verdicts-" + case.encode()))
+    world = World(rng, 40, with_tls=True)
+    resolver = Resolver(s)
+    walks = [0]
+    walk = resolver._walk
+
+    def counting(given: list[Ingress]) -> Any:
+        walks[0] += 1
+        return walk(given)
+
+    monkeypatch.setattr(resolver, "_walk", counting)
+    rejected = 0
+    for step in range(200):
+        roll = rng.random()
+        if roll < 0.6:
+            for rel in rng.sample(sorted(world.ingresses), rng.randint(1, 3)):
+                world.ingresses[rel] = retarget(rng, world.ingresses[rel])
+        elif roll < 0.7:
+            rel = rng.choice(sorted(world.ingresses))  # moved down a line: messages naming it change
+            ing = world.ingresses[rel]
+            world.ingresses[rel] = replace(ing, origin=replace(ing.origin, line=ing.origin.line + 1))
+        elif roll < 0.85:
+            world.step()
+        # else: nothing changed at all
+        ings = [world.ingresses[rel] for rel in sorted(world.ingresses)]
+        insts = list(world.instances.values())
+        got = resolver(ings, insts)
+        want = resolve(ings, insts, s)
+        assert got.ingresses == want.ingresses, step
+        assert got.problems == want.problems, step
+        rejected += len([p for p in got.problems if p.ingress])
+    assert rejected > 0, "conflicts were part of the walk"
+    assert 20 < walks[0] < 120, walks  # both ways were taken, the verdicts reused most of the time
 
 
 def test_resolver_keeps_unchanged_results_and_follows_a_stopped_instance() -> None:
