@@ -510,7 +510,7 @@ def test_cold_start_shares_parsing_with_a_helper_that_then_exits(tmp_path: Path,
     assert first["outcome"] == "applied"
     [prefetched] = d.log_events("inputs.prefetched")
     assert prefetched["files"] == n + 1  # and the instances file
-    assert 0.4 * n < prefetched["by_helper"] < 0.5 * n
+    assert 0 < prefetched["by_helper"] < n
     assert not d.log_events("parse_helper.failed")
     assert all(routed_to(port, f"h{i}.cold.test", "a") for i in (0, n // 2, n - 1))
     assert d.proc is not None

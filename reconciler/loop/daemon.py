@@ -38,7 +38,7 @@ STATE_EVENTS_MAX = 200
 
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> float:
     """Capped exponential backoff with full jitter in [delay/2, delay]."""
-    delay = min(cap, base * (2 ** max(0, attempt)))
+    delay = min(cap, base * (2 ** min(max(0, attempt), 64)))  # the exponent capped: no float overflow
     return (rng or random).uniform(delay / 2, delay)
 
 

@@ -1,14 +1,18 @@
-"""A forked helper process that runs jobs on the second core: the first, big read's parsing. I/O edge.
+"""A forked helper process that shares a list of jobs with the caller, on the second core. I/O edge.
 
 Parsing YAML holds the interpreter lock, so threads cannot share it; a process can. The daemon forks the
 helper *before it starts any thread* (a fork with threads running could copy a lock one of them holds),
-so the child is a copy of a quiet process: the same modules, the same readers, the same settings. A job
-is sent to it through a pipe, run there by the handler given at fork time, and its result (pickled) sent
-back.
+so the child is a copy of a quiet process: the same modules, the same readers, the same settings.
 
-The helper is only ever a head start: if it fails, dies or cannot be forked, the caller does the work
-itself, so nothing depends on it. :meth:`ForkedHelper.close` ends it (the daemon closes it after the first
-read); a helper whose parent dies sees the pipe close and exits.
+:meth:`ForkedHelper.share` splits a list of items between the caller and the helper without deciding the
+split in advance: the caller takes items from the front, the helper from the back, a few at a time, each
+announcing how far it got in a small shared array, until they meet. Whoever is faster (the caller may be
+sharing its core with Caddy starting up) simply does more. Around the meeting point both may do the same
+few items; the caller keeps its own result then. The helper sends its results (pickled) once done.
+
+The helper is only ever a head start: if it fails, dies or cannot be forked, the caller does what is
+missing itself, so nothing depends on it. :meth:`ForkedHelper.close` ends it (the daemon closes it after
+the first read); a helper whose parent dies sees the pipe close and exits.
 """
 
 from __future__ import annotations
@@ -19,15 +23,23 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-#: longest wait for one job's result before the caller gives up and does the work itself
+#: longest wait for the helper's results once the caller is done with its side
 RESULT_TIMEOUT = 120.0
+#: items taken at a time from either end (at most this many are done twice where the two meet)
+CHUNK = 16
+
+# the shared array: [0] the caller's front (items below it are the caller's), [1] the helper's back
+# (items from it on are the helper's)
+_FRONT, _BACK = 0, 1
+
+Handler = Callable[[Any, Any], Any]  # (key, item) -> result
 
 
-def _serve(conn: Connection, other: Connection, handler: Callable[[Any], Any]) -> None:
+def _serve(conn: Connection, other: Connection, bounds: Any, handler: Handler) -> None:
     other.close()
     # Ctrl-C reaches the whole process group: the parent decides when the helper ends (it closes the pipe)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -40,9 +52,20 @@ def _serve(conn: Connection, other: Connection, handler: Callable[[Any], Any]) -
             return
         if job is None:
             return
+        key, items = job
+        done: list[tuple[int, Any]] = []
         try:
-            reply: tuple[bool, Any] = (True, handler(job))
-        except Exception as exc:  # reported to the parent, which then does the job itself
+            back = len(items)
+            while True:
+                front = bounds[_FRONT]
+                if back <= front:
+                    break
+                start = max(front, back - CHUNK)
+                bounds[_BACK] = start
+                done.extend((i, handler(key, items[i])) for i in range(start, back))
+                back = start
+            reply: tuple[bool, Any] = (True, done)
+        except Exception as exc:  # reported to the parent, which then does the items itself
             reply = (False, f"{type(exc).__name__}: {exc}")
         try:
             conn.send(reply)
@@ -51,21 +74,21 @@ def _serve(conn: Connection, other: Connection, handler: Callable[[Any], Any]) -
 
 
 class ForkedHelper:
-    """One forked worker process running ``handler(job)`` for each job sent to it, one at a time."""
+    """One forked worker process sharing lists of items with its parent (see :meth:`share`)."""
 
-    def __init__(self, handler: Callable[[Any], Any]) -> None:
+    def __init__(self, handler: Handler) -> None:
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self._conn, handler), name="hypeman-parse",
-                                 daemon=True)
+        self._bounds = ctx.RawArray("q", 2)  # shared memory: made before the fork, so both see it
+        self._proc = ctx.Process(target=_serve, args=(child, self._conn, self._bounds, handler),
+                                 name="hypeman-parse", daemon=True)
         self._proc.start()
         child.close()
-        self._busy = False
-        #: why the last job was not done by the helper (for logs and tests)
+        #: why the last share did not get the helper's results (for logs and tests)
         self.last_error: str | None = None
 
     @classmethod
-    def fork(cls, handler: Callable[[Any], Any]) -> ForkedHelper | None:
+    def fork(cls, handler: Handler) -> ForkedHelper | None:
         """A helper, or None where there is no second core to use or forking fails."""
         if (os.cpu_count() or 1) < 2:
             return None
@@ -81,24 +104,37 @@ class ForkedHelper:
     def alive(self) -> bool:
         return self._proc.is_alive()
 
-    def submit(self, job: Any) -> bool:
-        """Send ``job``; False when the helper cannot take it (busy, gone): do it yourself then."""
-        if self._busy or not self._proc.is_alive():
-            return False
-        try:
-            self._conn.send(job)
-        except (OSError, ValueError) as exc:
-            self.last_error = f"cannot send the job: {exc}"
-            return False
-        self._busy = True
-        return True
+    def share(self, key: Any, items: Sequence[Any], mine: Callable[[int], None], *,
+              timeout: float = RESULT_TIMEOUT) -> dict[int, Any]:
+        """Work through ``items`` together: ``mine(i)`` is called here for the items this side takes (from
+        the front, in order), the helper runs ``handler(key, item)`` on the others (from the back). Returns
+        the helper's results by index; an index in neither (the helper failed) is the caller's to do."""
+        n = len(items)
+        self._bounds[_FRONT], self._bounds[_BACK] = 0, n
+        sent = False
+        if self._proc.is_alive():
+            try:
+                self._conn.send((key, list(items)))
+                sent = True
+            except (OSError, ValueError) as exc:
+                self.last_error = f"cannot send the job: {exc}"
+        if not sent:
+            self._bounds[_BACK] = n
+        i = 0
+        while i < n and i < self._bounds[_BACK]:
+            end = min(i + CHUNK, n)
+            self._bounds[_FRONT] = end  # taken: the helper stops before it
+            for k in range(i, end):
+                mine(k)
+            i = end
+        if not sent:
+            return {}
+        ok, value = self._result(timeout)
+        if not ok:
+            return {}
+        return {k: v for k, v in value if k >= i}  # below i: done here already
 
-    def result(self, timeout: float = RESULT_TIMEOUT) -> tuple[bool, Any]:
-        """The submitted job's result: (True, value), or (False, why) when the helper failed, died or
-        took longer than ``timeout`` (then it is stopped: its late answer must not be read as the next
-        job's)."""
-        if not self._busy:
-            return False, "no job submitted"
+    def _result(self, timeout: float) -> tuple[bool, Any]:
         deadline = time.monotonic() + timeout
         try:
             while not self._conn.poll(0.2):
@@ -107,15 +143,13 @@ class ForkedHelper:
                     return False, self.last_error
                 if time.monotonic() >= deadline:
                     self.last_error = f"no result within {timeout:g}s"
-                    self.close(timeout=0)
+                    self.close(timeout=0)  # its late answer must not be read as the next job's
                     return False, self.last_error
             ok, value = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(1.0)
             self.last_error = f"the helper exited (code {self._proc.exitcode})"
             return False, self.last_error
-        finally:
-            self._busy = False
         if not ok:
             self.last_error = str(value)
         return bool(ok), value

@@ -50,12 +50,9 @@ from reconciler.validate import ingress_from_document, instance_from_document
 
 T = TypeVar("T")
 
-#: Fewest files no cache knows for a read to hand part of them to a forked helper (below that, sending
-#: the results back costs about what it saves).
+#: Fewest files no cache knows for a read to share them with a forked helper (below that, sending the
+#: results back costs about what it saves).
 HELPER_MIN_FILES = 400
-#: The helper's share of those files: a little under half, as it also pickles what it parsed and the
-#: reader unpickles it (~25 us per file each way, against ~150 us to read and parse one).
-HELPER_SHARE = 0.45
 
 #: Files modified this recently are re-hashed even when their stat signature is unchanged ("racy" files).
 RACY_SECONDS = 2.0
@@ -256,48 +253,37 @@ class IncrementalReader(Generic[T]):
         self._parsed += 1
         return result
 
-    def parse_share(self, source: Source, entries: list[FileEntry]) -> list[tuple[_Cached[T] | None, bool]]:
-        """A helper's job (run in the forked copy): each entry read as :meth:`_read_entry` reads it, and
-        whether the reader would cache that result."""
-        out: list[tuple[_Cached[T] | None, bool]] = []
-        for entry in entries:
-            got = self._read_entry(entry, source)
-            out.append((got, got is not None and self._cache.get((source.path, entry.relpath)) is got))
-        return out
+    def parse_one(self, source: Source, entry: FileEntry) -> tuple[_Cached[T] | None, bool]:
+        """One file read as :meth:`_read_entry` reads it, and whether this reader would cache that result
+        (what a forked helper runs, in its copy of the reader)."""
+        got = self._read_entry(entry, source)
+        return got, got is not None and self._cache.get((source.path, entry.relpath)) is got
 
     def _read_entries(self, entries: list[FileEntry], source: Source) -> list[tuple[FileEntry, _Cached[T]]]:
-        """Every entry read (a full read). With a helper and enough files no cache knows, the helper reads
-        and parses the last ~45 % of those while this thread does the rest; whatever the helper fails to
+        """Every entry read (a full read). With a helper and enough files no cache knows, this thread and
+        the helper work through those files from both ends until they meet; whatever the helper fails to
         deliver is read here."""
-        theirs: list[str] = []
         helper = self.helper
+        got_of: dict[int, _Cached[T] | None] = {}
         if helper is not None:
-            fresh = [e for e in entries if (source.path, e.relpath) not in self._cache]
+            fresh = [i for i, e in enumerate(entries) if (source.path, e.relpath) not in self._cache]
             if len(fresh) >= HELPER_MIN_FILES:
-                share = fresh[len(fresh) - int(len(fresh) * HELPER_SHARE):]
-                if helper.submit((self.kind, source, share)):
-                    theirs = [e.relpath for e in share]
-        delegated = frozenset(theirs)
-        received: dict[str, tuple[_Cached[T] | None, bool]] | None = None
-        files: list[tuple[FileEntry, _Cached[T]]] = []
-        for entry in entries:
-            if entry.relpath in delegated:
-                if received is None:  # the first of the helper's files: its whole share is due now
-                    assert helper is not None
-                    ok, value = helper.result()
-                    received = dict(zip(theirs, value, strict=True)) if ok and len(value) == len(theirs) else {}
-                hit = received.get(entry.relpath)
-                if hit is not None:
-                    got, cache = hit
+                def mine(k: int) -> None:
+                    got_of[fresh[k]] = self._read_entry(entries[fresh[k]], source)
+
+                theirs = helper.share((self.kind, source), [entries[i] for i in fresh], mine)
+                for k, (got, cache) in theirs.items():
+                    i = fresh[k]
+                    got_of[i] = got
                     if got is not None:
                         if cache:
-                            self._cache[(source.path, entry.relpath)] = got
+                            self._cache[(source.path, entries[i].relpath)] = got
                         if got.digest:
                             self._parsed += 1
                             self._helped += 1
-                        files.append((entry, got))
-                    continue
-            got = self._read_entry(entry, source)
+        files: list[tuple[FileEntry, _Cached[T]]] = []
+        for i, entry in enumerate(entries):
+            got = got_of[i] if i in got_of else self._read_entry(entry, source)
             if got is not None:
                 files.append((entry, got))
         return files
@@ -534,9 +520,9 @@ def fork_helper(*readers: IncrementalReader[Any]) -> ForkedHelper | None:
     done."""
     by_kind = {r.kind: r for r in readers}
 
-    def handle(job: tuple[str, Source, list[FileEntry]]) -> list[Any]:
-        kind, source, entries = job
-        return by_kind[kind].parse_share(source, entries)
+    def handle(key: tuple[str, Source], entry: FileEntry) -> Any:
+        kind, source = key
+        return by_kind[kind].parse_one(source, entry)
 
     helper = ForkedHelper.fork(handle)
     for reader in readers:
