@@ -197,7 +197,9 @@ def scenario_change_10k(n: int = 10_000, changes: int = 7, starts: int = 3) -> l
         wait_routed(client, port, "h0.example.com", "a", timeout=10)
         colds.append(time.perf_counter() - t0)
         cold = statistics.median(colds)
+        before = len(d.log_events("reconcile.finished"))
         lat = change_to_live(manifests, port, (a, b), [n // 2 + k for k in range(changes)], client)
+        phases = pass_phases(d, before)
         live = httpx.get(f"http://127.0.0.1:{d.admin_port}/config/", timeout=30).json()
         rss = peak_rss(d)
         d.cleanup()  # our daemon and its Caddy are done; the backends serve the bare Caddy next
@@ -217,7 +219,20 @@ def scenario_change_10k(n: int = 10_000, changes: int = 7, starts: int = 3) -> l
         Figure(f"change->live minus bare POST /load at {n // 1000}k (our overhead)", (med - base) * 1000, "ms",
                target=250),
         Figure(f"reconciler peak RSS at {n // 1000}k ingresses", rss, "MB", target=150),
+        *[Figure(f"  change at {n // 1000}k, our pass: {name} (median)", value, "ms") for name, value in phases],
     ]
+
+
+def pass_phases(d: Daemon, since: int) -> list[tuple[str, float]]:
+    """Medians of the daemon's own account of the passes since the ``since``-th (its pass log): where a
+    change's time goes on our side, and what Caddy's load took inside the pass."""
+    passes = [e for e in d.log_events("reconcile.finished")[since:] if e.get("loads")]
+    if not passes:
+        return []
+    out = [("queued (first event -> pass start)", statistics.median(e.get("queued_ms") or 0.0 for e in passes))]
+    for phase in ("read", "render", "load"):
+        out.append((phase, statistics.median(e["phases_ms"].get(phase, 0.0) for e in passes)))
+    return out
 
 
 def peak_rss(d: Daemon) -> float:

@@ -78,13 +78,18 @@ def member(hostname: str, route: dict[str, Any]) -> Member:
 Buckets = dict[tuple[int, int], tuple[tuple[Member, ...], dict[str, Any]]]
 
 
+#: bucket index -> (the indices of its entries, the index of its route): where each entry went
+Placement = dict[int, tuple[list[int], int]]
+
+
 def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, threshold: int,
            members: list[Member] | None = None, previous: Buckets | None = None,
-           kept: Buckets | None = None) -> list[dict[str, Any]]:
+           kept: Buckets | None = None, placement: Placement | None = None) -> list[dict[str, Any]]:
     """Routes for ``entries`` (hostname, route), already sorted; unique hostnames. ``members``: the
     :func:`member` of each entry when the caller has them already (then a simple route may be None: a
     bucket needs only its member). ``previous``: the buckets of the last layout, reused when their
-    members are the same; ``kept`` receives the buckets of this one."""
+    members are the same; ``kept`` receives the buckets of this one, ``placement`` where each entry went
+    (bucketed layouts only)."""
     if len(entries) <= threshold:
         out = [route for _, route in entries]
         assert all(r is not None for r in out), "flat layouts need every route"
@@ -93,22 +98,28 @@ def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, thres
         members = [member(h, r) for h, r in entries if r is not None]
     n = bucket_count(len(entries))
     groups: list[list[Member]] = [[] for _ in range(n)]
-    for m in members:
-        groups[bucket_of(m[0], n)].append(m)
-    routes = []
+    where: list[list[int]] = [[] for _ in range(n)]
+    for i, m in enumerate(members):
+        k = bucket_of(m[0], n)
+        groups[k].append(m)
+        where[k].append(i)
+    routes: list[dict[str, Any]] = []
     for k, group in enumerate(groups):
         if not group:
             continue
         mine = tuple(group)
         hit = previous.get((port, k)) if previous is not None else None
-        bucket = hit[1] if hit is not None and hit[0] == mine else _bucket(port, k, mine)
+        bucket = hit[1] if hit is not None and hit[0] == mine else bucket_route(port, k, mine)
         if kept is not None:
             kept[(port, k)] = (mine, bucket)
+        if placement is not None:
+            placement[k] = (where[k], len(routes))
         routes.append(bucket)
     return routes
 
 
-def _bucket(port: int, k: int, members: tuple[Member, ...]) -> dict[str, Any]:
+def bucket_route(port: int, k: int, members: tuple[Member, ...]) -> dict[str, Any]:
+    """The route of bucket ``k`` of ``port`` holding ``members`` (a function of them alone)."""
     simple = [(h, d) for h, d, _ in members if d is not None]
     others = [json.loads(r) for _, d, r in members if d is None and r is not None]
     sub: list[dict[str, Any]] = []

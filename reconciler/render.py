@@ -15,9 +15,10 @@ with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.layout import Buckets, Member, layout, member
+from reconciler.layout import Buckets, Member, Placement, bucket_route, layout, member
 from reconciler.model import Desired, ResolvedIngress, ResolvedRule, Unavailable, Upstream
 from reconciler.settings import Settings, TLSSettings
 
@@ -148,6 +149,22 @@ def _redirect_route(name: str, index: int, hostname: str, tls_port: int) -> dict
 _Entry = tuple[int, str, str, ResolvedRule, dict[str, Any] | None, Member, bool]
 
 
+@dataclass(slots=True)
+class _Port:
+    """What the last render laid out on one port, to patch it when only routes' contents changed."""
+
+    entries: list[_Entry]  # sorted by (hostname, route id)
+    at: dict[str, int]  # route id -> index in entries
+    routes: list[dict[str, Any]]  # the server's routes (the 404 fallback last)
+    placement: Placement | None  # bucketed layouts: bucket -> (entry indices, route index)
+    bucket: dict[int, int] = field(default_factory=dict)  # entry index -> its bucket (bucketed layouts)
+
+
+def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool]]:
+    """What decides where an ingress's routes go: port, hostname, route id, TLS."""
+    return [(e[0], e[1], e[2], e[6]) for e in entries]
+
+
 class Renderer:
     """:func:`render` with a memory between passes (the output is the same as a fresh call's).
 
@@ -155,12 +172,68 @@ class Renderer:
     unchanged ingresses (the very same objects, see :class:`reconciler.validate.Resolver`) are not
     rendered again, and buckets whose members did not change are reused (shared, read-only dicts). The
     memory holds what the last render used, nothing older.
+
+    When the ingresses are last render's, position by position, except some whose routes go to the same
+    ports, hostnames and ids (a changed backend, an instance that stopped), the last config is patched:
+    only the routes (flat ports) or buckets of those change, in new lists and dicts -- the last config
+    stays as it was.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
         self._buckets: Buckets = {}
+        self._given: tuple[ResolvedIngress, ...] = ()
+        self._ports: dict[int, _Port] = {}
+        self._config: dict[str, Any] | None = None
+
+    def _patch(self, desired: Desired) -> dict[str, Any] | None:
+        """The last config with the changed ingresses' routes swapped in; None when a full render is needed."""
+        config, given = self._config, desired.ingresses
+        if config is None or len(given) != len(self._given):
+            return None
+        swaps: list[tuple[ResolvedIngress, ResolvedIngress, list[_Entry]]] = []
+        for new, old in zip(given, self._given, strict=True):
+            if new is old:
+                continue
+            entries = self._memo_of(new)[1]
+            if _shape(entries) != _shape(self._memo[id(old)][1]):
+                return None
+            swaps.append((old, new, entries))
+        if not swaps:
+            return config
+        dirty: dict[int, set[int]] = {}  # port -> changed entry indices
+        for old, new, entries in swaps:
+            del self._memo[id(old)]
+            self._memo[id(new)] = (new, entries)
+            for entry in entries:
+                port = self._ports[entry[0]]
+                i = port.at[entry[2]]
+                port.entries[i] = entry
+                dirty.setdefault(entry[0], set()).add(i)
+        servers = dict(config["apps"]["http"]["servers"])
+        for number, changed in dirty.items():
+            port = self._ports[number]
+            routes = list(port.routes)
+            if port.placement is None:
+                for i in changed:
+                    e = port.entries[i]
+                    routes[i] = e[4] if e[4] is not None else _route(e[2], e[3])
+            else:
+                for k in {port.bucket[i] for i in changed}:
+                    where, r = port.placement[k]
+                    members = tuple(port.entries[i][5] for i in where)
+                    hit = self._buckets.get((number, k))
+                    routes[r] = hit[1] if hit is not None and hit[0] == members else bucket_route(number, k, members)
+                    self._buckets[(number, k)] = (members, routes[r])
+            port.routes = routes
+            name = server_name(number)
+            servers[name] = {**servers[name], "routes": routes}
+        self._given = given
+        apps = config["apps"]
+        config = {**config, "apps": {**apps, "http": {**apps["http"], "servers": servers}}}
+        self._config = config
+        return config
 
     def _memo_of(self, resolved: ResolvedIngress) -> tuple[ResolvedIngress, list[_Entry]]:
         hit = self._memo.get(id(resolved))
@@ -187,6 +260,9 @@ class Renderer:
         return out
 
     def __call__(self, desired: Desired) -> dict[str, Any]:
+        patched = self._patch(desired)
+        if patched is not None:
+            return patched
         settings = self.settings
         by_port: dict[int, list[_Entry]] = {}
         tls_ports: set[int] = set()
@@ -202,14 +278,20 @@ class Renderer:
         self._memo = memo
         servers: dict[str, Any] = {}
         buckets: Buckets = {}
+        ports: dict[int, _Port] = {}
         for port in sorted(by_port):
             entries = sorted(by_port[port], key=lambda t: (t[1], t[2]))
+            placement: Placement | None = None
             if len(entries) <= settings.bucket_threshold:
                 routes = [e[4] if e[4] is not None else _route(e[2], e[3]) for e in entries]
             else:
+                placement = {}
                 routes = layout([(e[1], e[4]) for e in entries], port=port, threshold=settings.bucket_threshold,
-                                members=[e[5] for e in entries], previous=self._buckets, kept=buckets)
+                                members=[e[5] for e in entries], previous=self._buckets, kept=buckets,
+                                placement=placement)
             routes.append(fallback_route(port))
+            ports[port] = _Port(entries, {e[2]: i for i, e in enumerate(entries)}, routes, placement,
+                                {i: k for k, (where, _) in (placement or {}).items() for i in where})
             server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
             if port in tls_ports:
                 # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
@@ -236,11 +318,13 @@ class Renderer:
             ]}}
             if settings.tls.issuer == "internal":
                 apps["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
-        return {
+        config = {
             "admin": admin_block(settings),
             "storage": {"module": "file_system", "root": settings.storage_dir},
             "apps": apps,
         }
+        self._given, self._ports, self._config = desired.ingresses, ports, config
+        return config
 
 
 def render(desired: Desired, settings: Settings) -> dict[str, Any]:

@@ -92,7 +92,8 @@ CASES: dict[str, tuple[Settings, int, int, bool]] = {
     "bucketed": (Settings(bucket_threshold=8), 100, 160, False),
     "bucketed-tls": (Settings(bucket_threshold=8, tls=TLSSettings(issuer="internal"), listen_address="127.0.0.1"),
                      100, 160, True),
-    "bucketed-acme": (Settings(bucket_threshold=8, tls=TLSSettings(issuer="acme", acme_email="ops@example.test"),
+    "bucketed-acme": (Settings(bucket_threshold=8, tls=TLSSettings(issuer="acme", acme_email="ops@example.test",
+                                                                   acme_ca="https://127.0.0.1:14000/dir"),
                                listen_address="127.0.0.1"), 100, 160, True),
 }
 
@@ -185,3 +186,46 @@ def test_encoder_with_many_servers_keeps_each_route_list_in_place() -> None:
     assert encoder(config) == dumps(config)
     servers["ingress-8001"] = {**servers["ingress-8001"], "routes": [{"@id": "changed"}]}
     assert encoder(config) == dumps(config)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_patched_configs_equal_the_reference(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mostly changes that keep every route where it is (a backend edited, an instance stopped or moved):
+    the Renderer patches its last config; now and then a change that moves routes (a full render)."""
+    s, n, hosts, tls = CASES[case]
+    rng = random.Random(zlib.crc32(b"patch-" + case.encode()))
+    inputs = Inputs(rng, n, hosts, tls)
+    resolver, renderer, encoder = Resolver(s), Renderer(s), ConfigEncoder()
+    outcomes: list[bool] = []
+    patch = renderer._patch
+
+    def counting(desired: Desired) -> Any:
+        got = patch(desired)
+        outcomes.append(got is not None)
+        return got
+
+    monkeypatch.setattr(renderer, "_patch", counting)
+    previous: tuple[dict[str, Any], bytes] | None = None
+    for _ in range(60):
+        roll = rng.random()
+        if roll < 0.5:
+            for rel in rng.sample(sorted(inputs.ingresses), rng.randint(1, 3)):
+                ing = inputs.ingresses[rel]
+                rules = tuple(Rule(r.hostname, r.port, rng.choice([f"vm{i}" for i in range(8)] + ["ghost"]),
+                                   rng.choice([80, 3000, 4000]), r.tls, r.redirect_http) for r in ing.rules)
+                inputs.ingresses[rel] = Ingress(ing.name, ing.id, rules, ing.origin)
+        elif roll < 0.7:
+            name = f"vm{rng.randrange(8)}"
+            inputs.instances[name] = inputs.instance(name)
+            inputs.keepalive.extend(inputs.instances.values())
+        elif roll < 0.85:
+            inputs.step()
+        ings, insts = list(inputs.ingresses.values()), list(inputs.instances.values())
+        desired = resolver(ings, insts)
+        config = renderer(desired)
+        assert config == render(resolve(ings, insts, s), s)
+        assert encoder(config) == dumps(config)
+        if previous is not None:  # the last config was not touched by the patch
+            assert dumps(previous[0]) == previous[1]
+        previous = (config, dumps(config))
+    assert outcomes.count(True) > 20 and outcomes.count(False) >= 3, outcomes
