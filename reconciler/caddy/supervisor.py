@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -69,11 +70,28 @@ class CaddySupervisor:
 
     # -- files ---------------------------------------------------------------------------------
     def prepare_dirs(self) -> None:
+        """``{data}/caddy`` and its ``data`` (certificate storage, keys) and ``config`` dirs, private: created
+        0700, and repaired at every start when something (an operator's chmod -R, a restore from a backup,
+        an older version) left them looser: every dir under them 0700, every file without group or other
+        bits (keys 0600). Symlinks are neither followed nor changed."""
+        import stat  # local: prepare_dirs is its only user
+
         d = self.settings.caddy_dir
         os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
         for sub in ("data", "config"):
-            os.makedirs(os.path.join(d, sub), mode=0o700, exist_ok=True)
-            os.chmod(os.path.join(d, sub), 0o700)
+            top = os.path.join(d, sub)
+            os.makedirs(top, mode=0o700, exist_ok=True)
+            os.chmod(top, 0o700)
+            for root, dirs, files in os.walk(top):  # never descends into symlinked dirs
+                for name in (*dirs, *files):
+                    path = os.path.join(root, name)
+                    with contextlib.suppress(FileNotFoundError):  # Caddy may remove a lock file meanwhile
+                        mode = os.lstat(path).st_mode
+                        if stat.S_ISDIR(mode) and stat.S_IMODE(mode) != 0o700:
+                            os.chmod(path, 0o700)
+                        elif stat.S_ISREG(mode) and stat.S_IMODE(mode) & 0o077:
+                            os.chmod(path, stat.S_IMODE(mode) & ~0o077)
 
     def save_config(self, config: Mapping[str, Any] | bytes) -> None:
         """Persist the config we applied (or its encoded body), so a restarted Caddy starts with it."""
@@ -126,11 +144,22 @@ class CaddySupervisor:
                 return False
             self._log("caddy.unresponsive", pid=pid)
             self._kill(pid)
-        if self.client.ping():
-            raise CaddyError(f"another process already answers on Caddy's admin address "
-                             f"{self.settings.admin_listen}; refusing to start a second Caddy")
+        if self._admin_in_use():
+            raise CaddyError(f"another process already listens on Caddy's admin address "
+                             f"{self.settings.admin_listen} (not the Caddy of {self.settings.data_dir}); "
+                             f"refusing to start a second Caddy: stop it or set CADDY_ADMIN_PORT")
         self.start()
         return True
+
+    def _admin_in_use(self) -> bool:
+        """True when anything accepts connections on the admin address. Not only a Caddy answering 2xx:
+        a server answering 404/403 (or one that never answers) holds the port too, and with SO_REUSEPORT
+        a Caddy started there would share it and get half of our admin requests."""
+        try:
+            with socket.create_connection((self.settings.admin_address, self.settings.admin_port), timeout=1.0):
+                return True
+        except OSError:
+            return False
 
     def start(self) -> None:
         config = self._startup_config()
