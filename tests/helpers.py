@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 
 from reconciler.caddy.binary import find_caddy
+from tests.caddy_guard import check_config, check_config_file, check_log
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,8 +164,23 @@ def kill_pid(pid: int, timeout: float = 5.0) -> None:
             time.sleep(0.02)
 
 
+#: inherited variables a test Caddy or daemon must not pick up from the caller's environment (an exported
+#: ACME_EMAIL, CADDY_BINARY, INGRESS_API_TOKEN... would change what the test runs); tests pass them explicitly
+SCRUBBED_ENV_PREFIXES = ("ACME_", "CLOUDFLARE_", "AWS_", "TLS_", "CADDY_", "HYPEMAN_")
+SCRUBBED_ENV_NAMES = frozenset({"INGRESS_API_TOKEN"})
+
+
+def scrubbed_environ() -> dict[str, str]:
+    """``os.environ`` without the variables of :data:`SCRUBBED_ENV_PREFIXES` / :data:`SCRUBBED_ENV_NAMES`."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(SCRUBBED_ENV_PREFIXES) and k not in SCRUBBED_ENV_NAMES}
+
+
 class CaddyProcess:
-    """A bare Caddy (no reconciler) with its admin API on a free loopback port."""
+    """A bare Caddy (no reconciler) with its admin API on a free loopback port.
+
+    Every config pushed with :meth:`load` passes the public-CA guard first (:mod:`tests.caddy_guard`), and
+    :meth:`stop` checks the live config and Caddy's log too (configs pushed by other clients)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -173,7 +189,7 @@ class CaddyProcess:
         cfg = workdir / "initial.json"
         cfg.write_text(json.dumps({"admin": {"listen": f"127.0.0.1:{self.admin_port}",
                                              "config": {"persist": False}}}))
-        env = {**os.environ, "XDG_DATA_HOME": str(workdir / "xdg-data"),
+        env = {**scrubbed_environ(), "XDG_DATA_HOME": str(workdir / "xdg-data"),
                "XDG_CONFIG_HOME": str(workdir / "xdg-config"), "HOME": str(workdir)}
         self.log_path = workdir / "caddy.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -184,13 +200,21 @@ class CaddyProcess:
                  timeout=15, message="caddy admin API")
 
     def load(self, config: dict[str, Any]) -> httpx.Response:
+        check_config(config, "CaddyProcess.load")
         return httpx.post(self.admin_url + "/load", json=config, timeout=60)
 
     def stop(self) -> None:
+        live: Any = None
+        if self.proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                live = httpx.get(self.admin_url + "/config/", timeout=2).json()
         kill_pid(self.proc.pid)
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=5)
         self._log.close()
+        if isinstance(live, dict):
+            check_config(live, "CaddyProcess.stop: live config")
+        check_log(self.log_path, "CaddyProcess.stop")
 
 
 def count_loads(log_path: Path) -> int:
@@ -205,7 +229,11 @@ def count_loads(log_path: Path) -> int:
 
 
 class Daemon:
-    """``hypeman-ingress run`` as a real subprocess with its own data dir, admin port and sources."""
+    """``hypeman-ingress run`` as a real subprocess with its own data dir, admin port and sources.
+
+    Its environment is the caller's minus the variables that configure the daemon, Caddy or TLS
+    (:func:`scrubbed_environ`), plus its own ports and ``env``: a test gets exactly the settings it asks for.
+    :meth:`cleanup` runs the public-CA guard over ``{data}/caddy/config.json`` and Caddy's log."""
 
     def __init__(self, tmp: Path, *, manifests: list[Path] | None = None, instances: Path | None = None,
                  resync: int = 30, env: dict[str, str] | None = None, data_dir: Path | None = None,
@@ -219,7 +247,7 @@ class Daemon:
         self.admin_port = admin_port or free_port()
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.env = {**os.environ, "CADDY_ADMIN_PORT": str(self.admin_port),
+        self.env = {**scrubbed_environ(), "CADDY_ADMIN_PORT": str(self.admin_port),
                     "CADDY_LISTEN_ADDRESS": "127.0.0.1",
                     "CADDY_HTTP_PORT": str(free_port()), "CADDY_HTTPS_PORT": str(free_port()),
                     "HYPEMAN_RESYNC_SECONDS": str(resync),
@@ -286,3 +314,5 @@ class Daemon:
         self.caddy_pid()
         for pid in self.caddy_pids:
             kill_pid(pid)
+        check_config_file(self.data_dir / "caddy" / "config.json", "Daemon.cleanup")
+        check_log(self.caddy_log, "Daemon.cleanup")

@@ -27,10 +27,12 @@ import socket
 import ssl
 import subprocess
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,13 +53,29 @@ PEBBLE = _which("pebble")
 CHALLTESTSRV = _which("pebble-challtestsrv")
 
 
+#: set (to anything but "" or "0") by `make test`: a missing Pebble fails the ACME tests instead of skipping them
+REQUIRE_ENV = "HYPEMAN_REQUIRE_PEBBLE"
+
+
 def missing_reason() -> str | None:
     """Why the Pebble tests cannot run here, or None."""
     absent = [n for n, p in (("pebble", PEBBLE), ("pebble-challtestsrv", CHALLTESTSRV)) if p is None]
     if absent:
-        return (f"{' and '.join(absent)} not installed (Debian package 'pebble'; `make test` installs it): "
-                "end-to-end ACME tests skipped")
+        return f"{' and '.join(absent)} not installed (Debian package 'pebble'; `make test` installs it)"
     return None
+
+
+def require_pebble(reason: str | None, env: Mapping[str, str] | None = None) -> None:
+    """Nothing when Pebble is there (``reason`` None); else skip the test — or fail it when
+    ``HYPEMAN_REQUIRE_PEBBLE`` is set, as `make test` does, so the end-to-end ACME tests can never pass
+    vacuously there."""
+    if reason is None:
+        return
+    env = os.environ if env is None else env
+    if env.get(REQUIRE_ENV, "").strip() not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_ENV}={env[REQUIRE_ENV]} demands the end-to-end ACME tests run",
+                    pytrace=False)
+    pytest.skip(f"{reason}: end-to-end ACME tests skipped")
 
 
 # -- certificates ---------------------------------------------------------------------------------------

