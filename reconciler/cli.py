@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stop it.")
     _common(p)
     _api(p)
+    p.add_argument("--api-wait", metavar="SECONDS", type=float,
+                   help="how long POST/DELETE wait for the pass that applies them before answering 202 with "
+                        "the current status (env INGRESS_API_WAIT, default 10; 0 answers at once)")
 
     p = sub.add_parser("validate", help="offline check of manifest files or dirs",
                        description="Schema and semantic checks. Prints 'file:line: message' per problem; exit 0 "
@@ -128,6 +131,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "manifest_dirs": tuple(os.path.abspath(m) for m in args.manifests) if args.manifests else None,
         "instances_dir": os.path.abspath(args.instances) if getattr(args, "instances", None) else None,
         "api_listen": getattr(args, "api_listen", None),
+        "api_wait": getattr(args, "api_wait", None),
     }
     settings = Settings.from_env(os.environ, **overrides)
     if settings.tls.acme_ca_root:
@@ -142,13 +146,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def configure_logging(fmt: str, level: str) -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    # JSON lines carry a log.exception(...)'s traceback as text; the console renderer prints it itself
+    renderer: list[Any] = ([structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+                           if fmt == "json" else [structlog.dev.ConsoleRenderer()])
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
@@ -210,7 +216,7 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
         inputs, config = _offline_reconciler(settings, client).desired_config()
     _print_problems(inputs.desired.problems, sys.stderr)
     sys.stdout.write(to_json(config if args.show_secrets else redact(config)))
-    return 0
+    return 1 if inputs.desired.problems else 0
 
 
 def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
@@ -305,6 +311,32 @@ def print_status(status: dict[str, Any], out: Any) -> None:
     not_ready = [i for i in status.get("ingresses", []) if not i.get("ready")]
     for i in not_ready:
         print(f"  {i.get('name')}: {i.get('message')}", file=out)
+    certs = status.get("certificates") or {}
+    if certs:
+        from datetime import UTC, datetime  # local: only the certificate lines need it
+
+        print("", file=out)
+        print("certificates:", file=out)
+        host_w = max(len(str(h)) for h in certs)
+        state_w = max(len(str(c.get("state") or "-")) for c in certs.values())
+        for host, c in sorted(certs.items()):
+            state, not_after, error = str(c.get("state") or "-"), c.get("not_after"), c.get("error")
+            line = f"  {str(host).ljust(host_w)}  {state.ljust(state_w)}"
+            if not_after:
+                try:
+                    left = (datetime.strptime(str(not_after), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+                            - datetime.now(UTC)).total_seconds()
+                except ValueError:
+                    line += f"  expires {not_after}"
+                else:
+                    days = int(abs(left) // 86400)
+                    if left > 0:
+                        line += f"  expires {not_after} (in {f'{days}d' if days else '<1d'})"
+                    else:
+                        line += f"  expired {not_after} ({days}d ago)"
+            if error:
+                line += f"  {'renewal failing: ' if state == 'issued' else 'error: '}{error}"
+            print(line.rstrip(), file=out)
     rev = status.get("revision", {})
     last_att = status.get("last_attempted") or {}
     last_app = status.get("last_applied") or {}
@@ -401,6 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReconcilerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if args.command == "diff" else 1
+    except Exception as exc:
+        if args.command != "diff":
+            raise
+        # diff's contract (like flux diff): 2 on any error, never 1 ("differs") from a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

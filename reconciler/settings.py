@@ -40,6 +40,19 @@ def _int(env: Mapping[str, str], key: str, default: int, lo: int = 1, hi: int = 
     return value
 
 
+def _seconds(env: Mapping[str, str], key: str, default: float, lo: float = 0.0, hi: float = 3600.0) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a number of seconds") from None
+    if not lo <= value <= hi:  # also refuses nan
+        raise ConfigError(f"{key}={value} is out of range {lo:g}..{hi:g}")
+    return value
+
+
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -168,6 +181,7 @@ class Settings:
     api_listen: str | None = DEFAULT_API_LISTEN
     #: bearer token required by the API when set (never shown: excluded from repr)
     api_token: str | None = field(default=None, repr=False)
+    #: how long POST/DELETE wait for the pass that applies them (then 202 with the current status); 0: never
     api_wait: float = 10.0
     api_max_body: int = 64 * 1024
     tls: TLSSettings = field(default_factory=TLSSettings)
@@ -220,6 +234,7 @@ class Settings:
             "resync_interval": float(_int(env, "HYPEMAN_RESYNC_SECONDS", 30, 1, 86400)),
             "tls": TLSSettings.from_env(env),
             "bucket_threshold": _int(env, "HYPEMAN_BUCKET_THRESHOLD", 256, 0, 10_000_000),
+            "api_wait": _seconds(env, "INGRESS_API_WAIT", 10.0, 0.0, 600.0),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]
@@ -230,6 +245,9 @@ class Settings:
         if env.get("HYPEMAN_MANIFESTS"):
             values["manifest_dirs"] = tuple(p for p in env["HYPEMAN_MANIFESTS"].split(os.pathsep) if p)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        wait = values.get("api_wait")
+        if isinstance(wait, (int, float)) and not 0.0 <= wait <= 600.0:  # a flag: same range as the env
+            raise ConfigError(f"--api-wait {wait} is out of range 0..600")
         listen = values.get("api_listen")
         if isinstance(listen, str):
             if listen.strip().lower() in ("", "off", "none", "disabled"):

@@ -5,7 +5,8 @@ Reasons, in order of precedence for an ingress that made it into the desired sta
 its config into Caddy) > ``Stale`` (its file is invalid now; the last valid version is served) >
 ``InstanceNotFound`` / ``InstanceNotRunning`` (routes answer 503) > ``Applied``.
 Ingresses that were refused before rendering keep the reason of their problem (``InvalidManifest``,
-``NameConflict``, ``HostnameConflict``...).
+``NameConflict``, ``HostnameConflict``...). An ``Applied`` ingress with TLS rules then becomes
+``CertificateFailing`` (a certificate failing or expired) or ``CertificatePending`` (:func:`with_certificates`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.model import Desired, Problem, Reason, ResolvedIngress, Unavailable
+
+#: every ``reason`` an ingress status can carry (README "Revisions and status"; the OpenAPI
+#: ``IngressReason`` enum lists exactly these)
+INGRESS_REASONS: tuple[str, ...] = (
+    Reason.APPLIED, Reason.PENDING, Reason.STALE, Reason.INVALID_MANIFEST, Reason.NAME_CONFLICT,
+    Reason.HOSTNAME_CONFLICT, Reason.PORT_CONFLICT, Reason.INSTANCE_NOT_FOUND, Reason.INSTANCE_NOT_RUNNING,
+    Reason.CADDY_REJECTED, Reason.TLS_NOT_CONFIGURED, Reason.DOMAIN_NOT_ALLOWED, Reason.CERTIFICATE_PENDING,
+    Reason.CERTIFICATE_FAILING,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +55,12 @@ class IngressStatus:
 
 def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, list[str]],
                       certs: Mapping[str, Mapping[str, Any]]) -> list[IngressStatus]:
-    """Attach certificate states; an applied ingress whose certificate is not issued is not ready yet."""
+    """Attach certificate states (see :mod:`reconciler.caddy.certs`) to the ingresses that serve them.
+
+    An applied ingress is not ready while one of its certificates is ``failing`` or ``expired``
+    (``CertificateFailing``: clients cannot get a valid certificate) or ``pending`` (``CertificatePending``).
+    An ``issued`` certificate whose renewal fails (``error`` set) keeps the ingress ready — the current
+    certificate is valid — and the message says until when and why the renewal fails."""
     out = []
     for st in statuses:
         hosts = tls_hosts.get(st.name)
@@ -55,15 +70,24 @@ def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, lis
         mine = {h: certs.get(h, {"state": "pending"}) for h in hosts}
         st = replace(st, certificates=mine)
         if st.reason == Reason.APPLIED:
-            failing = [(h, c) for h, c in mine.items() if c.get("state") == "failing"]
+            broken = [(h, c) for h, c in mine.items() if c.get("state") in ("failing", "expired")]
             pending = [h for h, c in mine.items() if c.get("state") == "pending"]
-            if failing:
-                h, c = failing[0]
-                st = replace(st, ready=False, reason=Reason.CERTIFICATE_FAILING,
-                             message=f"routes are live but the certificate for {h} fails: {c.get('error')}")
+            renewing = [(h, c) for h, c in mine.items() if c.get("state") == "issued" and c.get("error")]
+            if broken:
+                h, c = broken[0]
+                if c.get("state") == "expired":
+                    why = f": {c.get('error')}" if c.get("error") else " (no renewal failure logged yet)"
+                    message = f"routes are live but the certificate for {h} expired at {c.get('not_after')}{why}"
+                else:
+                    message = f"routes are live but the certificate for {h} fails: {c.get('error')}"
+                st = replace(st, ready=False, reason=Reason.CERTIFICATE_FAILING, message=message)
             elif pending:
                 st = replace(st, ready=False, reason=Reason.CERTIFICATE_PENDING,
                              message=f"routes are live; waiting for the certificate of {', '.join(pending)}")
+            elif renewing:
+                h, c = renewing[0]
+                st = replace(st, message=f"routes are live; renewing the certificate for {h} fails (the current one "
+                                         f"is valid until {c.get('not_after')}): {c.get('error')}")
         out.append(st)
     return out
 

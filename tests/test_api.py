@@ -25,6 +25,8 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,22 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
 from prometheus_client.parser import text_string_to_metric_families
 
+from reconciler.api.app import create_app
+from reconciler.api.openapi import openapi_document
+from reconciler.api.writer import ApiError, ManifestWriter, remove_stale_temp_files
 from reconciler.caddy.binary import find_caddy
-from reconciler.model import Document, Origin, derive_ingress_id
+from reconciler.model import Document, Origin, Source, derive_ingress_id
 from reconciler.parse import parse_documents
+from reconciler.settings import Settings
 from reconciler.validate import ingress_from_document
+
+with warnings.catch_warnings():  # starlette >= 1.x nags about httpx vs httpx2 in its test client
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
 from tests.helpers import (
     ROOT,
     Backend,
@@ -65,8 +77,48 @@ REJECTED_HOST = "caddy-says-no.test"
 
 # -- local helpers -------------------------------------------------------------------------------------
 
+SPEC = openapi_document()
+
+
+def _spec_validator(schema: dict[str, Any]) -> Draft202012Validator:
+    # the spec's schemas are JSON Schema 2020-12 (OpenAPI 3.1); "#/components/..." resolves against this root
+    return Draft202012Validator({**schema, "components": SPEC["components"]})
+
+
+def check_spec(method: str, path: str, r: httpx.Response) -> None:
+    """``r`` is what the OpenAPI document (as served, ingress schema inlined) says ``method path`` answers:
+    a declared status, the declared content type and a body valid against the declared schema. A path or
+    method the document does not have answers a valid ``Error`` (404 / 405)."""
+    path = path.split("?", 1)[0]
+    template = path if path in SPEC["paths"] else (
+        "/ingresses/{ref}" if re.fullmatch(r"/ingresses/[^/]+", path) else None)
+    operation = SPEC["paths"].get(template or "", {}).get(method.lower())
+    if path == "/openapi.json":
+        return
+    if operation is None:
+        assert r.status_code in (400, 401, 404, 405), (method, path, r.status_code, r.text)
+        declared: dict[str, Any] = SPEC["components"]["responses"]["Error"]
+    else:
+        assert str(r.status_code) in operation["responses"], (method, path, r.status_code, r.text)
+        declared = operation["responses"][str(r.status_code)]
+    if "$ref" in declared:
+        declared = SPEC["components"]["responses"][declared["$ref"].rsplit("/", 1)[1]]
+    content = declared.get("content")
+    if not content:
+        assert r.content == b"", (method, path, r.status_code, r.text)
+        return
+    [(media, body_spec)] = content.items()
+    assert r.headers["content-type"].split(";")[0] == media, (method, path, r.headers)
+    if media == "application/json":
+        errors = sorted(_spec_validator(body_spec["schema"]).iter_errors(r.json()), key=lambda e: list(e.path))
+        assert not errors, (method, path, r.status_code, [f"{list(e.path)}: {e.message}" for e in errors[:5]])
+
+
 def call(d: Daemon, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.request(method, d.api_url + path, timeout=30, **kwargs)
+    """A request to the daemon's API; its answer must match the OpenAPI document."""
+    r = httpx.request(method, d.api_url + path, timeout=30, **kwargs)
+    check_spec(method, path, r)
+    return r
 
 
 def body(name: str, host: str, port: int, target_port: int, instance: str = "vm", **extra: Any) -> dict[str, Any]:
@@ -167,6 +219,15 @@ def metrics(d: Daemon, headers: dict[str, str] | None = None) -> dict[tuple[str,
     return out
 
 
+def writer_settings(root: Path, manifests: tuple[Path, ...] = ()) -> Settings:
+    """Settings for an in-process writer: data dir, instances ``vm`` (Running) and ``idle-vm`` (Stopped)."""
+    s = Settings(data_dir=str(root / "data"), manifest_dirs=tuple(str(m) for m in manifests),
+                 instances_dir=str(setup_instances(root)), listen_address="127.0.0.1", admin_port=2999,
+                 http_port=8081, https_port=8443)
+    os.makedirs(s.api_dir, mode=0o700, exist_ok=True)
+    return s
+
+
 def setup_instances(tmp: Path) -> Path:
     instances = tmp / "instances"
     write(instances / "vms.yaml", instance_yaml("vm") + "---\n" + instance_yaml("idle-vm", state="Stopped"))
@@ -250,6 +311,15 @@ def test_lifecycle_create_get_list_delete(tmp_path: Path, daemon_factory: Daemon
     assert_error(call(d, "GET", "/ingresses/web"), 404, "not_found", "web")
     assert_error(call(d, "DELETE", "/ingresses/web"), 404, "not_found")
     assert [i["name"] for i in call(d, "GET", "/ingresses").json()] == ["grp-two", "keep"]
+
+    # /status, probes and metrics of the real daemon (each answer checked against the OpenAPI document)
+    st = call(d, "GET", "/status").json()
+    assert {i["name"]: i["reason"] for i in st["ingresses"]} == {"grp-two": "Applied", "keep": "Applied"}
+    assert st["revision"]["last_applied"] == st["revision"]["last_attempted"] and st["history"], st
+    assert st["caddy"]["running"] is True and st["counts"] == {"ingresses": 2, "ready": 2}
+    assert {s["path"] for s in st["sources"]} == {str(manifests), str(api_dir), str(instances)}
+    for probe in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert call(d, "GET", probe).status_code == 200, probe
 
     created = [(e["ingress"], e["id"]) for e in d.log_events("api.ingress_created")]
     assert created == [("web", web["id"]), ("grp-one", "grp-1"), ("grp-two", "grp-2")]
@@ -441,11 +511,109 @@ def test_error_codes_leave_everything_untouched(shared: Shared, method_path: Req
             wait_for(lambda: status_of(s.port, "fresh.test") == 404, timeout=5, message="clean-up applied")
 
 
+def test_internal_error_on_the_real_daemon_names_nothing_and_changes_nothing(shared: Shared) -> None:
+    """A write that fails inside the daemon (here: a directory sits where the atomic write's temp file goes,
+    so opening it fails with EISDIR) answers 500 ``internal_error`` without the failure's details; the
+    details go to the daemon log; nothing is written; the same create works once the obstacle is gone."""
+    s = shared
+    assert s.d.proc is not None
+    blocker = s.api_dir / f".fresh.yaml.{s.d.proc.pid}.tmp"
+    blocker.mkdir()
+    try:
+        before, before_ro = dir_state(s.api_dir), dir_state(s.manifests)
+        n_logged = len(s.d.log_events("api.internal_error"))
+        r = call(s.d, "POST", "/ingresses", json=_good(s))
+        err = assert_error(r, 500, "internal_error")
+        assert err == {"code": "internal_error", "message": "internal error; see the daemon log"}, err
+        for leak in (str(s.api_dir), str(blocker.name), "Errno", "IsADirectory", "Traceback"):
+            assert leak not in r.text, leak
+        assert dir_state(s.api_dir) == before and dir_state(s.manifests) == before_ro
+        assert status_of(s.port, "fresh.test") == 404
+        logged = wait_for(lambda: s.d.log_events("api.internal_error")[n_logged:], timeout=5,
+                          message="api.internal_error logged")
+        assert [(e["method"], e["path"]) for e in logged] == [("POST", "/ingresses")]
+        assert "IsADirectoryError" in json.dumps(logged[0]), logged  # the details are in the log
+    finally:
+        blocker.rmdir()
+    create(s.d, _good(s))
+    assert routed_to(s.port, "fresh.test", "a")
+    assert call(s.d, "DELETE", "/ingresses/fresh").status_code == 204
+    assert status_of(s.port, "fresh.test") == 404
+
+
+class _Failing(Exception):
+    pass
+
+
+SECRET = "s3cret-" + secrets.token_hex(8)
+
+
+class _RaisingWriter:
+    """A writer whose every operation fails with a message full of internals."""
+
+    def _fail(self, *args: Any) -> Any:
+        raise _Failing(f"/var/lib/hypeman/ingresses/.x.yaml.1.tmp: disk on fire; token={SECRET}")
+
+    all = find = create = delete = _fail
+
+
+class _RaisingBackend:
+    def __init__(self) -> None:
+        self.broken = True
+
+    def _fail(self, *args: Any) -> Any:
+        raise _Failing(f"caddy admin at 127.0.0.1:2019 said no; AWS_SECRET_ACCESS_KEY={SECRET}")
+
+    status = ready = metrics_text = _fail
+
+    def request_pass(self, path: str | None = None) -> int:
+        return 0
+
+    def wait_pass(self, ticket: int, timeout: float) -> bool:
+        return True
+
+    def ingress_status(self, name: str) -> dict[str, Any] | None:
+        return None
+
+
+# (method, path, what fails): every operation but /healthz and /openapi.json can fail inside
+FAILURE_CASES: list[tuple[str, str, str]] = [
+    ("GET", "/ingresses", "writer"), ("POST", "/ingresses", "writer"), ("GET", "/ingresses/web", "writer"),
+    ("DELETE", "/ingresses/web", "writer"), ("GET", "/status", "backend"), ("GET", "/readyz", "backend"),
+    ("GET", "/metrics", "backend"),
+]
+
+
+@pytest.mark.parametrize("token", [None, "tok-" + secrets.token_hex(8)])
+@pytest.mark.parametrize(("method", "path", "failing"), FAILURE_CASES)
+def test_internal_error_answer_has_no_details(tmp_path: Path, method: str, path: str, failing: str,
+                                              token: str | None) -> None:
+    """In process: whatever raises inside the API answers 500 ``{"code": "internal_error", "message"}``
+    (as the OpenAPI document declares it), never the exception's text, paths or secrets."""
+    writer: Any = _RaisingWriter()
+    backend: Any = _RaisingBackend()
+    if failing == "backend":  # a working writer, so only the backend fails
+        writer = ManifestWriter(writer_settings(tmp_path), validate_config=lambda c: None)
+    app = create_app(writer=writer, backend=backend, token=token)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.request(method, path, headers=headers, json=body("web", "web.test", 80, 8080)
+                           if method == "POST" else None)
+        assert r.status_code == 500, r.text
+        assert r.json() == {"code": "internal_error", "message": "internal error; see the daemon log"}
+        for leak in (SECRET, "disk on fire", "said no", "/var/lib", "_Failing", "Traceback"):
+            assert leak not in r.text, leak
+        check_spec(method, path, r)
+        if token:
+            assert client.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get("/healthz").status_code == 200  # the process stays healthy
+
+
 def test_error_codes_cover_the_seed(shared: Shared) -> None:
-    """Every seed code but ``internal_error`` (nothing a client sends triggers it) is reached above;
-    every code the API can answer is in the OpenAPI document."""
-    reached = {c[3] for c in ERROR_CASES}
-    assert SEED_CODES - reached == {"internal_error"}
+    """Every seed code is reached above (``internal_error`` by the failure cases); every code the API can
+    answer is in the OpenAPI document."""
+    reached = {c[3] for c in ERROR_CASES} | ({"internal_error"} if FAILURE_CASES else set())
+    assert reached >= SEED_CODES, SEED_CODES - reached
     doc = call(shared.d, "GET", "/openapi.json").json()
     enum = set(doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"])
     assert SEED_CODES | reached | {"unauthorized"} <= enum, enum ^ (SEED_CODES | reached)
@@ -553,6 +721,7 @@ def test_sigkill_during_a_burst_of_posts_leaves_only_complete_manifests(
     try:
         wait_for(lambda: len(created) >= 12, timeout=60, message="a dozen creates")
         assert d1.proc is not None
+        killed = d1.proc.pid
         d1.proc.send_signal(signal.SIGKILL)  # while several POSTs are in flight
         assert d1.proc.wait(timeout=10) == -signal.SIGKILL
         d1.proc = None
@@ -575,8 +744,13 @@ def test_sigkill_during_a_burst_of_posts_leaves_only_complete_manifests(
         assert f"{ing.name}.yaml" == e
         names.add(ing.name)
     assert set(created) <= names  # every 201 was durable before it was answered
+    # what a write cut short by the SIGKILL leaves (planted, so the test does not depend on the timing)
+    planted = api_dir / f".planted.yaml.{killed}.tmp"
+    planted.write_text("name: planted\nrules:\n  - match: {hostn")
+    leftovers = sorted(e for e in os.listdir(api_dir) if e.startswith("."))
 
-    # the restarted daemon reads them all cleanly and serves them
+    # the restarted daemon reads them all cleanly and serves them, and its API removes the dead writer's
+    # temp files
     n_problems = len(d1.log_events("input.problem"))
     n = d1.passes()
     d2 = daemon_factory(instances=instances, data_dir=d1.data_dir, admin_port=d1.admin_port,
@@ -584,6 +758,9 @@ def test_sigkill_during_a_burst_of_posts_leaves_only_complete_manifests(
                              "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"]})
     d2.start(wait_ready=False)
     wait_for(lambda: d2.passes() > n, timeout=30, message="first pass after the restart")
+    assert [e for e in os.listdir(api_dir) if e.startswith(".")] == []
+    [removed] = wait_for(lambda: d2.log_events("api.temp_files_removed"), timeout=5, message="removal logged")
+    assert removed["files"] == leftovers and planted.name in leftovers, (removed, leftovers)
     listed = call(d2, "GET", "/ingresses").json()
     assert {i["name"] for i in listed} == names
     assert all(i["status"]["ready"] for i in listed), [i for i in listed if not i["status"]["ready"]]
@@ -829,3 +1006,298 @@ def test_status_cli_reads_the_api(tmp_path: Path, daemon_factory: DaemonFactory,
     # nothing answers on --api-listen and no state in the data dir: exit 1 with a hint
     r = cli("status", "--data-dir", str(empty), "--api-listen", f"127.0.0.1:{free_port()}", env=env)
     assert r.returncode == 1 and "no status yet" in r.stderr
+
+
+# -- the writer validates against what the loop serves -----------------------------------------------------
+
+def _state_status(d: Daemon) -> dict[str, Any]:
+    """``{data}/state/status.json`` as written (after the pass's ``lastgood.json``, on the same thread)."""
+    try:
+        return dict(json.loads((d.data_dir / "state" / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _reasons(d: Daemon) -> dict[str, str]:
+    return {i["name"]: i["reason"] for i in _state_status(d).get("ingresses", [])}
+
+
+def test_writer_sees_the_last_good_versions_the_loop_serves(tmp_path: Path, daemon_factory: DaemonFactory,
+                                                            backends: BackendFactory) -> None:
+    """A git file and a hand-written API-dir file go live, then both turn invalid: the daemon keeps serving
+    their last good versions (``Stale``). The API never read them while they were valid, yet it must
+    validate against what is live: a create claiming their hostname or name is refused (201 here would
+    write an ingress that loses to the stale one and ends ``HostnameConflict``), and the API-dir one can be
+    deleted (its routes go)."""
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    git = tmp_path / "git"
+    x_file = write(git / "x.yaml", ingress_yaml("x", "x.test", port, "vm", a.port))
+    d = daemon_factory(manifests=[git], instances=setup_instances(tmp_path)).start()
+    api_dir = d.data_dir / "ingresses"
+    hand = write(api_dir / "hand.yaml", ingress_yaml("hand", "hand.test", port, "vm", a.port))
+    wait_for(lambda: routed_to(port, "x.test", "a") and routed_to(port, "hand.test", "a"), timeout=10,
+             message="x and hand routed")
+    # no API call until now: the API process has never read either file while it was valid
+    x_file.write_text("name: x\nrules: [\n")
+    hand.write_text("name: hand\nrules:\n  - match: {hostname: [oops\n")
+    wait_for(lambda: _reasons(d) == {"x": "Stale", "hand": "Stale"}, timeout=10, message="both Stale")
+    assert routed_to(port, "x.test", "a") and routed_to(port, "hand.test", "a")
+    before, git_before = dir_state(api_dir), dir_state(git)
+
+    # the hostname of a stale ingress is taken, in a read-only source and in the API dir
+    r = call(d, "POST", "/ingresses", json=body("y", "x.test", port, b.port))
+    assert_error(r, 409, "hostname_in_use", f"x.test:{port}", "'x'", str(x_file), "last valid version")
+    r = call(d, "POST", "/ingresses", json=body("y", "hand.test", port, b.port))
+    assert_error(r, 409, "hostname_in_use", f"hand.test:{port}", "'hand'", str(hand))
+    # so is its name (and its id)
+    assert_error(call(d, "POST", "/ingresses", json=body("x", "other.test", port, b.port)),
+                 409, "already_exists", "'x'", str(x_file))
+    assert_error(call(d, "POST", "/ingresses", json=body("z", "other.test", port, b.port,
+                                                         id=derive_ingress_id("x"))),
+                 409, "already_exists", str(x_file))
+    assert dir_state(api_dir) == before and dir_state(git) == git_before
+    assert routed_to(port, "x.test", "a") and status_of(port, "other.test") == 404
+
+    # GET shows them as the loop does; the read-only one cannot be deleted
+    got = call(d, "GET", "/ingresses/x").json()
+    assert (got["source"], got["read_only"], got["status"]["reason"]) == (str(x_file), True, "Stale"), got
+    assert_error(call(d, "DELETE", "/ingresses/x"), 409, "read_only_source", str(x_file))
+    assert [i["name"] for i in call(d, "GET", "/ingresses").json()] == ["hand", "x"]
+
+    # the broken API-dir file whose last good version serves is deletable: 204 once its routes are gone
+    r = call(d, "DELETE", "/ingresses/hand")
+    assert r.status_code == 204, r.text
+    assert not hand.exists() and status_of(port, "hand.test") == 404
+    assert routed_to(port, "x.test", "a")
+    # and its hostname is free again
+    create(d, body("y", "hand.test", port, b.port))
+    assert routed_to(port, "hand.test", "b")
+    assert not d.log_events("api.internal_error")
+
+
+def test_writer_follows_lastgood_json_as_the_daemon_rewrites_it(tmp_path: Path) -> None:
+    """In process: the writer takes the last good versions from ``{data}/state/lastgood.json`` (what the
+    daemon serves), re-read whenever the daemon rewrote it, not from what the writer itself once read."""
+    from reconciler.sources.inputs import ingress_reader, instance_reader
+    from reconciler.sources.snapshot import sources_for
+    from reconciler.state.store import StateStore
+
+    git = tmp_path / "git"
+    x_file = write(git / "x.yaml", ingress_yaml("x", "x.test", 80, "vm", 8080))
+    s = writer_settings(tmp_path, (git,))
+    store = StateStore(s.state_dir)
+
+    def daemon_pass() -> None:
+        """What the daemon persists after a pass (its own readers, reading from scratch)."""
+        m, i = ingress_reader(), instance_reader()
+        m.read(sources_for(s))
+        i.read([Source(s.instances_path, 0)])
+        assert store.save_lastgood(m.good, i.good)
+
+    writer = ManifestWriter(s, validate_config=lambda c: None)
+    daemon_pass()  # the daemon saw x valid; the writer never read it
+    x_file.write_text("name: x\nrules: [\n")
+    with pytest.raises(ApiError) as exc:
+        writer.create(body("y", "x.test", 80, 8080))
+    assert (exc.value.status, exc.value.code) == (409, "hostname_in_use"), exc.value.message
+    assert os.listdir(s.api_dir) == []
+
+    # x deleted, the daemon's pass drops it from lastgood.json: the hostname is free
+    x_file.unlink()
+    daemon_pass()
+    writer.create(body("y", "x.test", 80, 8080))
+    assert os.listdir(s.api_dir) == ["y.yaml"]
+
+    # the writer saw z valid itself, but the daemon never did (z broke before its pass): z is not live, so
+    # it claims nothing -- the writer follows the daemon, not its own memory
+    z_file = write(git / "z.yaml", ingress_yaml("z", "z.test", 80, "vm", 8080))
+    assert "z" in [f.ingress.name for f in writer.all()]
+    z_file.write_text("name: z\nrules: [\n")
+    writer.create(body("w", "z.test", 80, 8080))
+    assert sorted(os.listdir(s.api_dir)) == ["w.yaml", "y.yaml"]
+
+
+# -- bounded waits -----------------------------------------------------------------------------------------
+
+def test_post_and_delete_answer_202_with_the_status_when_the_wait_runs_out(
+        tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory) -> None:
+    """Caddy frozen (SIGSTOP): the pass that would apply a write hangs in POST /load. POST and DELETE do not
+    hang with it: after INGRESS_API_WAIT they answer 202 with the ingress's current status (201/204 mean
+    "live"/"gone", so they are not used); once Caddy runs again the loop converges by itself."""
+    a = backends("a")
+    port = free_port()
+    d = daemon_factory(instances=setup_instances(tmp_path), env={"INGRESS_API_WAIT": "1"}).start()
+    create(d, body("web", "web.test", port, a.port))
+    assert routed_to(port, "web.test", "a")
+    caddy = d.caddy_pid()
+    assert caddy is not None
+    os.kill(caddy, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        r = call(d, "POST", "/ingresses", json=body("late", "late.test", port, a.port))
+        assert r.status_code == 202, r.text
+        assert time.monotonic() - start < 8  # the configured 1 s, not the default 10 s
+        late = r.json()
+        assert late["name"] == "late" and late["source"] == str(d.data_dir / "ingresses" / "late.yaml")
+        assert late["status"]["ready"] is False and late["status"]["reason"] == "Pending", late
+        assert (d.data_dir / "ingresses" / "late.yaml").exists()  # written: the loop will converge
+
+        r = call(d, "DELETE", "/ingresses/web")
+        assert r.status_code == 202, r.text
+        gone = r.json()
+        assert gone["name"] == "web" and gone["status"]["reason"] == "Applied", gone  # still live for now
+        assert not (d.data_dir / "ingresses" / "web.yaml").exists()
+        timed_out = [(e["ingress"], e["operation"]) for e in d.log_events("api.wait_timed_out")]
+        assert timed_out == [("late", "create"), ("web", "delete")], timed_out
+    finally:
+        os.kill(caddy, signal.SIGCONT)
+    wait_for(lambda: routed_to(port, "late.test", "a") and status_of(port, "web.test") == 404, timeout=30,
+             message="converged once Caddy runs again")
+    wait_for(lambda: call(d, "GET", "/ingresses/late").json()["status"]["reason"] == "Applied", timeout=10,
+             message="late Applied")
+    assert_error(call(d, "GET", "/ingresses/web"), 404, "not_found")
+
+
+def test_api_wait_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.cli import build_parser, settings_from
+    from reconciler.errors import ConfigError
+
+    def parsed(*args: str) -> float:
+        return settings_from(build_parser().parse_args(["run", *args])).api_wait
+
+    monkeypatch.delenv("INGRESS_API_WAIT", raising=False)
+    assert parsed() == 10.0
+    assert parsed("--api-wait", "2.5") == 2.5
+    monkeypatch.setenv("INGRESS_API_WAIT", "0")
+    assert parsed() == 0.0
+    assert parsed("--api-wait", "3") == 3.0  # the flag wins
+    for bad in ("-1", "601", "soon", "nan"):
+        monkeypatch.setenv("INGRESS_API_WAIT", bad)
+        with pytest.raises(ConfigError, match="INGRESS_API_WAIT"):
+            parsed()
+    monkeypatch.delenv("INGRESS_API_WAIT")
+    with pytest.raises(ConfigError, match="api-wait"):
+        parsed("--api-wait", "-2")
+
+
+# -- readiness and failures --------------------------------------------------------------------------------
+
+def test_readyz_is_503_while_the_last_pass_did_not_apply(tmp_path: Path, daemon_factory: DaemonFactory,
+                                                         backends: BackendFactory) -> None:
+    """Caddy runs, but its admin API is moved away behind the daemon's back: passes cannot apply. /readyz
+    says 503 with the pass's outcome (not "Caddy is not running"), the failures metric counts them; once
+    the admin API is back the retry converges and /readyz is 200 again."""
+    a = backends("a")
+    port = free_port()
+    d = daemon_factory(instances=setup_instances(tmp_path)).start()
+    create(d, body("web", "web.test", port, a.port))
+    assert call(d, "GET", "/readyz").status_code == 200
+    failures = "hypeman_ingress_reconcile_failures_total"
+    assert not [k for k in metrics(d) if k[0] == failures]
+
+    admin = f"http://127.0.0.1:{d.admin_port}"
+    moved_port = free_port()
+    live = httpx.get(admin + "/config/", timeout=10).json()
+    live["admin"]["listen"] = f"127.0.0.1:{moved_port}"
+    moved = f"http://127.0.0.1:{moved_port}"
+    try:
+        httpx.post(admin + "/load", json=live, timeout=30)
+        wait_for(lambda: httpx.get(moved + "/config/", timeout=2).status_code == 200, timeout=10,
+                 message="admin API moved")
+        # a change the daemon must apply: its POST /load finds no admin API
+        write(d.data_dir / "ingresses" / "more.yaml", ingress_yaml("more", "more.test", port, "vm", a.port))
+        wait_for(lambda: call(d, "GET", "/readyz").status_code == 503, timeout=10, message="/readyz 503")
+        r = call(d, "GET", "/readyz")  # passes keep failing (retries) until the admin API is back
+        assert r.status_code == 503
+        assert r.json()["ready"] is False and r.json()["message"].startswith("last pass unavailable"), r.json()
+        assert call(d, "GET", "/healthz").status_code == 200
+        m = metrics(d)
+        assert m[(failures, (("outcome", "unavailable"),))] >= 1
+        assert m[("hypeman_ingress_caddy_up", ())] == 1  # Caddy runs: it is the pass that failed
+        assert routed_to(port, "web.test", "a") and status_of(port, "more.test") == 404
+        st = call(d, "GET", "/status").json()
+        assert st["last_attempted"]["outcome"] == "unavailable" and st["last_error"], st["last_attempted"]
+        assert st["revision"]["last_applied"] != st["revision"]["last_attempted"]
+    finally:
+        back = httpx.get(moved + "/config/", timeout=10).json()
+        back["admin"]["listen"] = f"127.0.0.1:{d.admin_port}"
+        httpx.post(moved + "/load", json=back, timeout=30)
+    wait_for(lambda: call(d, "GET", "/readyz").status_code == 200, timeout=40, message="ready again")
+    assert routed_to(port, "more.test", "a")
+    assert metrics(d)[(failures, (("outcome", "unavailable"),))] >= 1  # a counter: it never goes back
+
+
+# -- temp files of writes cut short ------------------------------------------------------------------------
+
+def test_stale_temp_files_are_removed_when_the_writer_starts(tmp_path: Path) -> None:
+    s = writer_settings(tmp_path)
+    api = Path(s.api_dir)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        gone_pid = _dead_pid()
+        files = {
+            f".a.yaml.{gone_pid}.tmp": 0,  # its writer is gone: removed
+            f".b.yaml.{proc.pid}.tmp": 0,  # a live writer, young: kept (it may be writing right now)
+            f".c.yaml.{proc.pid}.tmp": 120,  # a live pid, but two minutes old: a leftover (pid reused)
+            f".d.yaml.{os.getpid()}.tmp": 0,  # ours, young: kept
+            ".e.yaml.tmp": 120,  # not an atomic write's name: kept
+            ".keep": 120,
+            "web.yaml": 120,  # a manifest: never touched
+        }
+        now = time.time()
+        for name, age in files.items():
+            (api / name).write_text("name: x\n")
+            os.utime(api / name, (now - age, now - age))
+        (api / f".f.yaml.{gone_pid}.tmp").mkdir()  # not a regular file: kept
+        w = ManifestWriter(s, validate_config=lambda c: None)
+        assert w.removed_temp_files == sorted([f".a.yaml.{gone_pid}.tmp", f".c.yaml.{proc.pid}.tmp"])
+        assert sorted(os.listdir(api)) == sorted(
+            [f".b.yaml.{proc.pid}.tmp", f".d.yaml.{os.getpid()}.tmp", ".e.yaml.tmp", ".keep", "web.yaml",
+             f".f.yaml.{gone_pid}.tmp"])
+        assert remove_stale_temp_files(str(tmp_path / "missing")) == []
+    finally:
+        kill_pid(proc.pid)
+        proc.wait(timeout=5)
+
+
+def _dead_pid() -> int:
+    """A pid no process has right now."""
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=5)
+    pid = proc.pid
+    assert not pid_running(pid)
+    return pid
+
+
+# -- the OpenAPI document itself ----------------------------------------------------------------------------
+
+def test_openapi_reasons_and_error_responses_are_complete() -> None:
+    """The ``IngressReason`` enum is exactly the reasons a status can carry (and the README documents),
+    every operation declares its 500, and the status document is a real schema, not ``{type: object}``."""
+    from reconciler.model import Reason
+    from reconciler.status import INGRESS_REASONS
+
+    schemas = SPEC["components"]["schemas"]
+    assert schemas["IngressReason"]["enum"] == list(INGRESS_REASONS)
+    # every Reason but the ones only problems carry (never an ingress's status)
+    every = {v for k, v in vars(Reason).items() if k.isupper()}
+    assert every - set(INGRESS_REASONS) == {Reason.INVALID_INSTANCE, Reason.SOURCE_UNAVAILABLE}
+    readme = (ROOT / "README.md").read_text()
+    documented = re.search(r"Reasons: (.*?)\. Every change", readme, re.S)
+    assert documented is not None
+    assert re.findall(r"`(\w+)`", documented[1]) == list(INGRESS_REASONS)
+    for short in ("IngressStatus", "IngressState"):
+        assert schemas[short]["properties"]["reason"] == {"$ref": "#/components/schemas/IngressReason"}
+    for path, ops in SPEC["paths"].items():
+        for method, op in ops.items():
+            if method != "parameters":
+                assert op["responses"]["500"] == {"$ref": "#/components/responses/Error"}, (path, method)
+    status = SPEC["paths"]["/status"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert status == {"$ref": "#/components/schemas/Status"}
+    assert {"revision", "caddy", "sources", "ingresses", "history", "last_error"} <= set(
+        schemas["Status"]["properties"])
+    validator = _spec_validator(status)
+    assert not validator.is_valid({"ingresses": [{"name": "x", "ready": True, "reason": "Live", "message": "",
+                                                  "file": "f"}]})  # not a documented reason
+    assert validator.is_valid({"ingresses": []})  # a fresh data dir before the first pass

@@ -78,7 +78,23 @@ class FakeBackend:
                 "stale_since": None}
 
     def status(self) -> dict[str, Any]:
-        return {"revision": {"last_applied": "0" * 16, "last_attempted": "0" * 16}, "ingresses": []}
+        """A status document shaped like the daemon's (see tests/test_api.py for the real one)."""
+        rev = "0" * 16
+        entry = {"at": 1.0, "trigger": "api", "revision": rev, "outcome": "applied", "changes": 1,
+                 "duration_ms": 2.5, "error": None, "commits": {}}
+        return {
+            "revision": {"last_attempted": rev, "last_applied": rev, "commits": {}},
+            "last_attempted": entry, "last_applied": {"revision": rev, "at": 1.0, "commits": {}},
+            "last_error": None, "history": [entry, {**entry, "outcome": "unchanged", "repeats": 3, "first_at": 0.5}],
+            "caddy": {"pid": 1234, "running": True, "adopted": False, "restarts": 0, "binary": "/bin/caddy",
+                      "admin": "http://127.0.0.1:2999"},
+            "sources": [{"path": "/git", "ok": True, "root": "/git", "commit": None, "files": 1, "error": None}],
+            "problems": [], "certificates": {}, "counts": {"ingresses": 1, "ready": 1},
+            "ingresses": [{"name": "git-app", "ready": True, "reason": "Applied", "message": "routes are live",
+                           "file": "/git/app.yaml", "line": 1, "id": derive_ingress_id("git-app"),
+                           "hosts": ["git.example.com:80"], "targets": ["vm:8080"], "stale_since": None,
+                           "problems": [], "certificates": None}],
+        }
 
     def ready(self) -> tuple[bool, str]:
         return True, "last pass applied"

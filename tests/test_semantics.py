@@ -345,6 +345,52 @@ def test_port_held_by_a_foreign_process_rejects_only_its_ingresses(
     assert routed_to(port, "web.test", "a") and routed_to(other_port, "other.test", "a")
 
 
+def test_rejected_ingress_is_retried_when_its_manifest_changes(
+        tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory) -> None:
+    """A port held by a foreign process: its ingress is CaddyRejected. Other changes do not retry it (its
+    inputs are the same: it stays out without a new rejected load); moving its manifest to a free port
+    applies it in the pass of that change -- no resync (one hour away) needed."""
+    a = backends("a")
+    manifests, instances = setup_sources(tmp_path)
+    port, taken, free = free_port(), free_port(), free_port()
+    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
+    x = write(manifests / "x.yaml", ingress_yaml("x", "x.test", taken, "vm", a.port))
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no SO_REUSEPORT: Caddy cannot share it
+    try:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        d = daemon_factory(manifests=[manifests], instances=instances, resync=3600).start()
+        first = d.log_events("reconcile.finished")[0]
+        assert (first["outcome"], first["rejected"]) == ("partial", ["x"]), first
+        wait_for(lambda: reason_of(d, "x") == "CaddyRejected", timeout=5, message="x CaddyRejected")
+        assert routed_to(port, "web.test", "a")
+
+        # an unrelated change: x's inputs are the same, so it stays out without being tried again
+        n = d.passes()
+        write(manifests / "more.yaml", ingress_yaml("more", "more.test", port, "vm", a.port))
+        wait_for(lambda: routed_to(port, "more.test", "a"), timeout=5, message="more routed")
+        wait_for(lambda: any(e.get("loads") for e in passes_since(d, n)), timeout=5, message="the pass logged")
+        since = passes_since(d, n)
+        assert {(e["trigger"], e["outcome"], tuple(e["rejected"])) for e in since} == {("watch", "partial", ("x",))}
+        assert sum(e.get("loads", 0) for e in since) == 1, since  # one load: no rejected try, no bisection
+        assert reason_of(d, "x") == "CaddyRejected"
+
+        # its manifest moves to a free port: retried and applied by the pass of that change
+        n = d.passes()
+        write(x, ingress_yaml("x", "x.test", free, "vm", a.port))
+        wait_for(lambda: routed_to(free, "x.test", "a"), timeout=5, message="x routed on the free port")
+        applied = wait_for(lambda: [e for e in passes_since(d, n) if e["outcome"] == "applied"], timeout=3,
+                           message="the applied pass logged")
+        assert {e["trigger"] for e in passes_since(d, n)} == {"watch"}, passes_since(d, n)
+        assert "rejected" not in applied[0]
+        wait_for(lambda: reason_of(d, "x") == "Applied", timeout=3, message="x Applied")
+        expect_reasons(d, "x", ["CaddyRejected", "Applied"])
+        assert routed_to(port, "web.test", "a") and routed_to(port, "more.test", "a")
+        assert status(d)["last_error"] is None
+    finally:
+        squatter.close()
+
+
 # -- instances -------------------------------------------------------------------------------------------
 
 def test_instance_appearing_later_and_stopping(tmp_path: Path, daemon_factory: DaemonFactory,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -65,8 +66,10 @@ class _Auth(BaseHTTPMiddleware):
                 return response
         try:
             return await call_next(request)
-        except Exception:
-            log.exception("api.internal_error", method=request.method, path=request.url.path)
+        except Exception as exc:
+            # the details go to the log only (explicitly: the daemon's log setup renders no exc_info)
+            log.error("api.internal_error", method=request.method, path=request.url.path,
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
             return error(500, "internal_error", "internal error; see the daemon log")
 
 
@@ -134,18 +137,26 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         ticket = backend.request_pass(os.path.abspath(ingress.origin.file))
         log.info("api.ingress_created", ingress=ingress.name, id=ingress.id)
 
-        # 201 once a pass that saw the new file has finished (bounded: else the current status)
-        await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
+        # 201 once a pass that saw the new file has finished; when the bounded wait runs out, 202 with the
+        # current status (the manifest is written and the loop will converge: never a hang, never a 201
+        # that is not live yet)
+        done = await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
         found = Found(ingress, False, ingress.origin.file)
-        return JSONResponse(with_status(found), status_code=201)
+        if not done:
+            log.warning("api.wait_timed_out", ingress=ingress.name, operation="create", wait=wait)
+        return JSONResponse(with_status(found), status_code=201 if done else 202)
 
     @handle
     async def delete_ingress(request: Request) -> Response:
         found = await anyio.to_thread.run_sync(writer.delete, request.path_params["ref"])
         ticket = backend.request_pass(os.path.abspath(found.path))
         log.info("api.ingress_deleted", ingress=found.ingress.name, id=found.ingress.id)
-        await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
-        return Response(status_code=204)
+        # 204 once a pass without the file has finished (its routes are gone); when the wait runs out,
+        # 202 with the ingress and its current status (the file is gone, the routes may still serve)
+        if await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait):
+            return Response(status_code=204)
+        log.warning("api.wait_timed_out", ingress=found.ingress.name, operation="delete", wait=wait)
+        return JSONResponse(with_status(found), status_code=202)
 
     @handle
     async def bad_ref(request: Request) -> Response:
@@ -153,7 +164,9 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         raise ApiError(404, "not_found", "no such endpoint")
 
     async def status(request: Request) -> Response:
-        return JSONResponse(backend.status())
+        doc = dict(backend.status())
+        doc.setdefault("ingresses", [])  # before the first pass of a fresh data dir: none yet
+        return JSONResponse(doc)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -2,7 +2,10 @@
 
 The API is not a second source of truth: a create is validated exactly like a manifest file, against the
 whole current desired state read fresh from disk (every source, every instance), and the would-be Caddy
-config must pass ``caddy validate`` -- all *before* anything is written. The manifest is then written
+config must pass ``caddy validate`` -- all *before* anything is written. "The desired state" is the loop's:
+a file that is invalid now still counts with the last good version the daemon serves, so before each read
+the writer takes the daemon's last good versions from ``{data}/state/lastgood.json`` (re-read only when it
+changed) instead of trusting what this process happened to see valid. The manifest is then written
 atomically (temp file in the same dir, fsync, rename, mode 0600) and the loop converges as for any file.
 One lock serialises writers, so two racing creates for the same ``(hostname, port)`` end in one success
 and one ``hostname_in_use``.
@@ -14,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 import yaml
 
 from reconciler.fsutil import atomic_write
@@ -30,10 +35,17 @@ from reconciler.render import render
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
 from reconciler.sources.snapshot import sources_for
+from reconciler.state.store import GoodMap, LastGoodFollower
 from reconciler.validate import InstanceIndex, ingress_from_document, resolve
+
+log = structlog.get_logger("hypeman.ingress.api")
 
 REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # use with fullmatch: "$" also matches before "\n"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: the temp files of :func:`reconciler.fsutil.atomic_write`: ``.{name}.{pid}.tmp``
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
+#: a temp file older than this is left over from a crash, whoever wrote it
+STALE_TEMP_SECONDS = 60.0
 
 
 _CODES = {
@@ -76,7 +88,51 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
     return {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temp_files(directory: str, *, wall: Callable[[], float] = time.time,
+                            alive: Callable[[int], bool] = _pid_alive) -> list[str]:
+    """Remove the temp files an atomic write left behind when its process was killed mid-write
+    (``.{name}.{pid}.tmp``, regular files only, top level of ``directory``): those of a process that is
+    gone, and any older than :data:`STALE_TEMP_SECONDS` (a pid may have been reused). Returns their names."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = wall()
+    for name in sorted(names):
+        m = _TEMP.fullmatch(name)
+        if m is None:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        pid = int(m["pid"])
+        old = now - st.st_mtime > STALE_TEMP_SECONDS
+        if old or (pid != os.getpid() and not alive(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(name)
+    return removed
+
+
 class ManifestWriter:
+    """Validates and writes API manifests. ``good``: last good versions to start from (used until the
+    daemon has written ``{data}/state/lastgood.json``; from then on that file is followed)."""
+
     def __init__(self, settings: Settings, *, validate_config: Callable[[dict[str, Any]], str | None],
                  good: tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None = None,
                  wall: Callable[[], float] = time.time) -> None:
@@ -87,16 +143,31 @@ class ManifestWriter:
         good_m, good_i = good if good is not None else ({}, {})
         self._manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good_m, wall=wall)
         self._instances = instance_reader(max_bytes=settings.max_file_bytes, good=good_i, wall=wall)
+        self._daemon_good = LastGoodFollower(settings.state_dir, wall=wall)
+        #: temp files of writes killed mid-way (SIGKILL, power loss), removed at start
+        self.removed_temp_files = remove_stale_temp_files(settings.api_dir, wall=wall)
+        if self.removed_temp_files:
+            log.info("api.temp_files_removed", directory=settings.api_dir, files=self.removed_temp_files)
 
     # -- reading ------------------------------------------------------------------------------
     def _sources(self) -> list[Source]:
         return sources_for(self.settings)
 
+    def _read(self, sources: list[Source]) -> tuple[ReadResult[Ingress], ReadResult[Instance]]:
+        """Every source and the instances as the loop sees them (call with :attr:`lock` held): files that
+        are invalid now count with the last good version the daemon serves, not with whatever this
+        process happened to see valid (or never saw valid)."""
+        daemon = self._daemon_good.current()
+        if daemon is not None:
+            self._manifests.good = _copy(daemon[0])
+            self._instances.good = _copy(daemon[1])
+        return (self._manifests.read(sources),
+                self._instances.read([Source(self.settings.instances_path, 0)]))
+
     def view(self) -> tuple[list[Source], ReadResult[Ingress], ReadResult[Instance]]:
         sources = self._sources()
         with self.lock:
-            return sources, self._manifests.read(sources), self._instances.read(
-                [Source(self.settings.instances_path, 0)])
+            return sources, *self._read(sources)
 
     def all(self) -> list[Found]:
         sources, manifests, _ = self.view()
@@ -146,8 +217,7 @@ class ManifestWriter:
         data["created_at"] = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         candidate = dataclasses.replace(candidate, created_at=data["created_at"])
         with self.lock:
-            manifests = self._manifests.read(sources)
-            instances = self._instances.read([Source(self.settings.instances_path, 0)])
+            manifests, instances = self._read(sources)
             self._check_unique(candidate, sources, manifests, path)
             index = InstanceIndex(instances.items)
             for r in candidate.rules:
@@ -178,7 +248,8 @@ class ManifestWriter:
         for other in manifests.items:
             if other.name == candidate.name:
                 raise ApiError(409, "already_exists",
-                               f"an ingress named {candidate.name!r} already exists in {other.origin.file}")
+                               f"an ingress named {candidate.name!r} already exists in {other.origin.file}"
+                               + _stale_note(other, manifests))
             if other.id == candidate.id:
                 raise ApiError(409, "already_exists",
                                f"id {candidate.id!r} is already used by ingress {other.name!r} in {other.origin.file}")
@@ -190,7 +261,8 @@ class ManifestWriter:
             owner = claims.get((r.hostname, r.port))
             if owner is not None:
                 raise ApiError(409, "hostname_in_use", f"{r.hostname}:{r.port} is already routed by ingress "
-                                                       f"{owner.name!r} ({owner.origin.file})")
+                                                       f"{owner.name!r} ({owner.origin.file})"
+                                                       + _stale_note(owner, manifests))
 
     @staticmethod
     def _dump(data: dict[str, Any]) -> str:
@@ -202,7 +274,7 @@ class ManifestWriter:
         check_ref(ref)
         sources = self._sources()
         with self.lock:
-            manifests = self._manifests.read(sources)
+            manifests, _ = self._read(sources)
             found = self._find(ref, sources, manifests.items)
             if found.read_only:
                 # a copy in the API dir shadowed by a read-only source (same name) is still ours to delete
@@ -222,6 +294,17 @@ class ManifestWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.settings.api_dir, found.ingress.origin.relpath))
         return found
+
+
+def _copy(good: GoodMap) -> GoodMap:
+    """A copy the reader may update (it records files it finds valid) without touching ``good``."""
+    return {source: dict(files) for source, files in good.items()}
+
+
+def _stale_note(owner: Ingress, manifests: ReadResult[Ingress]) -> str:
+    if owner.origin.file not in manifests.stale:
+        return ""
+    return "; that file is invalid now, and its last valid version keeps serving until it is fixed or deleted"
 
 
 def _check_text(body: Any) -> None:

@@ -7,8 +7,10 @@ ignored (logged by the caller), never fatal: the next pass rewrites it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -64,6 +66,78 @@ def _good_entry(rel: str, g: GoodFile) -> str:
     return _dumps(rel) + ":" + _dumps({"display": g.display, "digest": g.digest, "text": g.text, "since": g.since})
 
 
+def lastgood_from(data: Any) -> tuple[GoodMap, GoodMap]:
+    """The (manifests, instances) last good maps of a parsed ``lastgood.json``; ({}, {}) when it is not one
+    (corrupt, foreign, another version). Entries that do not have the expected shape are skipped."""
+    if not isinstance(data, dict) or data.get("version") != _VERSION:
+        return {}, {}
+
+    def conv(section: Any) -> GoodMap:
+        out: GoodMap = {}
+        if not isinstance(section, dict):
+            return out
+        for source, files in section.items():
+            if not isinstance(files, dict):
+                continue
+            for rel, g in files.items():
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    out.setdefault(source, {})[rel] = GoodFile(str(g["display"]), str(g["digest"]),
+                                                               str(g["text"]), float(g["since"]))
+        return out
+
+    return conv(data.get("manifests")), conv(data.get("instances"))
+
+
+class LastGoodFollower:
+    """Follows ``lastgood.json`` as another process (the daemon) rewrites it: :meth:`current` re-reads the
+    file only when its stat signature changed -- or when it was modified so recently that a same-size
+    rewrite within the file system's timestamp granularity could hide behind an unchanged signature; then
+    the bytes are hashed and parsed only if they differ."""
+
+    RACY_SECONDS = 2.0
+
+    def __init__(self, state_dir: str, *, wall: Callable[[], float] = time.time) -> None:
+        self.path = os.path.join(state_dir, LASTGOOD)
+        self._wall = wall
+        self._signature: tuple[int, ...] | None = None
+        self._digest: bytes | None = None
+        self._good: tuple[GoodMap, GoodMap] | None = None
+        #: how many times the file was parsed (for tests)
+        self.loads = 0
+
+    def current(self) -> tuple[GoodMap, GoodMap] | None:
+        """The last good maps the file holds now; None while there is no such file (no pass yet)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return self._good  # gone or unreadable for a moment: what it held last (the daemon never deletes it)
+        signature = _signature_of(st)
+        racy = self._wall() - st.st_mtime_ns / 1e9 < self.RACY_SECONDS
+        if signature == self._signature and not racy:
+            return self._good
+        try:
+            with open(self.path, "rb") as fh:
+                signature = _signature_of(os.fstat(fh.fileno()))
+                raw = fh.read()
+        except OSError:
+            return self._good
+        digest = hashlib.sha256(raw).digest()
+        if digest != self._digest:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            self._good = lastgood_from(data)
+            self._digest = digest
+            self.loads += 1
+        self._signature = signature
+        return self._good
+
+
+def _signature_of(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class StateStore:
     def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
@@ -83,24 +157,7 @@ class StateStore:
 
     # -- last known good ----------------------------------------------------------------------
     def load_lastgood(self) -> tuple[GoodMap, GoodMap]:
-        data = self._read(LASTGOOD)
-        if not isinstance(data, dict) or data.get("version") != _VERSION:
-            return {}, {}
-
-        def conv(section: Any) -> GoodMap:
-            out: GoodMap = {}
-            if not isinstance(section, dict):
-                return out
-            for source, files in section.items():
-                if not isinstance(files, dict):
-                    continue
-                for rel, g in files.items():
-                    with contextlib.suppress(KeyError, TypeError, ValueError):
-                        out.setdefault(source, {})[rel] = GoodFile(str(g["display"]), str(g["digest"]),
-                                                                   str(g["text"]), float(g["since"]))
-            return out
-
-        good = conv(data.get("manifests")), conv(data.get("instances"))
+        good = lastgood_from(self._read(LASTGOOD))
         self._saved_good = self._fingerprint(*good)
         return good
 
