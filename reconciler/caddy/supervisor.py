@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -74,8 +75,6 @@ class CaddySupervisor:
         0700, and repaired at every start when something (an operator's chmod -R, a restore from a backup,
         an older version) left them looser: every dir under them 0700, every file without group or other
         bits (keys 0600). Symlinks are neither followed nor changed."""
-        import stat  # local: prepare_dirs is its only user
-
         d = self.settings.caddy_dir
         os.makedirs(d, mode=0o700, exist_ok=True)
         os.chmod(d, 0o700)
