@@ -512,6 +512,8 @@ def test_cold_start_shares_parsing_with_a_helper_that_then_exits(tmp_path: Path,
     assert prefetched["files"] == n + 1  # and the instances file
     assert 0 < prefetched["by_helper"] < n
     assert not d.log_events("parse_helper.failed")
+    [done] = d.log_events("parse_helper.done")
+    assert done["peak_rss_mb"] > 1
     assert all(routed_to(port, f"h{i}.cold.test", "a") for i in (0, n // 2, n - 1))
     assert d.proc is not None
     # the helper is gone once the first read is done: only Caddy is left as a child

@@ -110,6 +110,7 @@ def test_close_reaps_the_helper() -> None:
     assert h is not None and h.pid is not None
     pid = h.pid
     h.close()
+    assert h.peak_rss_mb is not None and 1 < h.peak_rss_mb < 1000
     assert not h.alive()
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # already reaped: no zombie left behind

@@ -142,8 +142,11 @@ class Daemon:
         assert self.reconciler is not None
         helper = self.reconciler.manifests.helper
         drop_helper(self.reconciler.manifests, self.reconciler.instances)
-        if helper is not None and helper.last_error:
+        if helper is None:
+            return
+        if helper.last_error:
             log.warning("parse_helper.failed", error=helper.last_error)
+        log.info("parse_helper.done", peak_rss_mb=helper.peak_rss_mb)
 
     def _validate_config(self, config: dict[str, Any]) -> str | None:
         assert self.binary is not None

@@ -86,6 +86,8 @@ class ForkedHelper:
         child.close()
         #: why the last share did not get the helper's results (for logs and tests)
         self.last_error: str | None = None
+        #: its peak resident memory in MB, taken when it is closed (None where unknown)
+        self.peak_rss_mb: float | None = None
 
     @classmethod
     def fork(cls, handler: Handler) -> ForkedHelper | None:
@@ -154,8 +156,21 @@ class ForkedHelper:
             self.last_error = str(value)
         return bool(ok), value
 
+    def _peak_rss(self) -> float | None:
+        """The helper's peak resident memory in MB (Linux ``VmHWM``), while it still runs."""
+        try:
+            with open(f"/proc/{self._proc.pid}/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return round(int(line.split()[1]) / 1024, 1)
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     def close(self, timeout: float = 5.0) -> None:
         """Ask the helper to exit and reap it (killed if it does not exit within ``timeout``)."""
+        if self.peak_rss_mb is None and self._proc.is_alive():
+            self.peak_rss_mb = self._peak_rss()
         with contextlib.suppress(OSError, ValueError):
             self._conn.send(None)
         with contextlib.suppress(OSError):

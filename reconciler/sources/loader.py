@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from reconciler.model import Document, Ingress, Instance, Origin, Problem, Reason, Source
+from reconciler.model import Document, Ingress, Instance, Origin, Problem, Reason, Record, Source
 from reconciler.parse import ParseError, decode, parse_documents
 from reconciler.validate import ingress_from_document, instance_from_document
 
@@ -40,7 +40,7 @@ def is_manifest_name(name: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class FileEntry:
+class FileEntry(Record):
     display: str  # path shown to users: source path as given + relative path
     relpath: str
     real: str  # resolved path that is actually read
