@@ -33,6 +33,8 @@ def _square(key: Any, item: Any) -> Any:
         os._exit(3)
     if key == "slow":
         time.sleep(0.005)
+    if key == "steady":
+        time.sleep(0.0005)
     return item * item
 
 
@@ -60,9 +62,9 @@ def _share(helper: ForkedHelper, key: str, n: int, *, delay: float = 0.0,
 def test_both_ends_meet_in_the_middle(helper: ForkedHelper) -> None:
     assert helper.pid not in (None, os.getpid())
     for _ in range(3):  # the helper serves one share after another
-        mine, theirs = _share(helper, "plain", 2000, delay=0.0002)
+        mine, theirs = _share(helper, "steady", 400, delay=0.0005)
         assert mine == list(range(len(mine))), "this side works from the front, in order"
-        assert sorted(theirs) == list(range(len(mine), 2000)), "the helper did the rest, nothing twice"
+        assert sorted(theirs) == list(range(len(mine), 400)), "the helper did the rest, nothing twice"
         assert all(v == k * k for k, v in theirs.items())
         assert mine and theirs
     assert helper.last_error is None
@@ -232,3 +234,19 @@ def test_small_and_cached_reads_do_not_use_the_helper(tmp_path: Path, monkeypatc
         assert shared == []
     finally:
         drop_helper(reader)
+
+
+def test_a_caller_failing_mid_share_ends_the_helper(helper: ForkedHelper) -> None:
+    """The helper's answer to an abandoned share must never be taken for the next share's."""
+
+    def boom(i: int) -> None:
+        time.sleep(0.002)
+        if i == 20:
+            raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        helper.share("slow", list(range(200)), boom)
+    assert helper.last_error == "the caller failed during the share"
+    wait_for(lambda: not helper.alive(), timeout=10)
+    mine, theirs = _share(helper, "plain", 50)  # a closed helper: the caller does everything
+    assert (mine, theirs) == (list(range(50)), {})

@@ -123,12 +123,18 @@ class ForkedHelper:
         if not sent:
             self._bounds[_BACK] = n
         i = 0
-        while i < n and i < self._bounds[_BACK]:
-            end = min(i + CHUNK, n)
-            self._bounds[_FRONT] = end  # taken: the helper stops before it
-            for k in range(i, end):
-                mine(k)
-            i = end
+        try:
+            while i < n and i < self._bounds[_BACK]:
+                end = min(i + CHUNK, n)
+                self._bounds[_FRONT] = end  # taken: the helper stops before it
+                for k in range(i, end):
+                    mine(k)
+                i = end
+        except BaseException:
+            if sent:  # its answer to this job must never be read as the next one's
+                self.last_error = "the caller failed during the share"
+                self.close(timeout=0)
+            raise
         if not sent:
             return {}
         ok, value = self._result(timeout)
