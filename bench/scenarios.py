@@ -260,6 +260,38 @@ def scenario_change_100(n: int = 100, changes: int = 40) -> list[Figure]:
     ]
 
 
+def scenario_api_100(n: int = 100, creates: int = 30) -> list[Figure]:
+    """Change->live through the API: ``POST /ingresses`` -> 201 (answered once the route is live), and
+    POST -> first request routed to the new host, for ``creates`` new ingresses next to ``n`` others."""
+    with daemon_with(n) as (d, a, _b, port, _manifests), httpx.Client(timeout=5) as client, \
+            httpx.Client(base_url=d.api_url, timeout=30) as api:
+        d.start()
+        wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=30)
+        to_201, to_routed = [], []
+        for i in range(creates):
+            host = f"api{i}.example.com"
+            body = {"name": f"api-{i}", "rules": [{"match": {"hostname": host, "port": port},
+                                                   "target": {"instance": "vm", "port": a.port}}]}
+            start = time.perf_counter()
+            r = api.post("/ingresses", json=body)
+            answered = time.perf_counter() - start
+            assert r.status_code == 201, r.text
+            wait_routed(client, port, host, "a", timeout=10)
+            to_201.append(answered)
+            to_routed.append(time.perf_counter() - start)
+
+    def p99(values: list[float]) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+
+    return [
+        Figure(f"API POST -> 201 at {n} ingresses, p50 ({creates} creates)", statistics.median(to_201) * 1000, "ms"),
+        Figure(f"API POST -> 201 at {n} ingresses, p99", p99(to_201) * 1000, "ms"),
+        Figure(f"API POST -> first routed request at {n}, p50", statistics.median(to_routed) * 1000, "ms"),
+        Figure(f"API POST -> first routed request at {n}, p99", p99(to_routed) * 1000, "ms"),
+    ]
+
+
 def scenario_burst_and_idle(n: int = 1000) -> list[Figure]:
     from tests.helpers import count_loads
 
