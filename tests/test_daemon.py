@@ -512,7 +512,7 @@ def test_cold_start_shares_parsing_with_a_helper_that_then_exits(tmp_path: Path,
     assert prefetched["files"] == n + 1  # and the instances file
     assert 0 < prefetched["by_helper"] < n
     assert not d.log_events("parse_helper.failed")
-    [done] = d.log_events("parse_helper.done")
+    [done] = wait_for(lambda: d.log_events("parse_helper.done"), timeout=10, message="helper reaped")
     assert done["peak_rss_mb"] > 1
     assert all(routed_to(port, f"h{i}.cold.test", "a") for i in (0, n // 2, n - 1))
     assert d.proc is not None

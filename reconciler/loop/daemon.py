@@ -23,7 +23,7 @@ from reconciler.loop.background import Background
 from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
-from reconciler.sources.inputs import drop_helper, fork_helper
+from reconciler.sources.inputs import detach_helper, fork_helper
 from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
 from reconciler.state.metrics import Metrics
@@ -138,15 +138,21 @@ class Daemon:
 
     def _drop_helper(self) -> None:
         """End the parse helper: later reads are small (only what changed), or full reads of files the
-        cache mostly knows."""
+        cache mostly knows. It is told to exit at once (its teardown runs on its own core) and reaped by
+        the report thread, off the way to the first pass."""
         assert self.reconciler is not None
-        helper = self.reconciler.manifests.helper
-        drop_helper(self.reconciler.manifests, self.reconciler.instances)
+        helper = detach_helper(self.reconciler.manifests, self.reconciler.instances)
         if helper is None:
             return
-        if helper.last_error:
-            log.warning("parse_helper.failed", error=helper.last_error)
-        log.info("parse_helper.done", peak_rss_mb=helper.peak_rss_mb)
+        helper.release()
+
+        def reap() -> None:
+            helper.close()
+            if helper.last_error:
+                log.warning("parse_helper.failed", error=helper.last_error)
+            log.info("parse_helper.done", peak_rss_mb=helper.peak_rss_mb)
+
+        self._report(reap)
 
     def _validate_config(self, config: dict[str, Any]) -> str | None:
         assert self.binary is not None

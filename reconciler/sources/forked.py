@@ -173,14 +173,18 @@ class ForkedHelper:
             pass
         return None
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Ask the helper to exit and reap it (killed if it does not exit within ``timeout``)."""
+    def release(self) -> None:
+        """Ask the helper to exit, without waiting for it (:meth:`close` reaps it)."""
         if self.peak_rss_mb is None and self._proc.is_alive():
             self.peak_rss_mb = self._peak_rss()
         with contextlib.suppress(OSError, ValueError):
             self._conn.send(None)
         with contextlib.suppress(OSError):
             self._conn.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the helper to exit and reap it (killed if it does not exit within ``timeout``)."""
+        self.release()
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()

@@ -530,10 +530,16 @@ def fork_helper(*readers: IncrementalReader[Any]) -> ForkedHelper | None:
     return helper
 
 
-def drop_helper(*readers: IncrementalReader[Any]) -> None:
-    """Detach the readers' helper and end it."""
-    helpers = {id(r.helper): r.helper for r in readers if r.helper is not None}
+def detach_helper(*readers: IncrementalReader[Any]) -> ForkedHelper | None:
+    """Detach the readers' helper (as :func:`fork_helper` attached it) and return it, still running."""
+    helpers = [r.helper for r in readers if r.helper is not None]
     for reader in readers:
         reader.helper = None
-    for helper in helpers.values():
+    return helpers[0] if helpers else None
+
+
+def drop_helper(*readers: IncrementalReader[Any]) -> None:
+    """Detach the readers' helper and end it."""
+    helper = detach_helper(*readers)
+    if helper is not None:
         helper.close()
