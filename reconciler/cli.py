@@ -380,9 +380,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from reconciler.api.app import create_app
-    from reconciler.api.server import ApiServer
-    from reconciler.api.writer import ManifestWriter
     from reconciler.loop.daemon import Daemon
 
     daemon = Daemon(settings)
@@ -392,27 +389,35 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    daemon.setup()
-    server = None
-    if settings.api_listen:
+    servers: list[Any] = []
+
+    def start_api() -> None:
+        """Imported, built and started while the first read runs (the parse helper takes up the slack)."""
+        from reconciler.api.app import create_app
+        from reconciler.api.server import ApiServer
+        from reconciler.api.writer import ManifestWriter
+
         binary = daemon.binary
-        assert binary is not None
+        assert binary is not None and settings.api_listen
         writer = ManifestWriter(settings, validate_config=lambda config: caddy_validate(binary, config),
                                 good=StateStore(settings.state_dir).load_lastgood())
         app = create_app(writer=writer, backend=daemon, token=settings.api_token, wait=settings.api_wait,
                          max_body=settings.api_max_body)
         server = ApiServer(app, settings.api_listen)
-        try:
-            server.start()
-        except ConfigError:
-            daemon.shutdown()
-            raise
+        server.start()
+        servers.append(server)
         structlog.get_logger("hypeman.ingress").info("api.listening", address=settings.api_listen,
                                                       auth=bool(settings.api_token))
+
+    try:
+        daemon.setup(meanwhile=start_api if settings.api_listen else None)
+    except ConfigError:  # the API address is unusable
+        daemon.shutdown()
+        raise
     try:
         return daemon.loop()
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
 
 

@@ -88,7 +88,10 @@ class Daemon:
     def _on_change(self, path: str) -> None:
         self.triggers.notify("watch", path=path)
 
-    def setup(self) -> None:
+    def setup(self, meanwhile: Callable[[], None] | None = None) -> None:
+        """Everything before the loop: the state, the parse helper, the watches, the first read (on a
+        thread), the Caddy binary and Caddy itself; then ``meanwhile`` (say, starting the API) while the
+        first read may still run."""
         s = self.settings
         api_dir_ready(s)
         self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
@@ -116,6 +119,8 @@ class Daemon:
             self.supervisor.ensure_running()
             self._tracker = CertificateTracker(s.storage_dir, self.supervisor.log_path,
                                                issuer_key=issuer_storage_key(s.tls))
+            if meanwhile is not None:
+                meanwhile()
         finally:
             prefetch.join()
 
