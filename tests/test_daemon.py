@@ -612,3 +612,21 @@ def test_sigterm_with_stop_on_shutdown_stops_caddy(tmp_path: Path, daemon_factor
     assert not (d.data_dir / "caddy" / "caddy.pid").exists()
     [stopped] = d.log_events("daemon.stopped")
     assert stopped["caddy_stopped"] is True
+
+
+def test_api_address_in_use_stops_the_daemon_clearly(tmp_path: Path, daemon_factory: DaemonFactory) -> None:
+    """The API starts while the first read runs: an API address someone else holds ends the daemon at
+    start with a configuration error naming the address (exit 2), after a clean shutdown."""
+    manifests, instances = setup_sources(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        d = daemon_factory(manifests=[manifests], instances=instances, env={"HYPEMAN_API_LISTEN": taken})
+        d.start(wait_ready=False)
+        assert d.proc is not None
+        rc = d.proc.wait(timeout=60)
+        assert rc == 2
+        log = d.log_path.read_text()
+        assert f"configuration error: the API could not listen on {taken}" in log
+        assert d.log_events("daemon.stopped") and not d.log_events("reconcile.finished")
