@@ -62,9 +62,9 @@ def _share(helper: ForkedHelper, key: str, n: int, *, delay: float = 0.0,
 def test_both_ends_meet_in_the_middle(helper: ForkedHelper) -> None:
     assert helper.pid not in (None, os.getpid())
     for _ in range(3):  # the helper serves one share after another
-        mine, theirs = _share(helper, "steady", 400, delay=0.0005)
+        mine, theirs = _share(helper, "steady", 2000, delay=0.0005)
         assert mine == list(range(len(mine))), "this side works from the front, in order"
-        assert sorted(theirs) == list(range(len(mine), 400)), "the helper did the rest, nothing twice"
+        assert sorted(theirs) == list(range(len(mine), 2000)), "the helper did the rest, nothing twice"
         assert all(v == k * k for k, v in theirs.items())
         assert mine and theirs
     assert helper.last_error is None
@@ -148,6 +148,7 @@ def _count_own_reads(reader: IncrementalReader[Any], monkeypatch: pytest.MonkeyP
 
     def counting(entry: Any, source: Source) -> Any:
         seen.append(entry.relpath)
+        time.sleep(0.0005)  # this side a little slower: the helper surely gets a share, even on a busy machine
         return original(entry, source)
 
     monkeypatch.setattr(reader, "_read_entry", counting)
