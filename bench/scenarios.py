@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,55 +88,62 @@ def daemon_with(n: int, *, resync: int = 3600) -> Iterator[tuple[Daemon, Backend
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
 
-def bare_load_time(config: dict[str, Any], change: Any, expect: Any, repeats: int = 5) -> tuple[float, float]:
-    """Caddy on its own, with ``config`` loaded, given ``change(config, k)`` (the same edit we time):
+class BareCaddy:
+    """Caddy on its own, serving a copy of ``config`` on its own admin and listen ports: the baseline our
+    change->live is compared with, measured next to ours (alternating with our changes, so both see the
+    same machine). Its steps retarget ``host`` between the two backends, as our changes do."""
 
-    * the median time of its ``POST /load`` with no other traffic, and
-    * the median time from that ``POST /load`` to the first request routed to the new backend, polled
-      exactly as :func:`change_to_live` polls (every ~2 ms) -- the same measurement our change->live is,
-      minus everything we do. (Polling costs Caddy CPU while it loads: ~0.15 s of a 10k load on 2 cores.)
+    def __init__(self, config: dict[str, Any], host: str, backends: tuple[Backend, Backend]) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="hypeman-bench-bare-")
+        self.caddy = CaddyProcess(Path(self._tmp.name))
+        cfg = json.loads(json.dumps(config))
+        cfg["admin"]["listen"] = f"127.0.0.1:{self.caddy.admin_port}"
+        self.ports = []
+        for srv in cfg["apps"]["http"]["servers"].values():
+            self.ports.append(free_port())
+            srv["listen"] = [f"127.0.0.1:{self.ports[-1]}"]
+        assert self.caddy.load(cfg).status_code == 200
+        self.config, self.host, self.backends = cfg, host, backends
+        self.on = 0  # index of the backend ``host`` goes to now
+        self._client = httpx.Client(timeout=5)
 
-    ``expect(k)`` gives the (host, backend name) the edit routes."""
-    with tempfile.TemporaryDirectory(prefix="hypeman-bench-bare-") as tmp:
-        caddy = CaddyProcess(Path(tmp))
-        try:
-            cfg = json.loads(json.dumps(config))
-            cfg["admin"]["listen"] = f"127.0.0.1:{caddy.admin_port}"
-            ports = []
-            for srv in cfg["apps"]["http"]["servers"].values():
-                ports.append(free_port())
-                srv["listen"] = [f"127.0.0.1:{ports[-1]}"]
-            assert caddy.load(cfg).status_code == 200
-            quiet, polled = [], []
-            with httpx.Client(timeout=5) as client:
-                for k in range(2 * repeats):
-                    changed = change(cfg, k)
-                    body = json.dumps(changed).encode()
-                    result: list[httpx.Response] = []
+    def _next(self) -> tuple[bytes, Backend]:
+        self.on = 1 - self.on
+        target = self.backends[self.on]
+        self.config = _retarget(self.config, self.host, f"127.0.0.1:{target.port}")
+        return json.dumps(self.config).encode(), target
 
-                    def post(body: bytes = body, result: list[httpx.Response] = result) -> None:
-                        result.append(httpx.post(caddy.admin_url + "/load", content=body,
-                                                 headers={"Content-Type": "application/json"}, timeout=120))
+    def _post(self, body: bytes) -> None:
+        r = httpx.post(self.caddy.admin_url + "/load", content=body, headers={"Content-Type": "application/json"},
+                       timeout=120)
+        assert r.status_code == 200, r.text
 
-                    t = time.perf_counter()
-                    if k % 2 == 0:
-                        post()
-                        quiet.append(time.perf_counter() - t)
-                    else:
-                        poster = threading.Thread(target=post)
-                        poster.start()
-                        host, backend = expect(k)
-                        wait_routed(client, ports[0], host, backend)
-                        polled.append(time.perf_counter() - t)
-                        poster.join()
-                    assert result and result[0].status_code == 200, result
-                    cfg = changed
-            return statistics.median(quiet), statistics.median(polled)
-        finally:
-            caddy.stop()
+    def quiet(self) -> float:
+        """Seconds of one ``POST /load`` with no other traffic."""
+        body, _ = self._next()
+        t = time.perf_counter()
+        self._post(body)
+        return time.perf_counter() - t
+
+    def polled(self) -> float:
+        """Seconds from a ``POST /load`` to the first request routed to the new backend, polled exactly as
+        :func:`change_to_live` polls (every ~2 ms; polling costs Caddy CPU while it loads)."""
+        body, target = self._next()
+        poster = threading.Thread(target=self._post, args=(body,))
+        t = time.perf_counter()
+        poster.start()
+        wait_routed(self._client, self.ports[0], self.host, target.name)
+        took = time.perf_counter() - t
+        poster.join()
+        return took
+
+    def close(self) -> None:
+        self._client.close()
+        self.caddy.stop()
+        self._tmp.cleanup()
 
 
-def _retarget(config: dict[str, Any], k: int, host: str, dial: str) -> dict[str, Any]:
+def _retarget(config: dict[str, Any], host: str, dial: str) -> dict[str, Any]:
     cfg: dict[str, Any] = json.loads(json.dumps(config))
 
     def walk(node: Any) -> None:
@@ -197,25 +205,36 @@ def scenario_change_10k(n: int = 10_000, changes: int = 7, starts: int = 3) -> l
         wait_routed(client, port, "h0.example.com", "a", timeout=10)
         colds.append(time.perf_counter() - t0)
         cold = statistics.median(colds)
-        before = len(d.log_events("reconcile.finished"))
-        lat = change_to_live(manifests, port, (a, b), [n // 2 + k for k in range(changes)], client)
-        phases = pass_phases(d, before)
+        # The bare baseline next to ours, on a copy of the config now live: our changes and its loads
+        # alternate, so a machine that speeds up or slows down meanwhile weighs on both alike. Each side
+        # starts idle: one edit on a converged daemon (its report thread done with the last pass), one load
+        # on a Caddy that is not loading.
         live = httpx.get(f"http://127.0.0.1:{d.admin_port}/config/", timeout=30).json()
+        bare = BareCaddy(live, f"h{n // 2 - 1}.example.com", (a, b))
+        try:
+            before = len(d.log_events("reconcile.finished"))
+            lat, polled, quiet = [], [], []
+            for k in range(changes):
+                lat += change_to_live(manifests, port, (a, b), [n // 2 + k], client)
+                wait_for(partial(_passes_logged, d, before + k + 1), timeout=30,
+                         message="the pass's reports written")
+                polled.append(bare.polled())
+                quiet.append(bare.quiet())
+        finally:
+            bare.close()
+        phases = pass_phases(d, before)
         rss = peak_rss(d)
         helper_rss = [e["peak_rss_mb"] for e in d.log_events("parse_helper.done")]
-        d.cleanup()  # our daemon and its Caddy are done; the backends serve the bare Caddy next
-        host = f"h{n // 2}.example.com"  # on b after the changes above: odd edits move it back to a
-        quiet, base = bare_load_time(live, lambda cfg, k: _retarget(cfg, k, host,
-                                                                    f"127.0.0.1:{[b.port, a.port][k % 2]}"),
-                                     lambda k: (host, "a"))
+    base = statistics.median(polled)
     med = statistics.median(lat)
     return [
         Figure(f"cold start to all routes live at {n // 1000}k ingresses (median of {starts})", cold, "s",
                target=3.0),
         Figure(f"change->live at {n // 1000}k (median of {changes})", med, "s"),
-        Figure(f"Caddy bare POST /load of the same config at {n // 1000}k, no other traffic", quiet, "s"),
-        Figure(f"Caddy bare POST /load -> first routed request at {n // 1000}k (polled as change->live)", base,
-               "s"),
+        Figure(f"Caddy bare POST /load of the same config at {n // 1000}k, no other traffic (median)",
+               statistics.median(quiet), "s"),
+        Figure(f"Caddy bare POST /load -> first routed request at {n // 1000}k (polled as change->live, "
+               "alternating with ours, median)", base, "s"),
         Figure(f"change->live / bare POST /load at {n // 1000}k", med / base, "x", target=1.5),
         Figure(f"change->live minus bare POST /load at {n // 1000}k (our overhead)", (med - base) * 1000, "ms",
                target=250),
@@ -224,6 +243,11 @@ def scenario_change_10k(n: int = 10_000, changes: int = 7, starts: int = 3) -> l
           for v in helper_rss[:1]],
         *[Figure(f"  change at {n // 1000}k, our pass: {name} (median)", value, "ms") for name, value in phases],
     ]
+
+
+def _passes_logged(d: Daemon, count: int) -> bool:
+    """The daemon logged ``count`` passes (its report thread writes a pass's line after its state files)."""
+    return len(d.log_events("reconcile.finished")) >= count
 
 
 def pass_phases(d: Daemon, since: int) -> list[tuple[str, float]]:
