@@ -30,7 +30,8 @@ def test_small_configs_stay_flat_and_readable() -> None:
 
 def test_buckets_cover_every_host_exactly_once() -> None:
     entries = [proxy(f"h{i:04d}.test", f"10.0.0.1:{1000 + i}") for i in range(1000)]
-    routes = layout(entries, port=80, threshold=100)
+    first, *routes = layout(entries, port=80, threshold=100)
+    assert first["@id"] == "lowercase-host.80" and "terminal" not in first
     assert 16 <= len(routes) <= 64  # ~sqrt(n) buckets instead of n routes
     seen = [h for r in routes for h in r["match"][0]["host"]]
     assert sorted(seen) == sorted(h for h, _ in entries)
@@ -41,9 +42,10 @@ def test_buckets_cover_every_host_exactly_once() -> None:
         assert {m["input"] for m in exact["mappings"]} == set(r["match"][0]["host"])
         assert {m["outputs"][0] for m in exact["mappings"]} <= {d for _, rt in entries
                                                                 for d in [rt["handle"][0]["upstreams"][0]["dial"]]}
-    # exactly one reverse_proxy handler per bucket and variant, not one per host
+    # exactly one reverse_proxy handler per bucket, not one per host, and no regexp per host
     text = json.dumps(routes)
-    assert text.count('"reverse_proxy"') == 2 * len(routes)
+    assert text.count('"reverse_proxy"') == len(routes)
+    assert "regexp" not in text
 
 
 def test_bucket_membership_is_stable_when_hosts_come_and_go() -> None:
@@ -56,7 +58,7 @@ def test_special_routes_stay_as_they_are_inside_their_bucket() -> None:
     special = ("down.test", {"@id": "x", "match": [{"host": ["down.test"]}],
                              "handle": [{"handler": "static_response", "status_code": 503}], "terminal": True})
     entries = sorted([proxy(f"h{i}.test", "10.0.0.1:80") for i in range(50)] + [special])
-    routes = layout(entries, port=80, threshold=10)
+    routes = layout(entries, port=80, threshold=10)[1:]
     owners = [r for r in routes if "down.test" in r["match"][0]["host"]]
     assert len(owners) == 1
     assert special[1] in owners[0]["handle"][0]["routes"]
@@ -91,7 +93,9 @@ def test_bucketed_config_routes_like_the_flat_one(caddy: CaddyProcess,
                         http_port=free_port(), https_port=free_port(), bucket_threshold=50)
     config = render(desired, settings)
     routes = config["apps"]["http"]["servers"][f"ingress-{port}"]["routes"]
-    assert len(routes) < 300 and routes[0]["@id"].startswith("bucket.")
+    assert len(routes) < 300 and routes[0]["@id"] == f"lowercase-host.{port}"
+    assert all(r["@id"].startswith("bucket.") for r in routes[1:-1])
+    assert "input_regexp" not in json.dumps(config)  # no regexp per host
     assert caddy.load(config).status_code == 200
     with httpx.Client(timeout=5) as client:
         def get(host: str) -> httpx.Response:
@@ -104,8 +108,14 @@ def test_bucketed_config_routes_like_the_flat_one(caddy: CaddyProcess,
                 assert r.status_code == 503 and "'stopped'" in r.text
             else:
                 assert r.status_code == 200 and r.text.startswith(f"backend=b{i % 3} "), (host, r.text)
-        # Host is case-insensitive: the exact map misses, the case-insensitive map answers
+        # Host is case-insensitive: lower-cased first, then found in the exact map (backends see it lower-cased)
         r = get(hosts[11].upper())
-        assert r.status_code == 200 and r.text.startswith("backend=b2 ")
+        assert r.status_code == 200 and r.text.startswith("backend=b2 ") and f"host={hosts[11]}" in r.text
+        r = get(hosts[12][:3].upper() + hosts[12][3:] + ":" + str(port))  # mixed case, with the port
+        assert r.status_code == 200 and r.text.startswith("backend=b0 ")
+        r = get(hosts[7].upper())  # the stopped instance's 503 too
+        assert r.status_code == 503 and "'stopped'" in r.text
+        r = get("NOPE.Bucket.test")
+        assert r.status_code == 404 and "nope.bucket.test" in r.text
         r = get("nope.bucket.test")
         assert r.status_code == 404 and "nope.bucket.test" in r.text
