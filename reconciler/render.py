@@ -275,7 +275,6 @@ class Renderer:
                 if entry[6]:
                     tls_ports.add(entry[0])
                     tls_hosts.add(entry[1])
-        self._memo = memo
         servers: dict[str, Any] = {}
         buckets: Buckets = {}
         ports: dict[int, _Port] = {}
@@ -301,7 +300,6 @@ class Renderer:
             else:
                 server["automatic_https"] = {"disable": True}
             servers[server_name(port)] = server
-        self._buckets = buckets
         apps: dict[str, Any] = {
             "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
         }
@@ -323,7 +321,9 @@ class Renderer:
             "storage": {"module": "file_system", "root": settings.storage_dir},
             "apps": apps,
         }
-        self._given, self._ports, self._config = desired.ingresses, ports, config
+        # all of the memory at once: a render that failed half-way leaves the last one whole
+        self._memo, self._buckets, self._given, self._ports, self._config = (memo, buckets, desired.ingresses, ports,
+                                                                             config)
         return config
 
 

@@ -179,3 +179,21 @@ def check_config_file(path: Path, where: str) -> None:
         raise PublicCAError(f"PUBLIC CA GUARD ({where}): {path} is not JSON ({exc}); cannot check it") from None
     if isinstance(config, dict):
         check_config(config, f"{where}: {path}")
+
+
+def env_risks(env: Mapping[str, str]) -> list[str]:
+    """What in a daemon's environment could make its Caddy talk to a public CA: ACME (chosen by
+    ``ACME_EMAIL`` unless ``TLS_ISSUER`` says otherwise) without a loopback ``ACME_CA``."""
+    issuer = env.get("TLS_ISSUER", "").strip().lower()
+    acme = issuer == "acme" or (not issuer and bool(env.get("ACME_EMAIL", "").strip()))
+    ca = env.get("ACME_CA", "").strip()
+    if acme and not (ca and is_loopback_url(ca)):
+        return [f"ACME is on with ACME_CA={ca or '(unset: a public CA)'}, not a loopback CA"]
+    return []
+
+
+def check_env(env: Mapping[str, str], where: str) -> None:
+    """Refuse to start a daemon whose environment could reach a public CA (before it runs, not after)."""
+    risks = env_risks(env)
+    if risks:
+        raise PublicCAError(f"{where}: " + "; ".join(risks))

@@ -48,5 +48,11 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         return d
 
     yield make
-    for d in made:
-        d.cleanup()
+    failures: list[BaseException] = []
+    for d in made:  # every daemon stopped, even when the guard fails on one of them
+        try:
+            d.cleanup()
+        except Exception as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import httpx
 
 from reconciler.caddy.binary import find_caddy
-from tests.caddy_guard import check_config, check_config_file, check_log
+from tests.caddy_guard import check_config, check_config_file, check_env, check_log
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,6 +269,7 @@ class Daemon:
         return pid
 
     def start(self, *, wait_ready: bool = True) -> Daemon:
+        check_env(self.env, "Daemon.start")
         args = [sys.executable, "-m", "reconciler.cli", "--log-format", "json", "run",
                 "--data-dir", str(self.data_dir), "--instances", str(self.instances)]
         for m in self.manifests:

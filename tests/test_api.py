@@ -15,6 +15,7 @@ passed -- nothing an API client can send today is accepted by our own checks yet
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -42,9 +43,9 @@ from reconciler.api.app import create_app
 from reconciler.api.openapi import openapi_document
 from reconciler.api.writer import ApiError, ManifestWriter, remove_stale_temp_files
 from reconciler.caddy.binary import find_caddy
-from reconciler.model import Document, Origin, Source, derive_ingress_id
+from reconciler.model import Document, GoodFile, Origin, Source, derive_ingress_id
 from reconciler.parse import parse_documents
-from reconciler.settings import Settings
+from reconciler.settings import Settings, TLSSettings
 from reconciler.validate import ingress_from_document
 
 with warnings.catch_warnings():  # starlette >= 1.x nags about httpx vs httpx2 in its test client
@@ -1301,3 +1302,66 @@ def test_openapi_reasons_and_error_responses_are_complete() -> None:
     assert not validator.is_valid({"ingresses": [{"name": "x", "ready": True, "reason": "Live", "message": "",
                                                   "file": "f"}]})  # not a documented reason
     assert validator.is_valid({"ingresses": []})  # a fresh data dir before the first pass
+
+
+def test_writer_takes_the_daemons_last_good_versions_in_process(tmp_path: Path) -> None:
+    """In the daemon's process the writer is handed the loop's last good versions (no file to re-read):
+    a file the loop serves from its last good version claims its host; one it never saw valid does not."""
+    from reconciler.sources.inputs import ingress_reader, instance_reader
+    from reconciler.sources.snapshot import sources_for
+
+    git = tmp_path / "git"
+    x_file = write(git / "x.yaml", ingress_yaml("x", "x.test", 80, "vm", 8080))
+    s = writer_settings(tmp_path, (git,))
+    handed: list[Any] = [None]
+    writer = ManifestWriter(s, validate_config=lambda c: None, daemon_good=lambda: handed[0])
+    m, i = ingress_reader(), instance_reader()
+    m.read(sources_for(s))
+    i.read([Source(s.instances_path, 0)])
+    handed[0] = ({k: dict(v) for k, v in m.good.items()}, {k: dict(v) for k, v in i.good.items()})
+    x_file.write_text("name: x\nrules: [\n")
+    with pytest.raises(ApiError) as exc:
+        writer.create(body("y", "x.test", 80, 8080))
+    assert (exc.value.status, exc.value.code) == (409, "hostname_in_use"), exc.value.message
+    handed[0] = ({}, {})  # the loop's next pass: x has no last good version any more
+    writer.create(body("y", "x.test", 80, 8080))
+    assert os.listdir(s.api_dir) == ["y.yaml"]
+    assert not os.path.exists(os.path.join(s.state_dir, "lastgood.json"))  # no file involved
+
+
+def test_caddy_validate_errors_never_carry_a_secret(tmp_path: Path) -> None:
+    """``caddy validate`` may quote the config it refused (a DNS module echoing its token): the 400 answer
+    has the secret scrubbed."""
+    token = "cf-" + secrets.token_hex(12)
+    s = dataclasses.replace(writer_settings(tmp_path), tls=TLSSettings(issuer="acme", acme_email="ops@example.test",
+                                                                       acme_ca="https://127.0.0.1:14000/dir",
+                                                                       dns_provider="cloudflare",
+                                                                       cloudflare_api_token=token))
+    writer = ManifestWriter(s, validate_config=lambda c: f"loading module: API token '{token}' appears invalid")
+    with pytest.raises(ApiError) as exc:
+        writer.create(body("y", "y.test", 80, 8080))
+    assert (exc.value.status, exc.value.code) == (400, "config_validation_failed")
+    assert token not in exc.value.message and "[REDACTED]" in exc.value.message
+    assert os.listdir(s.api_dir) == []
+
+
+def test_a_damaged_lastgood_json_keeps_what_it_held(tmp_path: Path) -> None:
+    from reconciler.state.store import LastGoodFollower, StateStore
+
+    s = writer_settings(tmp_path)
+    store = StateStore(s.state_dir)
+    good = GoodFile("/g/x.yaml", "d1", ingress_yaml("x", "x.test", 80, "vm", 8080), 100.0)
+    assert store.save_lastgood({"/g": {"x.yaml": good}}, {})
+    follower = LastGoodFollower(s.state_dir)
+    first = follower.current()
+    assert first is not None and first[0]["/g"]["x.yaml"].digest == "d1"
+    Path(follower.path).write_text('{"manifests": {"/g": ')  # damaged (not by our atomic writes)
+    assert follower.current() == first
+
+
+def test_temp_files_of_impossible_pids_are_removed_not_fatal(tmp_path: Path) -> None:
+    s = writer_settings(tmp_path)
+    huge = Path(s.api_dir) / ".x.yaml.99999999999999999999.tmp"
+    huge.write_text("half")
+    writer = ManifestWriter(s, validate_config=lambda c: None)  # must not raise OverflowError
+    assert writer.removed_temp_files == [huge.name] and not huge.exists()

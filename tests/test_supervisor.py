@@ -423,3 +423,46 @@ def test_run_exits_clearly_when_a_foreign_server_holds_the_admin_port(
     assert "Traceback" not in log
     assert not (d.data_dir / "caddy" / "caddy.pid").exists()
     assert not (d.data_dir / "caddy" / "caddy.log").exists()
+
+
+def test_storage_repair_reports_files_it_may_not_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in Caddy's storage that the daemon may not chmod (someone else's, say left by a run as root)
+    is reported, and everything else is still made private: the start does not fail over it."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    settings = Settings.from_env({"CADDY_ADMIN_PORT": str(free_port())}, data_dir=str(tmp_path / "data"))
+    sup = CaddySupervisor(settings, "/nonexistent/caddy", log=lambda event, **f: events.append((event, f)))
+    storage = Path(settings.caddy_dir) / "data" / "caddy"
+    theirs = storage / "pki" / "root.crt"
+    mine = storage / "certificates" / "x" / "x.key"
+    for f in (theirs, mine):
+        f.parent.mkdir(parents=True)
+        f.write_text("k")
+        f.chmod(0o644)
+    real_chmod = os.chmod
+
+    def chmod(path: Any, mode: int, **kw: Any) -> None:
+        if str(path) == str(theirs):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_chmod(path, mode, **kw)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    sup.prepare_dirs()
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o600
+    assert stat.S_IMODE(mine.parent.stat().st_mode) == 0o700
+    assert events == [("caddy.storage_not_private", {"count": 1, "examples": [str(theirs)]})]
+
+
+def test_admin_port_check_understands_a_bracketed_ipv6_address(tmp_path: Path) -> None:
+    try:
+        holder = socket.socket(socket.AF_INET6)
+        holder.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with holder:
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = Settings.from_env({"CADDY_ADMIN_ADDRESS": "[::1]", "CADDY_ADMIN_PORT": str(port)},
+                                     data_dir=str(tmp_path / "data"))
+        sup = CaddySupervisor(settings, "/nonexistent/caddy")
+        assert sup._admin_in_use()
+    assert not sup._admin_in_use()

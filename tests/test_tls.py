@@ -1448,3 +1448,18 @@ def test_acme_failing_shows_the_last_error(pebble_factory: Callable[..., Pebble]
     assert "app.test" in st["message"] and cert["error"] in st["message"]
     assert read_status(d)["certificates"]["app.test"] == cert
     assert challenge_types(d) == {"http-01"}
+
+
+@pytest.mark.parametrize(("env", "risky"), [
+    ({}, False),
+    ({"TLS_ISSUER": "internal"}, False),
+    ({"ACME_EMAIL": "ops@example.test", "ACME_CA": "https://127.0.0.1:14000/dir"}, False),
+    ({"ACME_EMAIL": "ops@example.test"}, True),
+    ({"TLS_ISSUER": "acme", "ACME_EMAIL": "ops@example.test",
+      "ACME_CA": "https://acme-v02.api.letsencrypt.org/directory"}, True),
+    ({"TLS_ISSUER": "internal", "ACME_EMAIL": "ops@example.test"}, False),
+])
+def test_guard_refuses_a_daemon_env_that_could_reach_a_public_ca(env: dict[str, str], risky: bool) -> None:
+    from tests.caddy_guard import env_risks
+
+    assert bool(env_risks(env)) == risky

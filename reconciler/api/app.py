@@ -69,7 +69,7 @@ class _Auth(BaseHTTPMiddleware):
         except Exception as exc:
             # the details go to the log only (explicitly: the daemon's log setup renders no exc_info)
             log.error("api.internal_error", method=request.method, path=request.url.path,
-                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-20))
             return error(500, "internal_error", "internal error; see the daemon log")
 
 

@@ -31,7 +31,7 @@ import yaml
 from reconciler.fsutil import atomic_write
 from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Reason, Source
 from reconciler.parse import ParsedDocument
-from reconciler.render import render
+from reconciler.render import render, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
 from reconciler.sources.snapshot import sources_for
@@ -91,7 +91,7 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # no such process (or no such pid at all)
         return False
     except PermissionError:
         return True  # someone else's process
@@ -135,7 +135,8 @@ class ManifestWriter:
 
     def __init__(self, settings: Settings, *, validate_config: Callable[[dict[str, Any]], str | None],
                  good: tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 daemon_good: Callable[[], tuple[GoodMap, GoodMap] | None] | None = None) -> None:
         self.settings = settings
         self._validate = validate_config
         self._wall = wall
@@ -143,7 +144,10 @@ class ManifestWriter:
         good_m, good_i = good if good is not None else ({}, {})
         self._manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good_m, wall=wall)
         self._instances = instance_reader(max_bytes=settings.max_file_bytes, good=good_i, wall=wall)
-        self._daemon_good = LastGoodFollower(settings.state_dir, wall=wall)
+        #: the last good versions the loop serves: handed over by the daemon in its own process, else
+        #: followed through ``{data}/state/lastgood.json``
+        self._daemon_good: Callable[[], tuple[GoodMap, GoodMap] | None] = (
+            daemon_good if daemon_good is not None else LastGoodFollower(settings.state_dir, wall=wall).current)
         #: temp files of writes killed mid-way (SIGKILL, power loss), removed at start
         self.removed_temp_files = remove_stale_temp_files(settings.api_dir, wall=wall)
         if self.removed_temp_files:
@@ -157,7 +161,7 @@ class ManifestWriter:
         """Every source and the instances as the loop sees them (call with :attr:`lock` held): files that
         are invalid now count with the last good version the daemon serves, not with whatever this
         process happened to see valid (or never saw valid)."""
-        daemon = self._daemon_good.current()
+        daemon = self._daemon_good()
         if daemon is not None:
             self._manifests.good = _copy(daemon[0])
             self._instances.good = _copy(daemon[1])
@@ -237,8 +241,9 @@ class ManifestWriter:
                     f"would take {p.ingress!r} ({p.file}) offline: {p.message}")
                 raise ApiError(status, code, message)
             error = self._validate(render(desired, self.settings))
-            if error is not None:
-                raise ApiError(400, "config_validation_failed", f"Caddy would reject the config: {error}")
+            if error is not None:  # Caddy may quote the config it refused: never a secret in the answer
+                raise ApiError(400, "config_validation_failed",
+                               f"Caddy would reject the config: {scrub(error, self.settings.tls.secrets)}")
             os.makedirs(api_dir, mode=0o700, exist_ok=True)
             atomic_write(path, self._dump(data).encode(), 0o600)
         return candidate

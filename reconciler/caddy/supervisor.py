@@ -82,15 +82,22 @@ class CaddySupervisor:
             top = os.path.join(d, sub)
             os.makedirs(top, mode=0o700, exist_ok=True)
             os.chmod(top, 0o700)
+            refused: list[str] = []
             for root, dirs, files in os.walk(top):  # never descends into symlinked dirs
                 for name in (*dirs, *files):
                     path = os.path.join(root, name)
-                    with contextlib.suppress(FileNotFoundError):  # Caddy may remove a lock file meanwhile
+                    try:
                         mode = os.lstat(path).st_mode
                         if stat.S_ISDIR(mode) and stat.S_IMODE(mode) != 0o700:
                             os.chmod(path, 0o700)
                         elif stat.S_ISREG(mode) and stat.S_IMODE(mode) & 0o077:
                             os.chmod(path, stat.S_IMODE(mode) & ~0o077)
+                    except FileNotFoundError:  # Caddy may remove a lock file meanwhile
+                        continue
+                    except OSError:  # someone else's file (say, left by a run as root): reported, not fatal
+                        refused.append(path)
+            if refused:
+                self._log("caddy.storage_not_private", count=len(refused), examples=refused[:5])
 
     def save_config(self, config: Mapping[str, Any] | bytes) -> None:
         """Persist the config we applied (or its encoded body), so a restarted Caddy starts with it."""
@@ -154,8 +161,9 @@ class CaddySupervisor:
         """True when anything accepts connections on the admin address. Not only a Caddy answering 2xx:
         a server answering 404/403 (or one that never answers) holds the port too, and with SO_REUSEPORT
         a Caddy started there would share it and get half of our admin requests."""
+        host = self.settings.admin_address.strip("[]")  # an IPv6 literal may come bracketed
         try:
-            with socket.create_connection((self.settings.admin_address, self.settings.admin_port), timeout=1.0):
+            with socket.create_connection((host, self.settings.admin_port), timeout=1.0):
                 return True
         except OSError:
             return False

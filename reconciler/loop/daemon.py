@@ -22,6 +22,7 @@ from reconciler.errors import CaddyError
 from reconciler.loop.background import Background
 from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
+from reconciler.model import GoodFile
 from reconciler.settings import Settings
 from reconciler.sources.inputs import detach_helper, fork_helper
 from reconciler.sources.snapshot import api_dir_ready, sources_for
@@ -330,6 +331,10 @@ class Daemon:
                     return False
                 self._pass_cond.wait(remaining)
         return True
+
+    def good_versions(self) -> tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None:
+        """The last good file versions the loop serves, as of its last pass (None before the first)."""
+        return self.reconciler.good_snapshot if self.reconciler is not None else None
 
     def ingress_status(self, name: str) -> dict[str, Any] | None:
         st = self._status_index.get(name)

@@ -19,7 +19,7 @@ from reconciler import diff
 from reconciler.caddy.admin import AdminClient
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
-from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
+from reconciler.model import Desired, GoodFile, Ingress, Instance, Problem, ResolvedIngress, Source
 from reconciler.render import ConfigEncoder, Renderer, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
@@ -132,6 +132,9 @@ class Reconciler:
         self.history: list[dict[str, Any]] = list(self.status.get("history", []))[-HISTORY:]
         self.last_applied: dict[str, Any] | None = self.status.get("last_applied")
         self.inputs: Inputs | None = None
+        #: the last good file versions as of the last pass (manifests, instances): a new tuple per pass,
+        #: never changed afterwards, so other threads (the API's writer) may read it at any time
+        self.good_snapshot: tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
     def read_inputs(self, changed: frozenset[str] | None = None) -> Inputs:
@@ -322,11 +325,12 @@ class Reconciler:
             "certificates": self.certificates,
             "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
         }
+        # a snapshot: the readers update their last good files in the next pass
+        good_m = {src: dict(files) for src, files in self.manifests.good.items()}
+        good_i = {src: dict(files) for src, files in self.instances.good.items()}
+        self.good_snapshot = (good_m, good_i)
         if self.store is not None:
             store, status, statuses = self.store, self.status, self.statuses
-            # a snapshot: the readers update their last good files in the next pass
-            good_m = {src: dict(files) for src, files in self.manifests.good.items()}
-            good_i = {src: dict(files) for src, files in self.instances.good.items()}
 
             # separate jobs: the report thread pauses between jobs while a pass reads and renders
             def save_lastgood() -> None:

@@ -92,7 +92,11 @@ class ForkedHelper:
     @classmethod
     def fork(cls, handler: Handler) -> ForkedHelper | None:
         """A helper, or None where there is no second core to use or forking fails."""
-        if (os.cpu_count() or 1) < 2:
+        try:
+            cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on, not the machine's
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        if cpus < 2:
             return None
         try:
             return cls(handler)
@@ -137,7 +141,11 @@ class ForkedHelper:
             raise
         if not sent:
             return {}
-        ok, value = self._result(timeout)
+        try:
+            ok, value = self._result(timeout)
+        except BaseException:  # interrupted while its answer is due: it must never pass for the next job's
+            self.close(timeout=0)
+            raise
         if not ok:
             return {}
         return {k: v for k, v in value if k >= i}  # below i: done here already

@@ -125,8 +125,9 @@ class LastGoodFollower:
         if digest != self._digest:
             try:
                 data = json.loads(raw)
-            except ValueError:
-                data = None
+            except ValueError:  # never written half (atomic rename): damaged; keep what it held last
+                self._signature = signature
+                return self._good
             self._good = lastgood_from(data)
             self._digest = digest
             self.loads += 1
