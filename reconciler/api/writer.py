@@ -4,8 +4,9 @@ The API is not a second source of truth: a create is validated exactly like a ma
 whole current desired state read fresh from disk (every source, every instance), and the would-be Caddy
 config must pass ``caddy validate`` -- all *before* anything is written. "The desired state" is the loop's:
 a file that is invalid now still counts with the last good version the daemon serves, so before each read
-the writer takes the daemon's last good versions from ``{data}/state/lastgood.json`` (re-read only when it
-changed) instead of trusting what this process happened to see valid. The manifest is then written
+the writer takes the daemon's last good versions -- handed over in process by the daemon, or else followed
+through ``{data}/state/lastgood.json`` (re-read only when it changed) -- instead of trusting what this
+writer happened to see valid. The manifest is then written
 atomically (temp file in the same dir, fsync, rename, mode 0600) and the loop converges as for any file.
 One lock serialises writers, so two racing creates for the same ``(hostname, port)`` end in one success
 and one ``hostname_in_use``.
