@@ -400,7 +400,6 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         binary = daemon.binary
         assert binary is not None and settings.api_listen
         writer = ManifestWriter(settings, validate_config=lambda config: caddy_validate(binary, config),
-                                good=StateStore(settings.state_dir).load_lastgood(),
                                 daemon_good=daemon.good_versions)
         app = create_app(writer=writer, backend=daemon, token=settings.api_token, wait=settings.api_wait,
                          max_body=settings.api_max_body)

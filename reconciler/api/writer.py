@@ -36,7 +36,7 @@ from reconciler.render import render, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
 from reconciler.sources.snapshot import sources_for
-from reconciler.state.store import GoodMap, LastGoodFollower
+from reconciler.state.store import GoodMap, LastGoodFollower, copy_good
 from reconciler.validate import InstanceIndex, ingress_from_document, resolve
 
 log = structlog.get_logger("hypeman.ingress.api")
@@ -164,8 +164,8 @@ class ManifestWriter:
         process happened to see valid (or never saw valid)."""
         daemon = self._daemon_good()
         if daemon is not None:
-            self._manifests.good = _copy(daemon[0])
-            self._instances.good = _copy(daemon[1])
+            self._manifests.good = copy_good(daemon[0])
+            self._instances.good = copy_good(daemon[1])
         return (self._manifests.read(sources),
                 self._instances.read([Source(self.settings.instances_path, 0)]))
 
@@ -300,11 +300,6 @@ class ManifestWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.settings.api_dir, found.ingress.origin.relpath))
         return found
-
-
-def _copy(good: GoodMap) -> GoodMap:
-    """A copy the reader may update (it records files it finds valid) without touching ``good``."""
-    return {source: dict(files) for source, files in good.items()}
 
 
 def _stale_note(owner: Ingress, manifests: ReadResult[Ingress]) -> str:

@@ -22,13 +22,12 @@ from reconciler.errors import CaddyError
 from reconciler.loop.background import Background
 from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
-from reconciler.model import GoodFile
 from reconciler.settings import Settings
 from reconciler.sources.inputs import detach_helper, fork_helper
 from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
 from reconciler.state.metrics import Metrics
-from reconciler.state.store import StateStore
+from reconciler.state.store import GoodMap, StateStore
 from reconciler.status import IngressStatus
 
 log = structlog.get_logger("hypeman.ingress")
@@ -46,11 +45,8 @@ def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.R
 class Daemon:
     """``hypeman-ingress run``. :meth:`stop` (or a signal handler calling it) ends :meth:`run` cleanly."""
 
-    def __init__(self, settings: Settings, *, binary: str | None = None, health_interval: float = 0.5,
-                 fork_parser: bool = True) -> None:
+    def __init__(self, settings: Settings, *, binary: str | None = None, health_interval: float = 0.5) -> None:
         self.settings = settings
-        #: fork a helper process for the first read's parsing (only when no other thread runs yet)
-        self.fork_parser = fork_parser
         self.health_interval = health_interval
         self._binary_source = binary
         self.client = AdminClient(settings.admin_url)
@@ -100,7 +96,7 @@ class Daemon:
                                      caddy_state=self._caddy_state, certs=self._certificates,
                                      defer=self._report, on_load=self._reports_may_run.set)
         # the parse helper is a copy of this process: forked now, before the first thread starts
-        if self.fork_parser and threading.active_count() == 1:
+        if threading.active_count() == 1:
             fork_helper(self.reconciler.manifests, self.reconciler.instances)
         self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)),
                                      gate=self._reports_may_run)
@@ -332,8 +328,9 @@ class Daemon:
                 self._pass_cond.wait(remaining)
         return True
 
-    def good_versions(self) -> tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None:
-        """The last good file versions the loop serves, as of its last pass (None before the first)."""
+    def good_versions(self) -> tuple[GoodMap, GoodMap] | None:
+        """The last good file versions the loop serves, as of its last pass (before the first: as the
+        previous run left them)."""
         return self.reconciler.good_snapshot if self.reconciler is not None else None
 
     def ingress_status(self, name: str) -> dict[str, Any] | None:

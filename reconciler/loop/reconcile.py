@@ -19,12 +19,12 @@ from reconciler import diff
 from reconciler.caddy.admin import AdminClient
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
-from reconciler.model import Desired, GoodFile, Ingress, Instance, Problem, ResolvedIngress, Source
+from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
 from reconciler.render import ConfigEncoder, Renderer, scrub
 from reconciler.settings import Settings
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
 from reconciler.sources.snapshot import digest, sources_for
-from reconciler.state.store import StateStore
+from reconciler.state.store import GoodMap, StateStore, copy_good
 from reconciler.status import IngressStatus, StatusMemo, ingress_statuses, with_certificates
 from reconciler.validate import Resolver
 
@@ -132,9 +132,10 @@ class Reconciler:
         self.history: list[dict[str, Any]] = list(self.status.get("history", []))[-HISTORY:]
         self.last_applied: dict[str, Any] | None = self.status.get("last_applied")
         self.inputs: Inputs | None = None
-        #: the last good file versions as of the last pass (manifests, instances): a new tuple per pass,
-        #: never changed afterwards, so other threads (the API's writer) may read it at any time
-        self.good_snapshot: tuple[dict[str, dict[str, GoodFile]], dict[str, dict[str, GoodFile]]] | None = None
+        #: the last good file versions as of the last pass (manifests, instances) -- before the first, as
+        #: persisted by the previous run: a new tuple per pass, never changed afterwards, so other threads
+        #: (the API's writer) may read it at any time
+        self.good_snapshot: tuple[GoodMap, GoodMap] = (copy_good(good_m), copy_good(good_i))
 
     # -- inputs ---------------------------------------------------------------------------------
     def read_inputs(self, changed: frozenset[str] | None = None) -> Inputs:
@@ -326,8 +327,7 @@ class Reconciler:
             "counts": {"ingresses": len(self.statuses), "ready": sum(s.ready for s in self.statuses)},
         }
         # a snapshot: the readers update their last good files in the next pass
-        good_m = {src: dict(files) for src, files in self.manifests.good.items()}
-        good_i = {src: dict(files) for src, files in self.instances.good.items()}
+        good_m, good_i = copy_good(self.manifests.good), copy_good(self.instances.good)
         self.good_snapshot = (good_m, good_i)
         if self.store is not None:
             store, status, statuses = self.store, self.status, self.statuses

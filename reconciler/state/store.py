@@ -25,6 +25,11 @@ _VERSION = 1
 GoodMap = dict[str, dict[str, GoodFile]]
 
 
+def copy_good(good: GoodMap) -> GoodMap:
+    """A copy a reader may update (it records the files it finds valid) without touching ``good``."""
+    return {source: dict(files) for source, files in good.items()}
+
+
 _COMPACT = (",", ":")
 
 
