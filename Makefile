@@ -39,7 +39,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -q -m "not caddy"
 
 test: $(STAMP) system-deps lint
-	HYPEMAN_REQUIRE_PEBBLE=1 $(BIN)/pytest -q -p no:cacheprovider
+	HYPEMAN_REQUIRE_PEBBLE=1 HYPEMAN_REQUIRE_FAULTS=1 $(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

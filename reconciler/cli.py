@@ -8,7 +8,6 @@ import difflib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -20,9 +19,10 @@ import structlog
 from reconciler import __version__, diff
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy
+from reconciler.caddy.configfile import ConfigFile
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.validate import caddy_validate
-from reconciler.errors import CaddyError, ConfigError, ReconcilerError
+from reconciler.errors import CaddyError, ConfigError, ReconcilerError, StorageError
 from reconciler.fsutil import atomic_write
 from reconciler.loop.reconcile import Reconciler
 from reconciler.model import Problem, Source
@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, instances=False)
     _api(p)
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("restore", help="write back the API's manifests from their last good versions",
+                       description="After {data}/ingresses was lost (removed, an unmounted volume), the daemon keeps "
+                                   "its ingresses serving from their last good versions (kept in "
+                                   "{data}/state/lastgood.json) and refuses API writes. This writes those versions "
+                                   "back as files (mode 0600; existing files are never overwritten), after which "
+                                   "the API accepts writes again. Exit 0 when every file is there, 1 otherwise.")
+    _common(p, instances=False)
+    p.add_argument("--dry-run", action="store_true", help="only print what would be written")
 
     p = sub.add_parser("apply", help="one reconcile pass against the running Caddy, then exit",
                        description="Run one pass: render, compare with Caddy, load when different. Exit 0 when "
@@ -245,15 +254,12 @@ def cmd_diff(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
-    def save(config: dict[str, Any] | bytes) -> None:
-        if os.path.isdir(settings.caddy_dir):
-            body = config if isinstance(config, bytes) else json.dumps(config).encode()
-            atomic_write(os.path.join(settings.caddy_dir, "config.json"), body)
-
+    config_path = os.path.join(settings.caddy_dir, "config.json")
+    config_file = ConfigFile(config_path) if os.path.isdir(settings.caddy_dir) else None
     store = StateStore(settings.state_dir) if os.path.isdir(settings.data_dir) else None
     binary = find_caddy()
     with AdminClient(settings.admin_url) as client:
-        reconciler = Reconciler(settings=settings, client=client, store=store, save_config=save,
+        reconciler = Reconciler(settings=settings, client=client, store=store, config_file=config_file,
                                 validate=lambda config: caddy_validate(binary, config), include_api=False)
         result = reconciler.run_pass("apply")
     _print_problems(result.problems, sys.stderr)
@@ -262,6 +268,32 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{result.outcome} (revision {result.revision}, {result.changes} change(s), "
           f"{result.duration * 1000:.0f} ms)")
     return 0 if result.converged else 1
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    good, _ = StateStore(settings.state_dir).load_lastgood()
+    files = good.get(settings.api_dir, {})
+    if not files:
+        print(f"nothing to restore: {settings.state_dir}/lastgood.json holds no file of {settings.api_dir}",
+              file=sys.stderr)
+        return 0
+    failed = 0
+    for relpath, kept in sorted(files.items()):
+        path = os.path.join(settings.api_dir, *relpath.split("/"))
+        if os.path.lexists(path):
+            print(f"kept     {path} (exists)")
+            continue
+        if args.dry_run:
+            print(f"would write {path}")
+            continue
+        try:
+            atomic_write(path, kept.text.encode(), 0o600, make_dir=True)
+        except StorageError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(f"restored {path}")
+    return 1 if failed else 0
 
 
 def _read_status(settings: Settings) -> dict[str, Any] | None:
@@ -348,9 +380,15 @@ def print_status(status: dict[str, Any], out: Any) -> None:
         print(f"git commit:     {commit} ({source})", file=out)
     caddy = status.get("caddy") or {}
     if caddy:
-        state = "running" if caddy.get("running") else "NOT RUNNING"
+        state = "running" if caddy.get("running") else f"NOT RUNNING ({caddy.get('state', 'down')})"
         print(f"caddy:          {state}, pid {caddy.get('pid')}, restarts {caddy.get('restarts', 0)}"
-              f"{', adopted' if caddy.get('adopted') else ''}", file=out)
+              f"{', adopted' if caddy.get('adopted') else ''}{', FLAPPING' if caddy.get('flapping') else ''}",
+              file=out)
+        if not caddy.get("running") and caddy.get("last_error"):
+            print(f"caddy error:    {caddy['last_error']}", file=out)
+    for f in (status.get("storage") or {}).get("failing", []):
+        print(f"storage:        CANNOT WRITE {f.get('file')}: {f.get('error')} (since {_ago(f.get('since'))}, "
+              f"{f.get('attempts')} attempt(s))", file=out)
     for s in status.get("sources", []):
         if not s.get("ok"):
             print(f"source:         {s.get('path')}: UNAVAILABLE: {s.get('error')}", file=out)
@@ -376,19 +414,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print_status(status, sys.stdout)
     ingresses = status.get("ingresses", [])
-    return 0 if all(i.get("ready") for i in ingresses) and not status.get("last_error") else 1
+    healthy = not status.get("last_error") and (status.get("storage") or {}).get("ok", True)
+    return 0 if all(i.get("ready") for i in ingresses) and healthy else 1
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from reconciler.loop.daemon import Daemon
 
     daemon = Daemon(settings)
-
-    def _stop(signum: int, frame: Any) -> None:
-        daemon.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    daemon.install_signal_handlers()
     servers: list[Any] = []
 
     def start_api() -> None:
@@ -410,11 +444,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                                                       auth=bool(settings.api_token))
 
     try:
-        daemon.setup(meanwhile=start_api if settings.api_listen else None)
-    except ConfigError:  # the API address is unusable
-        daemon.shutdown()
-        raise
-    try:
+        try:
+            daemon.setup(meanwhile=start_api if settings.api_listen else None)
+        except ReconcilerError:  # the API address is unusable, another server holds Caddy's admin port...
+            daemon.shutdown()
+            raise
         return daemon.loop()
     finally:
         for server in servers:
@@ -422,7 +456,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "render": cmd_render, "diff": cmd_diff,
-            "apply": cmd_apply, "status": cmd_status}
+            "apply": cmd_apply, "status": cmd_status, "restore": cmd_restore}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

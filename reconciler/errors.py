@@ -8,11 +8,18 @@ Third-party errors are mapped onto this tree in exactly one place per edge
     ├── CaddyError                  anything while talking to Caddy
     │   ├── CaddyUnavailable        unreachable, timeout, 5xx   -> transient, retried with backoff
     │   ├── CaddyRejected           400 from /load: the old config keeps serving
-    │   └── CaddyBinaryError        binary missing / not executable / wrong
-    └── SourceError                 a manifest source could not be read as a whole
+    │   ├── CaddyBinaryError        binary missing / not executable / wrong
+    │   └── CaddyAdminInUse         another process holds Caddy's admin address
+    ├── SourceError                 a manifest source could not be read as a whole
+    └── StorageError                a file under the data dir could not be written (full disk,
+                                    read-only or vanished directory, permissions): names the file
+
+``StorageError`` is made from an ``OSError`` in exactly one place, :func:`reconciler.fsutil.atomic_write`.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class ReconcilerError(Exception):
@@ -46,3 +53,22 @@ class CaddyBinaryError(CaddyError):
 
 class SourceError(ReconcilerError):
     """A whole manifest source (directory) could not be read."""
+
+
+class CaddyAdminInUse(CaddyError):
+    """Something that is not our Caddy accepts connections on Caddy's admin address."""
+
+
+class StorageError(ReconcilerError):
+    """Writing ``path`` failed. ``errno`` is the OS error number (``ENOSPC``, ``EROFS``, ``EACCES``...)."""
+
+    def __init__(self, path: str, errno_: int | None, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+        self.errno = errno_
+        self.reason = reason
+
+    @property
+    def no_space(self) -> bool:
+        """The file system is full (or a quota is exhausted)."""
+        return self.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

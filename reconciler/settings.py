@@ -172,6 +172,10 @@ class Settings:
     http_port: int = 80
     https_port: int = 443
     stop_caddy_on_shutdown: bool = False
+    #: a Caddy that dies sooner than this after its start counts as a failed start (restarts back off)
+    caddy_stable_after: float = 30.0
+    #: how long a Caddy start may take to answer on its admin API before it is killed and retried
+    caddy_start_timeout: float = 30.0
     resync_interval: float = 30.0
     debounce: float = 0.1
     #: quiet period when the burst so far touched at most 3 paths (a single file saved)
@@ -231,6 +235,8 @@ class Settings:
             "http_port": _int(env, "CADDY_HTTP_PORT", 80),
             "https_port": _int(env, "CADDY_HTTPS_PORT", 443),
             "stop_caddy_on_shutdown": _bool(env, "CADDY_STOP_ON_SHUTDOWN", False),
+            "caddy_stable_after": _seconds(env, "HYPEMAN_CADDY_STABLE_SECONDS", 30.0, 0.1, 3600.0),
+            "caddy_start_timeout": _seconds(env, "HYPEMAN_CADDY_START_TIMEOUT", 30.0, 0.5, 600.0),
             "resync_interval": float(_int(env, "HYPEMAN_RESYNC_SECONDS", 30, 1, 86400)),
             "tls": TLSSettings.from_env(env),
             "bucket_threshold": _int(env, "HYPEMAN_BUCKET_THRESHOLD", 256, 0, 10_000_000),

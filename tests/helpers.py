@@ -95,7 +95,9 @@ class Backend:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        # a port free_port() hands out (never bind 0: the kernel may give a port a test already took from
+        # free_port() for another role, say the rule's port, and only released for now)
+        self.server = ThreadingHTTPServer((host, port or free_port()), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -36,7 +36,8 @@ class Backend(Protocol):
         every file); returns a ticket for :meth:`wait_pass`."""
 
     def wait_pass(self, ticket: int, timeout: float) -> bool:
-        """Block until the pass the ticket asked for finished; False on timeout."""
+        """Block until the pass the ticket asked for finished; True when Caddy then ran the desired config,
+        False when that pass did not converge (Caddy down, say) or on timeout."""
 
     def ingress_status(self, name: str) -> dict[str, Any] | None: ...
 
@@ -137,13 +138,13 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         ticket = backend.request_pass(os.path.abspath(ingress.origin.file))
         log.info("api.ingress_created", ingress=ingress.name, id=ingress.id)
 
-        # 201 once a pass that saw the new file has finished; when the bounded wait runs out, 202 with the
-        # current status (the manifest is written and the loop will converge: never a hang, never a 201
-        # that is not live yet)
+        # 201 once a pass that saw the new file has converged Caddy; when the bounded wait runs out or the
+        # pass could not converge (Caddy down), 202 with the current status (the manifest is written and
+        # the loop will converge: never a hang, never a 201 that is not live yet)
         done = await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
         found = Found(ingress, False, ingress.origin.file)
         if not done:
-            log.warning("api.wait_timed_out", ingress=ingress.name, operation="create", wait=wait)
+            log.warning("api.not_live_yet", ingress=ingress.name, operation="create", wait=wait)
         return JSONResponse(with_status(found), status_code=201 if done else 202)
 
     @handle
@@ -151,11 +152,12 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         found = await anyio.to_thread.run_sync(writer.delete, request.path_params["ref"])
         ticket = backend.request_pass(os.path.abspath(found.path))
         log.info("api.ingress_deleted", ingress=found.ingress.name, id=found.ingress.id)
-        # 204 once a pass without the file has finished (its routes are gone); when the wait runs out,
-        # 202 with the ingress and its current status (the file is gone, the routes may still serve)
+        # 204 once a pass without the file has converged Caddy (its routes are gone); when the wait runs out
+        # or the pass could not converge, 202 with the ingress and its current status (the file is gone,
+        # the routes may still serve)
         if await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait):
             return Response(status_code=204)
-        log.warning("api.wait_timed_out", ingress=found.ingress.name, operation="delete", wait=wait)
+        log.warning("api.not_live_yet", ingress=found.ingress.name, operation="delete", wait=wait)
         return JSONResponse(with_status(found), status_code=202)
 
     @handle

@@ -10,6 +10,12 @@ writer happened to see valid. The manifest is then written
 atomically (temp file in the same dir, fsync, rename, mode 0600) and the loop converges as for any file.
 One lock serialises writers, so two racing creates for the same ``(hostname, port)`` end in one success
 and one ``hostname_in_use``.
+
+The writer never turns "unavailable" into "emptied": while the API-owned dir is missing or unreadable
+(its ingresses keep serving from their last good versions), writes are refused with 503
+``source_unavailable`` instead of creating a new, empty dir that would make the loop drop them. A write
+that the disk refuses answers 507 ``insufficient_storage`` (full disk) or 503 ``storage_unavailable``
+(read-only, permissions...), naming the file; nothing is half-written.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Any
 import structlog
 import yaml
 
-from reconciler.fsutil import atomic_write
+from reconciler.errors import StorageError
+from reconciler.fsutil import atomic_write, storage_error
 from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Reason, Source
 from reconciler.parse import ParsedDocument
 from reconciler.render import render, scrub
@@ -66,6 +73,14 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+def storage_failure(exc: StorageError, what: str) -> ApiError:
+    """A write the disk refused, as the API answers it."""
+    if exc.no_space:
+        return ApiError(507, "insufficient_storage", f"{what}: {exc}; nothing was written (free space on the "
+                                                     "data dir's file system and retry)")
+    return ApiError(503, "storage_unavailable", f"{what}: {exc}; nothing was written")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +184,23 @@ class ManifestWriter:
         return (self._manifests.read(sources),
                 self._instances.read([Source(self.settings.instances_path, 0)]))
 
+    def _check_api_source(self, manifests: ReadResult[Ingress]) -> None:
+        """Refuse a write while the API-owned dir is unavailable (see the module docstring)."""
+        api_dir = self.settings.api_dir
+        health = next((h for h in manifests.sources if h.path == api_dir), None)
+        error = health.error if health is not None and not health.ok else None
+        if error is None and not os.path.isdir(api_dir):
+            error = "it does not exist"
+        if error is None:
+            return
+        kept = sorted(i.name for i in manifests.items if i.origin.file.startswith(api_dir + os.sep))
+        serving = (f"; its {len(kept)} ingress(es) keep serving from their last good versions "
+                   f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})" if kept else "")
+        raise ApiError(503, "source_unavailable",
+                       f"the API's manifest dir {api_dir} is unavailable ({error}){serving}. Writes are refused "
+                       "so that nothing it held is lost: restore it (`hypeman-ingress restore` writes back the "
+                       "last good versions), or create it empty to drop its ingresses")
+
     def view(self) -> tuple[list[Source], ReadResult[Ingress], ReadResult[Instance]]:
         sources = self._sources()
         with self.lock:
@@ -223,6 +255,7 @@ class ManifestWriter:
         candidate = dataclasses.replace(candidate, created_at=data["created_at"])
         with self.lock:
             manifests, instances = self._read(sources)
+            self._check_api_source(manifests)
             self._check_unique(candidate, sources, manifests, path)
             index = InstanceIndex(instances.items)
             for r in candidate.rules:
@@ -245,8 +278,13 @@ class ManifestWriter:
             if error is not None:  # Caddy may quote the config it refused: never a secret in the answer
                 raise ApiError(400, "config_validation_failed",
                                f"Caddy would reject the config: {scrub(error, self.settings.tls.secrets)}")
-            os.makedirs(api_dir, mode=0o700, exist_ok=True)
-            atomic_write(path, self._dump(data).encode(), 0o600)
+            self._check_api_source(manifests)  # (never makes the dir: see the module docstring)
+            try:
+                atomic_write(path, self._dump(data).encode(), 0o600)
+            except StorageError as exc:
+                if not os.path.isdir(api_dir):  # it vanished since the read
+                    self._check_api_source(manifests)
+                raise storage_failure(exc, f"ingress {candidate.name!r} not created") from exc
         return candidate
 
     def _check_unique(self, candidate: Ingress, sources: list[Source], manifests: ReadResult[Ingress],
@@ -297,8 +335,15 @@ class ManifestWriter:
                 raise ApiError(409, "read_only_source",
                                f"{found.path} also defines {', '.join(sorted(i.name for i in siblings))}; "
                                "edit that file by hand")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.settings.api_dir, found.ingress.origin.relpath))
+            self._check_api_source(manifests)
+            target = os.path.join(self.settings.api_dir, found.ingress.origin.relpath)
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a read-only mount, permissions
+                raise storage_failure(storage_error(target, exc), f"ingress {found.ingress.name!r} not deleted"
+                                      ) from exc
         return found
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -10,14 +12,29 @@ import httpx
 from reconciler.errors import CaddyRejected, CaddyUnavailable
 
 
+@dataclass(slots=True)
+class AdminContact:
+    """How the last request to Caddy's admin API went, shared by the clients of one daemon (each field is
+    replaced whole, so any thread may read it): ``ok`` None before the first request."""
+
+    ok: bool | None = None
+    error: str | None = None
+    at: float = 0.0  # monotonic
+
+    def record(self, error: str | None) -> None:
+        self.ok, self.error, self.at = error is None, error, time.monotonic()
+
+
 class AdminClient:
     """Synchronous client for the endpoints we use: ``GET /config/``, ``POST /load``, ``POST /stop``."""
 
     def __init__(self, base_url: str, *, timeout: float = 10.0, load_timeout: float = 120.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, contact: AdminContact | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.load_timeout = load_timeout
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        #: how the last request went (any answer, even a refusal, means the admin API answers)
+        self.contact = contact if contact is not None else AdminContact()
 
     def close(self) -> None:
         self._client.close()
@@ -32,9 +49,14 @@ class AdminClient:
         try:
             resp = self._client.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
-            raise CaddyUnavailable(f"Caddy admin API at {self.base_url} timed out ({method} {path})") from exc
+            error = f"Caddy admin API at {self.base_url} timed out ({method} {path})"
+            self.contact.record(error)
+            raise CaddyUnavailable(error) from exc
         except httpx.HTTPError as exc:
-            raise CaddyUnavailable(f"Caddy admin API at {self.base_url} unreachable: {exc}") from exc
+            error = f"Caddy admin API at {self.base_url} unreachable: {exc}"
+            self.contact.record(error)
+            raise CaddyUnavailable(error) from exc
+        self.contact.record(None)
         if resp.status_code >= 500:
             raise CaddyUnavailable(f"Caddy admin API {method} {path}: HTTP {resp.status_code}: "
                                    f"{_error_text(resp)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from reconciler.errors import CaddyBinaryError
+from reconciler.fsutil import storage_error
 
 
 def _executable(path: Path) -> bool:
@@ -81,7 +83,9 @@ def binaries_root(data_dir: str) -> str:
 def install_binary(source: str, data_dir: str) -> str:
     """Copy ``source`` to ``{data}/system/binaries/caddy/{version}/{arch}/caddy`` (with ``caddy.sha256``).
 
-    A running daemon then never depends on the venv. The copy is redone when the hashes differ.
+    A running daemon then never depends on the venv. The copy is redone when the hashes differ. Raises
+    :class:`CaddyBinaryError` when ``source`` does not run, :class:`StorageError` (naming the copy) when it
+    cannot be copied (about 50 MB: a full or read-only data dir).
     """
     version = caddy_version(source)
     arch = platform.machine() or "unknown"
@@ -96,18 +100,19 @@ def install_binary(source: str, data_dir: str) -> str:
         recorded = ""
     if recorded == digest and os.path.isfile(dest) and sha256_file(dest) == digest:
         return dest
-    os.makedirs(dest_dir, mode=0o755, exist_ok=True)
     tmp = f"{dest}.{os.getpid()}.partial"
     try:
+        os.makedirs(dest_dir, mode=0o755, exist_ok=True)
         shutil.copyfile(source, tmp)
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
-    except OSError as exc:
-        raise CaddyBinaryError(f"cannot install Caddy binary into {dest_dir}: {exc}") from exc
+        with open(sum_file + ".partial", "w", encoding="ascii") as fh:
+            fh.write(f"{digest}  caddy\n")
+        os.replace(sum_file + ".partial", sum_file)
+    except OSError as exc:  # a full or read-only data dir: the caller may run ``source`` itself
+        raise storage_error(dest, exc) from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    with open(sum_file + ".partial", "w", encoding="ascii") as fh:
-        fh.write(f"{digest}  caddy\n")
-    os.replace(sum_file + ".partial", sum_file)
+        for leftover in (tmp, sum_file + ".partial"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
     return dest

@@ -1,29 +1,35 @@
-"""Caddy process supervisor: start detached, adopt a running one, restart when it dies, stop on request.
+"""Caddy process supervisor: start detached, adopt a running one, stop on request (the policy of when to
+restart lives in :mod:`reconciler.loop.keeper`).
 
 Caddy runs in its own session so it survives the reconciler (a reconciler restart or crash never takes
-routes down). It is started with ``{data}/caddy/config.json`` -- the last config we applied -- so a
-restarted Caddy comes up serving the last good routes before the first pass even runs. When that config
-cannot start any more (say a port it listens on was taken while Caddy was down), Caddy is started with the
-admin block only, so the loop can still load what the manifests ask for now instead of crash-looping.
+routes down). It is started with the last config we applied -- fed through a pipe (``--config -``), so a
+start writes nothing first and works on a full or read-only disk: the body comes from
+:meth:`ConfigFile.startup_body` (the last applied config when ``{data}/caddy/config.json`` is behind, else
+that file) -- so a restarted Caddy comes up serving the last good routes before the first pass even runs.
+When that config cannot start any more (say a port it listens on was taken while Caddy was down), Caddy is
+started with the admin block only, so the loop can still load what the manifests ask for now instead of
+crash-looping. The PID file and Caddy's log are best effort: a PID file that cannot be written is retried
+(see :class:`reconciler.fsutil.StorageHealth`), a log that cannot be opened is replaced by ``/dev/null``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from reconciler.caddy.admin import AdminClient
-from reconciler.caddy.binary import binaries_root
-from reconciler.errors import CaddyError, CaddyUnavailable
-from reconciler.fsutil import atomic_write
+from reconciler.caddy.binary import binaries_root, install_binary
+from reconciler.caddy.configfile import FROM_BOOTSTRAP, ConfigFile, encode
+from reconciler.errors import CaddyAdminInUse, CaddyError, CaddyUnavailable, StorageError
+from reconciler.fsutil import StorageHealth, atomic_write
 from reconciler.render import admin_block
 from reconciler.settings import Settings
 
@@ -51,38 +57,63 @@ def process_exe(pid: int) -> str | None:
 
 
 class CaddySupervisor:
-    """Owns one Caddy process for one data dir."""
+    """Owns one Caddy process for one data dir. Not thread-safe: one thread (the keeper) starts, stops and
+    reaps; :meth:`process_alive` and :meth:`state` may be called from any thread."""
 
     def __init__(self, settings: Settings, binary: str, *, client: AdminClient | None = None,
-                 log: Callable[..., Any] | None = None, ready_timeout: float = 30.0) -> None:
+                 log: Callable[..., Any] | None = None, ready_timeout: float = 30.0,
+                 health: StorageHealth | None = None, source: str | None = None,
+                 config: ConfigFile | None = None) -> None:
         self.settings = settings
         self.binary = binary
+        #: the binary ``binary`` was installed from (reinstalled from it when the copy vanishes)
+        self.source = source
         self.client = client or AdminClient(settings.admin_url)
         self.ready_timeout = ready_timeout
+        self.health = health
         self._log = log or (lambda *a, **k: None)
         self._popen: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.adopted = False
-        self.restarts = 0
+        #: the admin API of the current process answered (it started, or was adopted)
+        self.answered = False
+        #: monotonic time the current process answered first
+        self.started_at: float | None = None
+        #: how the last process we watched ended: {"pid", "code", "uptime"} (code None: not our child)
+        self.last_exit: dict[str, Any] | None = None
         d = settings.caddy_dir
         self.config_path = os.path.join(d, "config.json")
         self.pid_path = os.path.join(d, "caddy.pid")
         self.log_path = os.path.join(d, "caddy.log")
+        self.config = config or ConfigFile(self.config_path, health=health, log=self._log)
+        #: set to give up a start that is still waiting for Caddy's admin API (the daemon is stopping)
+        self.cancel = threading.Event()
 
     # -- files ---------------------------------------------------------------------------------
     def prepare_dirs(self) -> None:
         """``{data}/caddy`` and its ``data`` (certificate storage, keys) and ``config`` dirs, private: created
         0700, and repaired at every start when something (an operator's chmod -R, a restore from a backup,
         an older version) left them looser: every dir under them 0700, every file without group or other
-        bits (keys 0600). Symlinks are neither followed nor changed."""
+        bits (keys 0600). Symlinks are neither followed nor changed. Best effort: a dir that cannot be
+        made or repaired (a read-only or full disk) is reported; Caddy is started anyway."""
         d = self.settings.caddy_dir
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            if stat.S_IMODE(os.stat(d).st_mode) != 0o700:
+                os.chmod(d, 0o700)
+        except OSError as exc:
+            self._log("caddy.dir_unusable", dir=d, error=exc.strerror or str(exc))
+            return
         for sub in ("data", "config"):
             top = os.path.join(d, sub)
-            os.makedirs(top, mode=0o700, exist_ok=True)
-            os.chmod(top, 0o700)
             refused: list[str] = []
+            try:
+                os.makedirs(top, mode=0o700, exist_ok=True)
+                if stat.S_IMODE(os.stat(top).st_mode) != 0o700:
+                    os.chmod(top, 0o700)
+            except OSError as exc:
+                self._log("caddy.dir_unusable", dir=top, error=exc.strerror or str(exc))
+                continue
             for root, dirs, files in os.walk(top):  # never descends into symlinked dirs
                 for name in (*dirs, *files):
                     path = os.path.join(root, name)
@@ -100,21 +131,9 @@ class CaddySupervisor:
                 self._log("caddy.storage_not_private", count=len(refused), examples=refused[:5])
 
     def save_config(self, config: Mapping[str, Any] | bytes) -> None:
-        """Persist the config we applied (or its encoded body), so a restarted Caddy starts with it."""
-        body = config if isinstance(config, bytes) else json.dumps(config, separators=(",", ":")).encode()
-        atomic_write(self.config_path, body)
-
-    def _startup_config(self) -> dict[str, Any]:
-        """Make sure config.json exists and its admin block matches the current settings."""
-        config: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            with open(self.config_path, encoding="utf-8") as fh:
-                loaded = json.load(fh)
-            if isinstance(loaded, dict):
-                config = loaded
-        config["admin"] = admin_block(self.settings)
-        self.save_config(config)
-        return config
+        """Persist the config we applied (or its encoded body), so a restarted Caddy starts with it. Raises
+        :class:`StorageError`; the body is kept for restarts meanwhile and the write is retried."""
+        self.config.save(config if isinstance(config, bytes) else encode(dict(config)))
 
     def _read_pid(self) -> int | None:
         try:
@@ -123,38 +142,82 @@ class CaddySupervisor:
         except (OSError, ValueError):
             return None
 
+    def _write_pid(self, pid: int) -> None:
+        try:
+            atomic_write(self.pid_path, f"{pid}\n".encode(), 0o644, health=self.health)
+        except StorageError as exc:  # retried by the health registry; adoption needs it after our restart
+            self._log("caddy.pid_file_failed", file=self.pid_path, pid=pid, error=exc.reason)
+
     def _ours(self, pid: int) -> bool:
         exe = process_exe(pid)
+        if exe is None:
+            return False
         root = os.path.realpath(binaries_root(self.settings.data_dir))
-        return exe is not None and (exe.startswith(root + os.sep) or exe == os.path.realpath(self.binary))
+        known = {os.path.realpath(self.binary)} | ({os.path.realpath(self.source)} if self.source else set())
+        return exe.startswith(root + os.sep) or exe in known
+
+    def _binary_ready(self) -> None:
+        """The installed copy is there (a removed data dir takes it along): else install it again from its
+        source, or run the source itself when the copy cannot be written."""
+        if os.path.isfile(self.binary) and os.access(self.binary, os.X_OK):
+            return
+        if self.source is None or self.source == self.binary:
+            return  # Popen will say what is wrong
+        try:
+            self.binary = install_binary(self.source, self.settings.data_dir)
+            self._log("caddy.binary_reinstalled", binary=self.binary)
+        except StorageError as exc:
+            self._log("caddy.binary_not_installed", error=str(exc), running=self.source)
+            self.binary = self.source
 
     # -- lifecycle -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """What status shows about Caddy."""
-        return {"pid": self.pid, "running": self.alive(), "adopted": self.adopted, "restarts": self.restarts,
-                "binary": self.binary, "admin": self.settings.admin_url}
+        """What status shows about Caddy's process (the keeper adds its view)."""
+        return {"pid": self.pid, "running": self.running(), "adopted": self.adopted, "binary": self.binary,
+                "admin": self.settings.admin_url}
 
-    def alive(self) -> bool:
-        if self._popen is not None:
-            return self._popen.poll() is None
+    def process_alive(self) -> bool:
+        """The current process exists and is not a zombie (any thread; never reaps)."""
         return self.pid is not None and pid_alive(self.pid)
 
-    def ensure_running(self) -> bool:
-        """Adopt or start Caddy. Returns True when a new process was started."""
+    def running(self) -> bool:
+        """Caddy is up: its process lives, its admin API answered since it started, and the last request
+        to the admin API did not fail."""
+        return self.answered and self.process_alive() and self.client.contact.ok is not False
+
+    def alive(self) -> bool:
+        """The process is alive (the keeper's thread: reaps our child when it exited)."""
+        if self._popen is not None and self._popen.pid == self.pid:
+            return self._popen.poll() is None
+        return self.process_alive()
+
+    def note_exit(self, now: float) -> dict[str, Any]:
+        """Record how the current process ended (after :meth:`alive` said it did) and forget it."""
+        code = self._popen.returncode if self._popen is not None and self._popen.pid == self.pid else None
+        uptime = now - self.started_at if self.started_at is not None else None
+        self.last_exit = {"pid": self.pid, "code": code,
+                          "uptime_seconds": round(uptime, 3) if uptime is not None else None}
+        self.pid, self._popen, self.answered, self.started_at = None, None, False, None
+        return self.last_exit
+
+    def ensure_running(self, memory: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+        """Adopt or start Caddy. Returns True when a new process was started. ``memory``: the config this
+        reconciler last applied (a start uses it when config.json is behind or damaged)."""
         self.prepare_dirs()
         pid = self._read_pid()
         if pid is not None and pid_alive(pid) and self._ours(pid):
             if self._wait_admin(pid, deadline=time.monotonic() + 5.0):
                 self.pid, self._popen, self.adopted = pid, None, True
+                self.answered, self.started_at = True, time.monotonic()
                 self._log("caddy.adopted", pid=pid)
                 return False
             self._log("caddy.unresponsive", pid=pid)
             self._kill(pid)
         if self._admin_in_use():
-            raise CaddyError(f"another process already listens on Caddy's admin address "
-                             f"{self.settings.admin_listen} (not the Caddy of {self.settings.data_dir}); "
-                             f"refusing to start a second Caddy: stop it or set CADDY_ADMIN_PORT")
-        self.start()
+            raise CaddyAdminInUse(f"another process already listens on Caddy's admin address "
+                                  f"{self.settings.admin_listen} (not the Caddy of {self.settings.data_dir}); "
+                                  f"refusing to start a second Caddy: stop it or set CADDY_ADMIN_PORT")
+        self.start(memory)
         return True
 
     def _admin_in_use(self) -> bool:
@@ -168,47 +231,65 @@ class CaddySupervisor:
         except OSError:
             return False
 
-    def start(self) -> None:
-        config = self._startup_config()
+    def start(self, memory: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        admin = admin_block(self.settings)
+        body, origin = self.config.startup_body(admin, memory)
+        self._binary_ready()
         try:
-            self._spawn(self.config_path)
+            self._spawn(body, origin)
         except CaddyUnavailable as exc:
-            if set(config) <= {"admin"}:
+            if origin == FROM_BOOTSTRAP:
                 raise
             # The last applied config no longer starts: come up with the admin API only and let the
             # next pass load the current desired config (config.json keeps the last good one).
             self._log("caddy.start_fallback", error=str(exc))
-            bare = os.path.join(self.settings.caddy_dir, "config.bootstrap.json")
-            atomic_write(bare, json.dumps({"admin": admin_block(self.settings)}).encode())
-            self._spawn(bare)
+            self._spawn(encode({"admin": admin}), FROM_BOOTSTRAP)
 
-    def _spawn(self, config_path: str) -> None:
+    def _spawn(self, body: bytes, origin: str) -> None:
         env = dict(os.environ)
         env["XDG_DATA_HOME"] = os.path.join(self.settings.caddy_dir, "data")
         env["XDG_CONFIG_HOME"] = os.path.join(self.settings.caddy_dir, "config")
         env["HOME"] = self.settings.caddy_dir
-        logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # a read-only or vanished dir: Caddy runs anyway, its output is lost
+            self._log("caddy.log_unavailable", file=self.log_path, error=exc.strerror or str(exc))
+            logf = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        cwd = self.settings.caddy_dir if os.path.isdir(self.settings.caddy_dir) else "/"
         try:
             self._popen = subprocess.Popen(
-                [self.binary, "run", "--config", config_path],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
-                start_new_session=True, close_fds=True, cwd=self.settings.caddy_dir,
+                [self.binary, "run", "--config", "-"],
+                stdin=subprocess.PIPE, stdout=logf, stderr=logf, env=env,
+                start_new_session=True, close_fds=True, cwd=cwd,
             )
         except OSError as exc:
             raise CaddyError(f"cannot start Caddy ({self.binary}): {exc}") from exc
         finally:
             os.close(logf)
-        self.pid, self.adopted = self._popen.pid, False
-        atomic_write(self.pid_path, f"{self.pid}\n".encode(), 0o644)
-        self._log("caddy.started", pid=self.pid, binary=self.binary)
-        if not self._wait_admin(self.pid, deadline=time.monotonic() + self.ready_timeout):
+        popen = self._popen
+        self.pid, self.adopted, self.answered, self.started_at = popen.pid, False, False, None
+        _feed(popen, body)
+        self._write_pid(popen.pid)
+        self._log("caddy.started", pid=self.pid, binary=self.binary, config=origin, config_bytes=len(body))
+        if not self._wait_admin(popen.pid, deadline=time.monotonic() + self.ready_timeout):
+            if self.cancel.is_set():  # stopping: leave it be (the next reconciler adopts or replaces it)
+                raise CaddyUnavailable(f"Caddy (pid {popen.pid}) start abandoned: the reconciler is stopping")
+            code = popen.poll()
             tail = self.log_tail()
-            self._kill(self.pid)
-            raise CaddyUnavailable(f"Caddy (pid {self.pid}) did not become ready: {tail}")
+            if code is None:
+                self._kill(popen.pid)
+                problem = (f"did not answer on its admin API {self.settings.admin_listen} within "
+                           f"{self.ready_timeout:g}s (killed)")
+            else:
+                problem = (f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}")
+                problem += " before its admin API answered"
+            self.pid, self._popen = None, None
+            raise CaddyUnavailable(f"Caddy (pid {popen.pid}) {problem}: {tail or 'no log output'}")
+        self.answered, self.started_at = True, time.monotonic()
 
     def _wait_admin(self, pid: int, *, deadline: float) -> bool:
         delay = 0.01
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.cancel.is_set():
             if self._popen is not None and self._popen.pid == pid:
                 if self._popen.poll() is not None:
                     return False
@@ -216,7 +297,7 @@ class CaddySupervisor:
                 return False
             if self.client.ping():
                 return True
-            time.sleep(delay)
+            self.cancel.wait(delay)
             delay = min(delay * 2, 0.2)
         return False
 
@@ -260,3 +341,20 @@ class CaddySupervisor:
         self._log("caddy.stopped", pid=pid)
         self.pid = None
         self._popen = None
+        self.answered = False
+
+
+def _feed(popen: subprocess.Popen[bytes], body: bytes) -> None:
+    """Write the config to Caddy's stdin on a thread: a Caddy that hangs before reading it must not block
+    us (a pipe holds 64 KiB); a Caddy that dies first only breaks the pipe."""
+    stdin = popen.stdin
+    if stdin is None:
+        return
+
+    def write() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            stdin.write(body)
+        with contextlib.suppress(OSError, ValueError):
+            stdin.close()
+
+    threading.Thread(target=write, name="caddy-stdin", daemon=True).start()

@@ -12,22 +12,19 @@ from reconciler.errors import CaddyBinaryError
 
 
 def caddy_validate(binary: str, config: dict[str, Any], *, timeout: float = 120.0) -> str | None:
-    """None when Caddy accepts ``config``; otherwise Caddy's error message."""
-    fd, path = tempfile.mkstemp(prefix="hypeman-validate-", suffix=".json")
+    """None when Caddy accepts ``config``; otherwise Caddy's error message. The config goes through a pipe
+    (``--config -``): no temp file, so a full or read-only temp dir cannot fail a validation."""
+    body = json.dumps(config, separators=(",", ":")).encode()
+    env = {**os.environ, "HOME": tempfile.gettempdir()}
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, separators=(",", ":"))
-        env = {**os.environ, "HOME": tempfile.gettempdir()}
-        try:
-            proc = subprocess.run([binary, "validate", "--config", path], capture_output=True, text=True,
-                                  timeout=timeout, env=env, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise CaddyBinaryError(f"cannot run {binary} validate: {exc}") from exc
-    finally:
-        os.unlink(path)
+        proc = subprocess.run([binary, "validate", "--config", "-"], input=body, capture_output=True,
+                              timeout=timeout, env=env, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CaddyBinaryError(f"cannot run {binary} validate: {exc}") from exc
     if proc.returncode == 0:
         return None
-    return _last_error(proc.stderr) or f"caddy validate exited with {proc.returncode}"
+    stderr = proc.stderr.decode("utf-8", "replace")
+    return _last_error(stderr) or f"caddy validate exited with {proc.returncode}"
 
 
 def _last_error(stderr: str) -> str:

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import gc
-import random
+import os
+import signal
 import threading
 import time
+import traceback
 from collections import Counter as Tally
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from reconciler.caddy.admin import AdminClient
+from reconciler.caddy.admin import AdminClient, AdminContact
 from reconciler.caddy.binary import find_caddy, install_binary
 from reconciler.caddy.certs import CertificateTracker, issuer_storage_key
+from reconciler.caddy.configfile import ConfigFile
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.validate import caddy_validate
-from reconciler.errors import CaddyError
+from reconciler.errors import StorageError
+from reconciler.fsutil import StorageHealth
 from reconciler.loop.background import Background
-from reconciler.loop.reconcile import Inputs, PassResult, Reconciler
+from reconciler.loop.keeper import CaddyKeeper, backoff
+from reconciler.loop.reconcile import FAILED, Inputs, PassResult, Reconciler
 from reconciler.loop.triggers import Triggers
 from reconciler.settings import Settings
 from reconciler.sources.inputs import detach_helper, fork_helper
@@ -35,11 +40,25 @@ log = structlog.get_logger("hypeman.ingress")
 #: more ingress state changes than this in one pass are logged as one ``ingress.states`` summary
 STATE_EVENTS_MAX = 200
 
+#: how long setup waits for the first Caddy start before the loop begins anyway (the keeper goes on)
+FIRST_START_WAIT = 10.0
 
-def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with full jitter in [delay/2, delay]."""
-    delay = min(cap, base * (2 ** min(max(0, attempt), 64)))  # the exponent capped: no float overflow
-    return (rng or random).uniform(delay / 2, delay)
+#: signals and what they do (every other signal keeps its default action)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+RESYNC_SIGNALS = (signal.SIGHUP,)
+#: signals whose default action would kill the daemon for no reason of ours: logged and ignored
+#: (SIGXFSZ too: a write over the file size limit then fails with EFBIG like a full disk)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+                   signal.SIGXFSZ, signal.SIGXCPU, signal.SIGPWR, signal.SIGPOLL)
+
+#: log level of the events of the Caddy keeper and supervisor (default: info)
+_EVENT_LEVELS = {
+    "caddy.died": "warning", "caddy.unresponsive": "warning", "caddy.start_fallback": "warning",
+    "caddy.pid_file_failed": "warning", "caddy.log_unavailable": "warning", "caddy.dir_unusable": "warning",
+    "caddy.storage_not_private": "warning", "caddy.binary_not_installed": "warning",
+    "caddy.config_corrupt": "error", "caddy.config_unreadable": "error", "caddy.start_failed": "error",
+    "caddy.restart_failed": "error", "caddy.keeper_error": "error",
+}
 
 
 class Daemon:
@@ -49,10 +68,16 @@ class Daemon:
         self.settings = settings
         self.health_interval = health_interval
         self._binary_source = binary
-        self.client = AdminClient(settings.admin_url)
+        #: which files under the data dir fail to be written (logged once per change, retried, shown)
+        self.storage = StorageHealth(on_change=self._storage_changed)
+        self._contact = AdminContact()
+        self.client = AdminClient(settings.admin_url, contact=self._contact)
+        self.config_file = ConfigFile(os.path.join(settings.caddy_dir, "config.json"), health=self.storage,
+                                      log=self._log_event)
         self.triggers = Triggers(debounce=settings.debounce, debounce_max=settings.debounce_max,
                                  resync_interval=settings.resync_interval, quick=settings.debounce_quick)
         self.supervisor: CaddySupervisor | None = None
+        self.keeper: CaddyKeeper | None = None
         self.reconciler: Reconciler | None = None
         self.watcher: Watcher | None = None
         self.passes: list[PassResult] = []
@@ -63,43 +88,80 @@ class Daemon:
         #: the last burst (see Triggers.bursts) whose pass has finished: API tickets wait for theirs
         self._served = 0
         self._status_index: dict[str, IngressStatus] = {}
-        self._generation = 0  # bumped at every Caddy (re)start by the supervisor loop
         self._pass_generation = 0
         self._converged_generation = -1
         self.metrics = Metrics()
         self.binary: str | None = None
         self._states: dict[str, tuple[Any, Any, Any]] | None = None
         self._last_statuses: dict[str, Any] = {}
-        self._caddy_failures = 0
-        self._caddy_retry_at = 0.0
         self._tracker: CertificateTracker | None = None
         self.background: Background | None = None
         #: cleared while a pass reads and renders (until its POST /load): reports wait meanwhile
         self._reports_may_run = threading.Event()
         self._reports_may_run.set()
         self._prefetched: tuple[Inputs, float] | None = None
+        self._storage_failed = False
+        #: signals received, logged by the loop (a signal handler must not log: it could deadlock)
+        self._signals: list[int] = []
 
     def stop(self) -> None:
         self.triggers.stop()
 
+    # -- signals ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM, SIGINT, SIGQUIT: a clean stop. SIGHUP: a full resync now (every input read again,
+        Caddy's live config read back, rejected ingresses retried). The stray signals of
+        :data:`IGNORED_SIGNALS` are logged and ignored. The handlers take no lock and do no I/O."""
+        for sig in (*STOP_SIGNALS, *RESYNC_SIGNALS, *IGNORED_SIGNALS):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+        if signum in STOP_SIGNALS:
+            self.triggers.stop_from_signal()
+        elif signum in RESYNC_SIGNALS:
+            self.triggers.notify_from_signal("sighup")
+        else:
+            self.triggers.notify_from_signal("signal")
+
+    def _log_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            action = ("stop" if signum in STOP_SIGNALS else "resync" if signum in RESYNC_SIGNALS else "ignored")
+            log.info("daemon.signal", signal=signal.Signals(signum).name, action=action)
+
+    def _caddy_started(self) -> None:
+        self.triggers.notify("caddy-restart", immediate=True)
+
     def _on_change(self, path: str) -> None:
         self.triggers.notify("watch", path=path)
 
+    def _storage_changed(self, path: str, error: StorageError | None) -> None:
+        if error is None:
+            log.info("storage.write_recovered", file=path)
+        else:
+            log.error("storage.write_failed", file=path, error=error.reason, no_space=error.no_space,
+                      retry="with backoff until it lands")
+
     def setup(self, meanwhile: Callable[[], None] | None = None) -> None:
         """Everything before the loop: the state, the parse helper, the watches, the first read (on a
-        thread), the Caddy binary and Caddy itself; then ``meanwhile`` (say, starting the API) while the
-        first read may still run."""
+        thread), the Caddy binary and Caddy's keeper (which starts Caddy on its own thread); then
+        ``meanwhile`` (say, starting the API) while the first read and Caddy's start may still run."""
         s = self.settings
-        api_dir_ready(s)
-        self.reconciler = Reconciler(settings=s, client=self.client, store=StateStore(s.state_dir),
-                                     validate=self._validate_config, save_config=self._save_config,
-                                     caddy_state=self._caddy_state, certs=self._certificates,
-                                     defer=self._report, on_load=self._reports_may_run.set)
+        try:
+            api_dir_ready(s)
+        except OSError as exc:  # a read-only or full data dir: the API source is reported unavailable
+            log.error("api.dir_unavailable", dir=s.api_dir, error=exc.strerror or str(exc))
+        self.reconciler = Reconciler(settings=s, client=self.client,
+                                     store=StateStore(s.state_dir, health=self.storage),
+                                     validate=self._validate_config, config_file=self.config_file,
+                                     health=self._health, generation=self._generation,
+                                     certs=self._certificates, defer=self._report,
+                                     on_load=self._reports_may_run.set)
         # the parse helper is a copy of this process: forked now, before the first thread starts
         if threading.active_count() == 1:
             fork_helper(self.reconciler.manifests, self.reconciler.instances)
-        self.background = Background(on_error=lambda exc: log.error("report.failed", error=str(exc)),
-                                     gate=self._reports_may_run)
+        self.background = Background(on_error=self._report_failed, gate=self._reports_may_run)
         paths = [src.path for src in sources_for(s)] + [s.instances_path]
         self.watcher = Watcher(paths, self._on_change)
         self.watcher.start()
@@ -109,17 +171,32 @@ class Daemon:
         prefetch.start()
         try:
             source = self._binary_source or find_caddy()
-            binary = install_binary(source, s.data_dir)
+            try:
+                binary = install_binary(source, s.data_dir)
+            except StorageError as exc:  # a full or read-only data dir: run the source binary itself
+                log.warning("caddy.binary_not_installed", error=str(exc), running=source)
+                binary = source
             preflight(s, binary)
             self.binary = binary
-            self.supervisor = CaddySupervisor(s, binary, client=self.client, log=self._log_event)
-            self.supervisor.ensure_running()
+            self.supervisor = CaddySupervisor(s, binary, client=AdminClient(s.admin_url, contact=self._contact),
+                                              log=self._log_event, ready_timeout=s.caddy_start_timeout,
+                                              health=self.storage, source=source, config=self.config_file)
+            reconciler = self.reconciler
+            self.keeper = CaddyKeeper(self.supervisor, log=self._log_event, stable_after=s.caddy_stable_after,
+                                      on_started=self._caddy_started,
+                                      memory=lambda: reconciler.last_applied_config)
+            self.keeper.start()
             self._tracker = CertificateTracker(s.storage_dir, self.supervisor.log_path,
                                                issuer_key=issuer_storage_key(s.tls))
             if meanwhile is not None:
                 meanwhile()
         finally:
             prefetch.join()
+        if not self.keeper.wait_first(FIRST_START_WAIT):
+            log.warning("caddy.start_pending", waited_s=FIRST_START_WAIT,
+                        message="the loop starts now; Caddy is converged once it answers")
+        if self.keeper.first_error is not None:
+            raise self.keeper.first_error
 
     def _prefetch(self) -> None:
         assert self.reconciler is not None
@@ -160,12 +237,14 @@ class Daemon:
         assert self.binary is not None
         return caddy_validate(self.binary, config)
 
-    def _save_config(self, body: bytes) -> None:
-        assert self.supervisor is not None
-        self.supervisor.save_config(body)
+    def _generation(self) -> int:
+        return self.keeper.generation if self.keeper is not None else 0
 
-    def _caddy_state(self) -> dict[str, Any]:
-        return self.supervisor.state() if self.supervisor is not None else {}
+    def _health(self) -> dict[str, Any]:
+        """The status fields about Caddy and the data dir (live, for every status document)."""
+        caddy = self.keeper.state() if self.keeper is not None else {}
+        failing = self.storage.snapshot()
+        return {"caddy": caddy, "storage": {"ok": not failing, "failing": failing}}
 
     def _certificates(self, hosts: list[str]) -> dict[str, dict[str, Any]]:
         if self._tracker is None:
@@ -173,77 +252,104 @@ class Daemon:
         return {h: c.to_dict() for h, c in self._tracker.states(hosts).items()}
 
     def _log_event(self, event: str, **fields: Any) -> None:
-        log.info(event, **fields)
+        getattr(log, _EVENT_LEVELS.get(event, "info"))(event, **fields)
 
-    def _check_caddy(self) -> None:
-        sup = self.supervisor
-        if sup is None or sup.alive():
-            return
-        now = time.monotonic()
-        if now < self._caddy_retry_at:
-            return
-        log.warning("caddy.died", pid=sup.pid, log_tail=sup.log_tail(3))
-        try:
-            sup.ensure_running()
-            self._generation += 1
-            sup.restarts += 1
-            self._caddy_failures = 0
-            self.triggers.notify("caddy-restart", immediate=True)
-        except CaddyError as exc:
-            self._caddy_failures += 1
-            delay = backoff(self._caddy_failures)
-            self._caddy_retry_at = now + delay
-            log.error("caddy.restart_failed", error=str(exc), retry_in=round(delay, 2))
+    def _report_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, StorageError):
+            return  # logged once per file by the storage health, and retried
+        log.error("report.failed", error=f"{type(exc).__name__}: {exc}",
+                  traceback=traceback.format_exception(exc, limit=-20))
 
     def run(self, *, max_passes: int | None = None) -> int:
         self.setup()
         return self.loop(max_passes=max_passes)
 
     def loop(self, *, max_passes: int | None = None) -> int:
-        """The main loop (after :meth:`setup`); returns when stopped."""
+        """The main loop (after :meth:`setup`); returns when stopped. Nothing a pass raises ends it: an
+        unexpected error is logged with its traceback and the pass is retried with backoff."""
         assert self.reconciler is not None and self.watcher is not None
         self.triggers.notify("start", immediate=True)
         try:
             while not self.triggers.stopped:
                 reason = self.triggers.wait(timeout=self.health_interval)
-                self._check_caddy()
-                if reason is None:
+                self._tick()
+                if reason is None or self.triggers.stopped:
                     continue
-                serving = self.triggers.bursts  # only this thread takes bursts: stable until the next wait
-                changed = self.triggers.take_paths()
-                burst = self.triggers.burst_started
-                self._pass_generation = self._generation
-                queued = time.monotonic() - burst if burst is not None else None
-                # the inputs read during setup serve the first pass, unless something changed since
-                prefetched, self._prefetched = (self._prefetched if reason == "start" else None), None
-                try:
-                    # no cyclic GC inside a pass: at 10k ingresses its collections cost ~30 % of a pass
-                    # (the pass's garbage is acyclic and freed by refcounting; the rest waits a moment)
-                    gc.disable()
-                    self._reports_may_run.clear()
-                    try:
-                        result = self.reconciler.run_pass(reason, changed=changed, prefetched=prefetched)
-                    finally:
-                        self._reports_may_run.set()
-                        gc.enable()
-                    self._record(result, queued)
-                finally:
-                    with self._pass_cond:
-                        self._served = serving
-                        self._pass_cond.notify_all()
-                if changed is None:
-                    # after a full read, park what is long-lived out of the collector's way (later
-                    # collections only walk what changed since); unfreeze first so nothing leaks
-                    gc.unfreeze()
-                    gc.collect()
-                    gc.freeze()
-                if self.watcher.refresh():
-                    self.triggers.notify("watch")
+                self._turn(reason)
                 if max_passes is not None and len(self.passes) >= max_passes:
                     break
         finally:
             self.shutdown()
         return 0
+
+    def _tick(self) -> None:
+        """Between passes: log the signals received, hand the retries of failed file writes to the report
+        thread (in order with the passes' own writes)."""
+        self._log_signals()
+        for job in self.storage.due():
+            self._report(job)
+        failing = self.storage.failing()
+        if self._storage_failed and not failing and self.reconciler is not None:
+            self.reconciler.rewrite_status()  # status.json said the disk failed: say it is fine again
+        self._storage_failed = failing
+
+    def _turn(self, reason: str) -> None:
+        """One pass for the burst ``reason`` and its bookkeeping."""
+        assert self.reconciler is not None and self.watcher is not None
+        serving = self.triggers.bursts  # only this thread takes bursts: stable until the next wait
+        reason = "+".join(r for r in reason.split("+") if r != "signal")
+        if not reason:  # a stray signal only woke the loop to log it
+            with self._pass_cond:
+                self._served = serving
+                self._pass_cond.notify_all()
+            return
+        changed = self.triggers.take_paths()
+        burst = self.triggers.burst_started
+        self._pass_generation = self._generation()
+        queued = time.monotonic() - burst if burst is not None else None
+        # the inputs read during setup serve the first pass, unless something changed since
+        prefetched, self._prefetched = (self._prefetched if reason == "start" else None), None
+        try:
+            try:
+                # no cyclic GC inside a pass: at 10k ingresses its collections cost ~30 % of a pass
+                # (the pass's garbage is acyclic and freed by refcounting; the rest waits a moment)
+                gc.disable()
+                self._reports_may_run.clear()
+                try:
+                    result = self.reconciler.run_pass(reason, changed=changed, prefetched=prefetched)
+                finally:
+                    self._reports_may_run.set()
+                    gc.enable()
+            except Exception as exc:
+                self._crashed(reason, exc)
+                return
+            self._record(result, queued)
+        finally:
+            with self._pass_cond:
+                self._served = serving
+                self._pass_cond.notify_all()
+        if changed is None:
+            # after a full read, park what is long-lived out of the collector's way (later
+            # collections only walk what changed since); unfreeze first so nothing leaks
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+        if self.watcher.refresh():
+            self.triggers.notify("watch")
+
+    def _crashed(self, trigger: str, exc: Exception) -> None:
+        """A pass raised what no stage expected (a bug, or an I/O edge failing in a new way): logged with its
+        traceback, counted as an ``error`` pass, and retried with backoff (reading everything again)."""
+        self._failures += 1
+        retry_in = backoff(self._failures)
+        self.triggers.retry_in(retry_in)
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        result = PassResult(trigger, "-", FAILED, 0.0, error=error, started_at=time.time())
+        self.passes.append(result)
+        del self.passes[:-100]
+        self.metrics.observe_pass(result, converged=False, problems=0, wall=time.time())
+        log.error("reconcile.crashed", trigger=trigger, error=error, retry_in=round(retry_in, 2),
+                  traceback=traceback.format_exception(exc, limit=-20))
 
     def _record(self, result: PassResult, queued: float | None = None) -> None:
         """What the loop needs of a pass at once (status for the API, retries, readiness); its log lines
@@ -319,6 +425,8 @@ class Daemon:
         return self.triggers.notify("api", immediate=True, path=path)
 
     def wait_pass(self, ticket: int, timeout: float) -> bool:
+        """Wait until the pass that took ``ticket`` has finished; True when it (or a later one) converged
+        Caddy, False when it did not or ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         with self._pass_cond:
             while self._served < ticket:
@@ -326,7 +434,8 @@ class Daemon:
                 if remaining <= 0 or self.triggers.stopped:
                     return False
                 self._pass_cond.wait(remaining)
-        return True
+        last = self.passes[-1] if self.passes else None
+        return last is not None and last.converged
 
     def good_versions(self) -> tuple[GoodMap, GoodMap] | None:
         """The last good file versions the loop serves, as of its last pass (before the first: as the
@@ -340,28 +449,39 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         if self.reconciler is None:
             return {}
-        status = self.reconciler.status_document()
-        if self.supervisor is not None:
-            status["caddy"] = self.supervisor.state()
-        return status
+        return {**self.reconciler.status_document(), **self._health()}
 
     def ready(self) -> tuple[bool, str]:
-        if self.supervisor is None or not self.supervisor.alive():
+        ok, why = self._readiness()
+        failing = self.storage.snapshot()
+        if failing:
+            files = ", ".join(f"{f['file']} ({f['error']})" for f in failing[:3])
+            why += f"; {len(failing)} file(s) under the data dir cannot be written: {files}"
+        return ok, why
+
+    def _readiness(self) -> tuple[bool, str]:
+        keeper = self.keeper
+        if keeper is None:
             return False, "Caddy is not running"
+        problem = keeper.problem()
+        if problem is not None:
+            return False, problem
         last = self.reconciler.last if self.reconciler is not None else None
         if last is None:
             return False, "no reconcile pass yet"
         if not last.converged:
             return False, f"last pass {last.outcome}: {last.error}"
-        if self._converged_generation != self._generation:
+        if self._converged_generation != keeper.generation:
             return False, "Caddy was restarted; waiting for a pass to converge it"
         if not self.client.ping():
             return False, "Caddy's admin API does not answer"
         return True, f"last pass {last.outcome} (revision {last.revision})"
 
     def metrics_text(self) -> bytes:
-        if self.supervisor is not None:
-            self.metrics.observe_caddy(up=self.supervisor.alive(), restarts=self.supervisor.restarts)
+        if self.keeper is not None:
+            self.metrics.observe_caddy(up=self.keeper.up(), restarts=self.keeper.restarts,
+                                       flapping=self.keeper.flapping)
+        self.metrics.observe_storage(len(self.storage.snapshot()))
         return self.metrics.render()
 
     def _log_ingress_changes(self, statuses: list[IngressStatus]) -> None:
@@ -407,6 +527,9 @@ class Daemon:
                 previous_reason=previous, message=st.message, file=st.file)
 
     def shutdown(self) -> None:
+        self._log_signals()
+        if self.keeper is not None:
+            self.keeper.stop()  # no restart of Caddy while we stop (nor a start left waiting)
         if self.reconciler is not None:
             self._drop_helper()
         if self.watcher is not None:
@@ -417,4 +540,6 @@ class Daemon:
         if self.settings.stop_caddy_on_shutdown and self.supervisor is not None:
             self.supervisor.stop()
         self.client.close()
+        if self.supervisor is not None:
+            self.supervisor.client.close()
         log.info("daemon.stopped", caddy_stopped=self.settings.stop_caddy_on_shutdown)

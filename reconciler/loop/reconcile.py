@@ -17,6 +17,7 @@ from typing import Any
 
 from reconciler import diff
 from reconciler.caddy.admin import AdminClient
+from reconciler.caddy.configfile import ConfigFile
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.model import Desired, Ingress, Instance, Problem, ResolvedIngress, Source
@@ -89,8 +90,9 @@ class Reconciler:
     def __init__(self, *, settings: Settings, client: AdminClient,
                  validate: Callable[[dict[str, Any]], str | None] | None = None,
                  store: StateStore | None = None,
-                 save_config: Callable[[bytes], None] | None = None,
-                 caddy_state: Callable[[], dict[str, Any]] | None = None,
+                 config_file: ConfigFile | None = None,
+                 health: Callable[[], dict[str, Any]] | None = None,
+                 generation: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  include_api: bool = True,
                  certs: Callable[[list[str]], Mapping[str, Mapping[str, Any]]] | None = None,
@@ -106,8 +108,12 @@ class Reconciler:
         self.client = client
         self._validate = validate or (lambda config: None)
         self.store = store
-        self._save = save_config
-        self._caddy_state = caddy_state or (lambda: {})
+        #: ``{data}/caddy/config.json``: what Caddy accepted, saved after each pass that changed it
+        self.config_file = config_file
+        #: status fields about the daemon's health (``caddy``, ``storage``), merged into every status
+        self._health = health or (lambda: {})
+        #: how many times Caddy was (re)started: what a pass trusts about Caddy holds for one generation
+        self._generation = generation or (lambda: 0)
         self._clock = clock
         self._wall = wall
         good_m, good_i = store.load_lastgood() if store is not None else ({}, {})
@@ -116,7 +122,12 @@ class Reconciler:
         self.resolve = Resolver(settings)
         self.status_memo = StatusMemo()
         self.render = Renderer(settings)
+        #: the config Caddy runs as far as this process knows (None: read it back at the next pass), and the
+        #: Caddy generation that holds for
         self._saved: Any = None
+        self._saved_gen = 0
+        #: the last config a pass applied (never forgotten: a restart of Caddy may start with it)
+        self.last_applied_config: dict[str, Any] | None = None
         self._body: tuple[dict[str, Any], bytes] | None = None
         self._encode = ConfigEncoder()
         self._culprits: dict[str, tuple[str, str]] = {}  # name -> (fingerprint, message)
@@ -190,7 +201,8 @@ class Reconciler:
         self.inputs = inputs
         desired = inputs.desired
         triggers = set(trigger.split("+"))
-        resync = "resync" in triggers
+        resync = bool(triggers & {"resync", "sighup"})
+        generation = self._generation()
         # Culprits Caddy rejected before stay out until their inputs change or a resync retries them.
         known_bad: dict[str, str] = {}
         if not resync:
@@ -211,8 +223,10 @@ class Reconciler:
         applied_config: dict[str, Any] | None = None
         # Passes caused by a file event or an API write trust that Caddy still runs what this process last
         # applied (skipping GET /config/, ~0.25 s at 10k routes); every other trigger -- start, resync,
-        # Caddy restart, retry -- reads the live config, so drift is corrected at the next resync.
-        trusted = self._saved is not None and bool(triggers) and triggers <= {"watch", "api"}
+        # Caddy restart, retry -- reads the live config, so drift is corrected at the next resync. A Caddy
+        # restarted since (another generation) may run anything: it is read back whatever the trigger.
+        trusted = (self._saved is not None and self._saved_gen == generation and bool(triggers)
+                   and triggers <= {"watch", "api"})
         try:
             live = self._saved if trusted else self.client.get_config()
             if diff.same(live, config):
@@ -257,13 +271,16 @@ class Reconciler:
         self.loads += loads
         by_name = {ri.ingress.name: ri for ri in desired.ingresses}
         self._culprits = {n: (_fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
-        if applied_config is not None and self._saved != applied_config:
-            if self._save is not None:
-                save, body = self._save, self._encoded(applied_config)
-                # in order with the pass's other state files (on the report thread in the daemon)
-                self._later(lambda: save(body))
-            self._saved = applied_config
-        elif applied_config is None and outcome == UNAVAILABLE:
+        if applied_config is not None:
+            config_file = self.config_file
+            if config_file is not None and (self._saved != applied_config or not config_file.in_sync()):
+                body = self._encoded(applied_config)
+                # in order with the pass's other state files (on the report thread in the daemon); a
+                # failed save is kept and retried until it lands, and until then the pass saves again
+                self._later(lambda: config_file.save(body))
+            self._saved, self._saved_gen = applied_config, generation
+            self.last_applied_config = applied_config
+        elif outcome == UNAVAILABLE:
             self._saved = None  # Caddy may come back with anything: read it next time
         applied = applied_config is not None
         apply_done = self._clock()
@@ -318,7 +335,7 @@ class Reconciler:
             "last_applied": self.last_applied,
             "last_error": result.error,
             "history": self.history,
-            "caddy": self._caddy_state(),
+            **self._health(),
             "sources": [{"path": h.path, "ok": h.ok, "root": h.root, "commit": h.commit, "files": h.files,
                          "error": h.error} for h in inputs.sources],
             "problems": [{"file": p.file, "line": p.line, "reason": p.reason, "ingress": p.ingress,
@@ -338,6 +355,15 @@ class Reconciler:
 
             self._later(save_lastgood)
             self._later(lambda: store.save_status(status, statuses))
+
+    def rewrite_status(self) -> None:
+        """Save the status again with fresh health fields (say, once the disk has room again), between
+        passes (the loop's thread)."""
+        if self.store is None or self.last is None:
+            return
+        self.status = {**self.status, **self._health()}
+        store, status, statuses = self.store, self.status, self.statuses
+        self._later(lambda: store.save_status(status, statuses))
 
     def _later(self, job: Callable[[], None]) -> None:
         """Run a state file write after the pass (the daemon's report thread) or, without one, now."""

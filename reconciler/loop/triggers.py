@@ -6,6 +6,12 @@ Watch events, API writes and Caddy restarts call :meth:`Triggers.notify`; the lo
 resync or retry timer fires. A burst that touched only a few paths so far (one file saved: its rename,
 or its writes and close) needs only the shorter ``quick`` quiet period. The clock is injectable for tests.
 
+Signal handlers must not take a lock (the handler runs in the main thread, which may hold it at that
+moment): :meth:`Triggers.notify_from_signal` and :meth:`Triggers.stop_from_signal` only append to a list
+or set a flag, then wake the waiter if the lock happens to be free; :meth:`Triggers.wait` picks them up
+(and never sleeps longer than its ``timeout``, so a wake-up that could not be delivered is late by at most
+that).
+
 Watch events carry the path that changed: :meth:`Triggers.take_paths` hands the pass the paths of its
 burst so it re-reads only those files. Any trigger without paths (start, resync, retry, a Caddy restart,
 a watch that moved) -- or a burst of more than ``max_paths`` paths -- asks for a full read instead.
@@ -48,6 +54,8 @@ class Triggers:
         self._last = 0.0
         self._retry_at: float | None = None
         self._stopped = False
+        #: reasons raised by signal handlers, not yet merged (appended without the lock)
+        self._signalled: list[str] = []
         self._resync_at = self._clock() + self._next_resync()
 
     def _next_resync(self) -> float:
@@ -75,6 +83,35 @@ class Triggers:
             self._cond.notify_all()
             return self.bursts + 1
 
+    def notify_from_signal(self, reason: str) -> None:
+        """:meth:`notify` (immediate, no path) for a signal handler: takes no lock that could be held."""
+        self._signalled.append(reason)
+        self._wake()
+
+    def stop_from_signal(self) -> None:
+        """:meth:`stop` for a signal handler."""
+        self._stopped = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._cond.acquire(blocking=False):
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
+
+    def _merge_signalled(self) -> None:
+        """Fold the signal handlers' reasons into the pending burst (the lock held)."""
+        while self._signalled:
+            reason = self._signalled.pop(0)
+            now = self._clock()
+            if not self._reasons:
+                self._first = self._first_event = now
+            self._reasons.add(reason)
+            self._paths = None
+            self._last = now - self.debounce
+            self._first = min(self._first, now - self.debounce_max)
+
     def retry_in(self, delay: float) -> None:
         with self._cond:
             self._retry_at = self._clock() + delay
@@ -99,6 +136,7 @@ class Triggers:
         with self._cond:
             give_up = None if timeout is None else self._clock() + timeout
             while not self._stopped:
+                self._merge_signalled()
                 now = self._clock()
                 if self._reasons:
                     small = self._paths is not None and len(self._paths) <= self.quick_paths

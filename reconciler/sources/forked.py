@@ -41,7 +41,12 @@ Handler = Callable[[Any, Any], Any]  # (key, item) -> result
 
 def _serve(conn: Connection, other: Connection, bounds: Any, handler: Handler) -> None:
     other.close()
-    # Ctrl-C reaches the whole process group: the parent decides when the helper ends (it closes the pipe)
+    # the parent's Python handlers (its stop, resync...) mean nothing here: back to the defaults; Ctrl-C
+    # reaches the whole process group: the parent decides when the helper ends (it closes the pipe)
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.disable()  # short-lived: its garbage is acyclic, and collections cost ~20 % of a 10k-file parse

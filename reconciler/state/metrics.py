@@ -45,6 +45,11 @@ class Metrics:
         self.caddy_up = Gauge("hypeman_ingress_caddy_up", "1 when Caddy is running", registry=r)
         self.caddy_restarts = Gauge("hypeman_ingress_caddy_restarts", "Caddy restarts by the supervisor",
                                     registry=r)
+        self.caddy_flapping = Gauge("hypeman_ingress_caddy_flapping",
+                                    "1 while Caddy keeps dying soon after it is started", registry=r)
+        self.storage_failing = Gauge("hypeman_ingress_storage_failing_files",
+                                     "Files under the data dir that cannot be written now (full disk, read-only...)",
+                                     registry=r)
         self.last_applied = Info("hypeman_ingress_last_applied", "Revision of the last applied inputs", registry=r)
         self.last_applied_time = Gauge("hypeman_ingress_last_applied_timestamp_seconds",
                                        "When a config was last applied (or found converged)", registry=r)
@@ -70,9 +75,13 @@ class Metrics:
             self.ingresses.labels(*key).set(n)
         self._seen |= set(counts)
 
-    def observe_caddy(self, *, up: bool, restarts: int) -> None:
+    def observe_caddy(self, *, up: bool, restarts: int, flapping: bool = False) -> None:
         self.caddy_up.set(1 if up else 0)
         self.caddy_restarts.set(restarts)
+        self.caddy_flapping.set(1 if flapping else 0)
+
+    def observe_storage(self, failing: int) -> None:
+        self.storage_failing.set(failing)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

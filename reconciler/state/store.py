@@ -1,7 +1,9 @@
 """Persist status and last-known-good inputs under ``{data}/state/`` (never inside a watched dir).
 
 Files are written atomically (temp file, fsync, rename) with mode 0600; a corrupt or unreadable file is
-ignored (logged by the caller), never fatal: the next pass rewrites it.
+ignored (logged by the caller), never fatal: the next pass rewrites it. A write that fails (a full disk, a
+read-only or removed dir) raises :class:`reconciler.errors.StorageError` naming the file; with a
+:class:`reconciler.fsutil.StorageHealth` it is also recorded there and retried until it lands.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from reconciler.fsutil import atomic_write
+from reconciler.fsutil import StorageHealth, atomic_write
 from reconciler.model import GoodFile
 
 LASTGOOD = "lastgood.json"
@@ -145,14 +147,12 @@ def _signature_of(st: os.stat_result) -> tuple[int, ...]:
 
 
 class StateStore:
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, *, health: StorageHealth | None = None) -> None:
         self.dir = state_dir
+        self.health = health
         self._saved_good: Any = None
         self._status_parts = _Fragments()
         self._good_parts = _Fragments()
-
-    def ensure(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
 
     def _read(self, name: str) -> Any:
         try:
@@ -198,8 +198,7 @@ class StateStore:
         parts.done()
         # the same document as json.dumps of {"version", "manifests": {src: {rel: file}}, "instances": ...},
         # each unchanged file's text reused, written piece by piece (never one whole copy in memory)
-        self.ensure()
-        atomic_write(os.path.join(self.dir, LASTGOOD), chunks)
+        atomic_write(os.path.join(self.dir, LASTGOOD), chunks, health=self.health, make_dir=True)
         self._saved_good = fp
         return True
 
@@ -213,7 +212,6 @@ class StateStore:
 
         Per-ingress statuses are immutable objects, reused between passes while unchanged: the JSON text
         of each is kept by identity, so a pass that changed one ingress of 10k serialises one entry."""
-        self.ensure()
         # compact: json's C encoder (indent would fall back to the pure-Python one, ~10x slower at 10k)
         if ingresses is None:
             chunks = [_dumps(status).encode(), b"\n"]
@@ -228,4 +226,5 @@ class StateStore:
             chunks.append(b"]}\n")
             parts.done()
         # not fsync'ed: rewritten at every pass, and a lost one is rebuilt by the next
-        atomic_write(os.path.join(self.dir, STATUS), chunks, durable=False)
+        atomic_write(os.path.join(self.dir, STATUS), chunks, durable=False, health=self.health,
+                     make_dir=True)
