@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -23,14 +24,13 @@ from reconciler.caddy.configfile import ConfigFile
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError, ConfigError, ReconcilerError, StorageError
-from reconciler.fsutil import atomic_write
 from reconciler.loop.reconcile import Reconciler
 from reconciler.model import Problem, Source
 from reconciler.render import REDACTED, redact, to_json
 from reconciler.settings import DEFAULT_API_LISTEN, Settings, parse_listen
 from reconciler.sources.loader import FileEntry, parse_file
 from reconciler.sources.snapshot import sources_for, take_snapshot
-from reconciler.state.store import StateStore
+from reconciler.state.store import StateStore, lastgood_from, restore_files
 from reconciler.validate import ingress_from_document, resolve
 
 EPILOG = """\
@@ -152,6 +152,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
+class _SafeLogger:
+    """structlog's PrintLogger that never raises: a log line lost to a closed or full stderr (a pipe whose
+    reader died, a full disk under a log file) must not end the daemon."""
+
+    def __init__(self, file: Any) -> None:
+        self._inner = structlog.PrintLogger(file)
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._inner.msg(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
 def configure_logging(fmt: str, level: str) -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -166,7 +180,7 @@ def configure_logging(fmt: str, level: str) -> None:
             *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: _SafeLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )
 
@@ -271,29 +285,35 @@ def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
-    good, _ = StateStore(settings.state_dir).load_lastgood()
+    path = os.path.join(settings.state_dir, "lastgood.json")
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read the last good versions from {path}: {exc}", file=sys.stderr)
+        return 1
+    good, _ = lastgood_from(data)
     files = good.get(settings.api_dir, {})
     if not files:
-        print(f"nothing to restore: {settings.state_dir}/lastgood.json holds no file of {settings.api_dir}",
-              file=sys.stderr)
+        print(f"nothing to restore: {path} holds no file of {settings.api_dir}", file=sys.stderr)
         return 0
-    failed = 0
-    for relpath, kept in sorted(files.items()):
-        path = os.path.join(settings.api_dir, *relpath.split("/"))
-        if os.path.lexists(path):
-            print(f"kept     {path} (exists)")
-            continue
-        if args.dry_run:
-            print(f"would write {path}")
-            continue
-        try:
-            atomic_write(path, kept.text.encode(), 0o600, make_dir=True)
-        except StorageError as exc:
-            failed += 1
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        print(f"restored {path}")
-    return 1 if failed else 0
+    missing = {rel: kept for rel, kept in sorted(files.items())
+               if not os.path.lexists(os.path.join(settings.api_dir, *rel.split("/")))}
+    for rel in sorted(set(files) - set(missing)):
+        print(f"kept     {os.path.join(settings.api_dir, *rel.split('/'))} (exists)")
+    if args.dry_run:
+        for rel in missing:
+            print(f"would write {os.path.join(settings.api_dir, *rel.split('/'))}")
+        return 0
+    try:
+        written = restore_files(settings.api_dir, {rel: kept.text for rel, kept in missing.items()},
+                                owner_of=settings.data_dir)
+    except StorageError as exc:
+        print(f"error: {exc}; nothing was restored", file=sys.stderr)
+        return 1
+    for file in written:
+        print(f"restored {file}")
+    return 0
 
 
 def _read_status(settings: Settings) -> dict[str, Any] | None:
@@ -446,7 +466,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         try:
             daemon.setup(meanwhile=start_api if settings.api_listen else None)
-        except ReconcilerError:  # the API address is unusable, another server holds Caddy's admin port...
+        except BaseException:  # the API address is unusable, another server holds Caddy's admin port...
             daemon.shutdown()
             raise
         return daemon.loop()

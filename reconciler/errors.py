@@ -7,6 +7,7 @@ Third-party errors are mapped onto this tree in exactly one place per edge
     ├── ConfigError                 bad settings / flags (terminal)
     ├── CaddyError                  anything while talking to Caddy
     │   ├── CaddyUnavailable        unreachable, timeout, 5xx   -> transient, retried with backoff
+    │   │   └── CaddyExited         a started Caddy exited before its admin API answered
     │   ├── CaddyRejected           400 from /load: the old config keeps serving
     │   ├── CaddyBinaryError        binary missing / not executable / wrong
     │   └── CaddyAdminInUse         another process holds Caddy's admin address
@@ -36,6 +37,10 @@ class CaddyError(ReconcilerError):
 
 class CaddyUnavailable(CaddyError):
     """Caddy's admin API is unreachable, timed out or answered 5xx. Transient."""
+
+
+class CaddyExited(CaddyUnavailable):
+    """A Caddy we started exited (or was killed) before its admin API answered: a crash at start."""
 
 
 class CaddyRejected(CaddyError):

@@ -43,22 +43,23 @@ def atomic_write(path: str, data: bytes | Sequence[bytes] | Iterable[bytes], mod
     recorded there; a failed write of bytes or a list of pieces is retried by it later (see
     :meth:`StorageHealth.due`) unless a newer write of the same file comes first.
     """
-    ticket = health.attempt(path) if health is not None else 0
-    try:
-        if make_dir:
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        _write(path, data, mode, durable)
-    except OSError as exc:
-        error = storage_error(path, exc)
+    with health.lock(path) if health is not None else contextlib.nullcontext():
+        ticket = health.attempt(path) if health is not None else 0
+        try:
+            if make_dir:
+                os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            _write(path, data, mode, durable)
+        except OSError as exc:
+            error = storage_error(path, exc)
+            if health is not None:
+                retry = None
+                if isinstance(data, (bytes, list, tuple)):
+                    def retry() -> None:
+                        atomic_write(path, data, mode, durable=durable, health=health, make_dir=make_dir)
+                health.failed(path, ticket, error, retry)
+            raise error from exc
         if health is not None:
-            retry = None
-            if isinstance(data, (bytes, list, tuple)):
-                def retry() -> None:
-                    atomic_write(path, data, mode, durable=durable, health=health, make_dir=make_dir)
-            health.failed(path, ticket, error, retry)
-        raise error from exc
-    if health is not None:
-        health.succeeded(path, ticket)
+            health.succeeded(path, ticket)
 
 
 def _write(path: str, data: bytes | Iterable[bytes], mode: int, durable: bool) -> None:
@@ -81,11 +82,14 @@ def _write(path: str, data: bytes | Iterable[bytes], mode: int, durable: bool) -
         raise
     if not durable:
         return
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # the new content is in place (readers see it); the dir's fsync only makes the rename durable, and a
+    # failure of it must not be reported as "nothing was written"
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 @dataclass(slots=True)
@@ -101,21 +105,31 @@ class _Failing:
 class StorageHealth:
     """Which files fail to be written, and their retries. Thread-safe.
 
-    Every write through :func:`atomic_write` takes a ticket; a file fails when its latest write failed and
-    is healthy again once a later write succeeds. A failed write leaves a retry, handed out by :meth:`due`
-    with a doubling delay (1 s up to 30 s); a retry whose file was written again since is dropped, so an
-    old retry never overwrites newer content. ``on_change(path, error)`` is called when a file starts
+    Every write through :func:`atomic_write` holds the file's lock and takes a ticket; a file fails when
+    its latest write failed and is healthy again once a later write succeeds. A failed write leaves a
+    retry, handed out by :meth:`due` with a doubling delay (1 s up to 30 s); a retry checks, under the
+    file's lock, that its file was not written since (else it is dropped), so an old retry never
+    overwrites newer content, whichever threads write. ``on_change(path, error)`` is called when a file starts
     failing (``error`` set) or recovers (``None``): the daemon logs it once, not at every attempt.
     """
 
     def __init__(self, *, on_change: Callable[[str, StorageError | None], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
+        self._path_locks: dict[str, threading.RLock] = {}
         self._tickets: dict[str, int] = {}
         self._failing: dict[str, _Failing] = {}
         self._on_change = on_change
         self._clock = clock
         self._wall = wall
+
+    def lock(self, path: str) -> threading.RLock:
+        """The lock every write of ``path`` holds (re-entrant: a retry holds it around its write)."""
+        with self._lock:
+            found = self._path_locks.get(path)
+            if found is None:
+                found = self._path_locks[path] = threading.RLock()
+            return found
 
     def attempt(self, path: str) -> int:
         with self._lock:
@@ -128,8 +142,8 @@ class StorageHealth:
             if self._tickets.get(path) != ticket:
                 return  # a newer write of the file decides
             was = self._failing.pop(path, None)
-        if was is not None and self._on_change is not None:
-            self._on_change(path, None)
+        if was is not None:
+            self._changed(path, None)
 
     def failed(self, path: str, ticket: int, error: StorageError, retry: Callable[[], None] | None) -> None:
         with self._lock:
@@ -141,8 +155,13 @@ class StorageHealth:
             since = was.since if was is not None else self._wall()
             self._failing[path] = _Failing(error, since, attempts, ticket, retry, self._clock() + delay)
             changed = was is None or was.error.errno != error.errno
-        if changed and self._on_change is not None:
-            self._on_change(path, error)
+        if changed:
+            self._changed(path, error)
+
+    def _changed(self, path: str, error: StorageError | None) -> None:
+        if self._on_change is not None:
+            with contextlib.suppress(Exception):  # reporting must never turn into another failure
+                self._on_change(path, error)
 
     def due(self) -> list[Callable[[], None]]:
         """The retries whose time has come (each handed out once per failure)."""
@@ -157,11 +176,12 @@ class StorageHealth:
 
     def _guarded(self, path: str, ticket: int, retry: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            with self._lock:
-                if self._tickets.get(path) != ticket:
-                    return  # written again since: the retry's content is older
-            with contextlib.suppress(StorageError):  # recorded by atomic_write; retried again later
-                retry()
+            with self.lock(path):  # no other write of the file between this check and the retry's write
+                with self._lock:
+                    if self._tickets.get(path) != ticket:
+                        return  # written again since: the retry's content is older
+                with contextlib.suppress(StorageError):  # recorded by atomic_write; retried again later
+                    retry()
         return run
 
     def failing(self, path: str | None = None) -> bool:

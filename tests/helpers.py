@@ -276,11 +276,12 @@ class Daemon:
                 "--data-dir", str(self.data_dir), "--instances", str(self.instances)]
         for m in self.manifests:
             args += ["--manifests", str(m)]
+        before = self.passes()  # a restarted daemon appends to the same log
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=self.env, cwd=str(ROOT))
         log.close()
         if wait_ready:
-            wait_for(lambda: self.passes() >= 1, timeout=30, message="first reconcile pass")
+            wait_for(lambda: self.passes() > before, timeout=30, message="first reconcile pass")
         self.caddy_pid()
         return self
 

@@ -140,21 +140,44 @@ def _all_due(health: StorageHealth) -> list[Callable[[], None]]:
 # -- Triggers from signal handlers -------------------------------------------------------------------------
 
 def test_signal_handlers_never_block_on_the_triggers_lock() -> None:
+    """Another thread holds the lock (say, an API write notifying) when the signal arrives: the handler
+    returns at once, and the waiter picks the reasons up when it next looks."""
     t = Triggers(debounce=0.1, debounce_max=1.0, resync_interval=3600)
-    with t._cond:  # the main thread holds the lock when the signal arrives
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with t._cond:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(5)
+    done = threading.Event()
+
+    def handler() -> None:
         t.notify_from_signal("sighup")
+        t.wake_from_signal()
         t.stop_from_signal()
+        done.set()
+
+    threading.Thread(target=handler).start()
+    try:
+        assert done.wait(2), "a signal handler blocked on the triggers' lock"
+    finally:
+        release.set()
+        holder.join(5)
     assert t.stopped
 
 
 def test_a_signalled_reason_becomes_an_immediate_full_pass() -> None:
-    t = Triggers(debounce=5.0, debounce_max=50.0, resync_interval=3600)
+    t = Triggers(debounce=1.0, debounce_max=50.0, resync_interval=3600)
     t.notify("watch", path="/x")
     got: list[str | None] = []
-    waiter = threading.Thread(target=lambda: got.append(t.wait(timeout=10)))
+    waiter = threading.Thread(target=lambda: got.append(t.wait(timeout=20)))
     waiter.start()
     t.notify_from_signal("sighup")
-    waiter.join(5)
+    waiter.join(20)
     assert got == ["sighup+watch"]
     assert t.take_paths() is None  # a resync reads everything
 
@@ -368,3 +391,45 @@ def test_a_config_json_that_could_not_be_saved_is_saved_by_the_next_pass(tmp_pat
     assert rec.run_pass("resync").outcome == "unchanged"  # nothing changed, but the file is behind
     saved = json.loads(Path(config_file.path).read_text())
     assert "web.test" in json.dumps(saved) and config_file.in_sync()
+
+
+def test_a_stray_signal_wakes_the_loop_without_a_pass_or_touching_a_retry() -> None:
+    clock = FakeClock()
+    t = Triggers(debounce=0.1, debounce_max=1.0, resync_interval=3600, clock=clock)
+    t.retry_in(5.0)
+    t.wake_from_signal()
+    assert t.wait(timeout=0) is None and t.bursts == 0
+    clock.advance(5.0)
+    assert t.wait(timeout=0) == "retry"  # the pending retry still fires
+
+
+# -- hypeman-ingress restore ---------------------------------------------------------------------------------
+
+def test_restore_writes_the_last_good_api_files_back_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    from reconciler.cli import main
+    from reconciler.state.store import StateStore
+
+    data = tmp_path / "data"
+    api = data / "ingresses"
+    assert main(["restore", "--data-dir", str(data)]) == 1  # no lastgood.json: nothing can be restored
+    assert "cannot read the last good versions" in capsys.readouterr().err
+    (data / "state").mkdir(parents=True)
+    (data / "state" / "lastgood.json").write_text("{damaged")
+    assert main(["restore", "--data-dir", str(data)]) == 1
+    from reconciler.model import GoodFile
+    good = {str(api): {"b.yaml": GoodFile(str(api / "b.yaml"), "d1", "name: b\n", 1.0),
+                       "team/c.yaml": GoodFile(str(api / "team/c.yaml"), "d2", "name: c\n", 1.0)},
+            "/elsewhere": {"x.yaml": GoodFile("/elsewhere/x.yaml", "d3", "name: x\n", 1.0)}}
+    StateStore(str(data / "state")).save_lastgood(good, {})
+    assert main(["restore", "--data-dir", str(data), "--dry-run"]) == 0
+    assert not api.exists() and "would write" in capsys.readouterr().out
+    assert main(["restore", "--data-dir", str(data)]) == 0
+    assert (api / "b.yaml").read_text() == "name: b\n" and (api / "team" / "c.yaml").read_text() == "name: c\n"
+    assert oct(api.stat().st_mode & 0o777) == "0o700" and oct((api / "b.yaml").stat().st_mode & 0o777) == "0o600"
+    assert not [p for p in data.iterdir() if ".restore." in p.name]  # the temp dir was renamed into place
+    (api / "b.yaml").write_text("name: b  # edited since\n")
+    (api / "team" / "c.yaml").unlink()
+    assert main(["restore", "--data-dir", str(data)]) == 0
+    assert (api / "b.yaml").read_text() == "name: b  # edited since\n"  # never overwritten
+    assert (api / "team" / "c.yaml").read_text() == "name: c\n"

@@ -139,7 +139,7 @@ def remove_stale_temp_files(directory: str, *, wall: Callable[[], float] = time.
         pid = int(m["pid"])
         old = now - st.st_mtime > STALE_TEMP_SECONDS
         if old or (pid != os.getpid() and not alive(pid)):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone meanwhile, or a read-only dir: not worth failing a start
                 os.unlink(path)
                 removed.append(name)
     return removed

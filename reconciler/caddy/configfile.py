@@ -5,12 +5,14 @@ A save that fails (a full disk, a read-only mount, a vanished directory) keeps t
 in memory: the file's retries run through :class:`reconciler.fsutil.StorageHealth`, and until one lands a
 restart of Caddy uses that body instead of the older file. A file that does not parse (damaged by hand,
 a restore gone wrong) is reported and marked *dirty*, so the next pass saves what Caddy runs even when
-the config itself did not change.
+the config itself did not change; so is a file that changed on disk since this process last wrote or
+read it (a stat per pass tells).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +39,8 @@ class ConfigFile:
         self._lock = threading.Lock()
         self._pending: bytes | None = None
         self._dirty = False
+        #: stat signature of the file as this process last wrote or read it (None: not known yet)
+        self._signature: tuple[int, ...] | None = None
 
     def save(self, body: bytes) -> None:
         """Write ``body`` atomically; raises :class:`StorageError` (the body is kept for restarts, and the
@@ -44,10 +48,12 @@ class ConfigFile:
         with self._lock:
             self._pending = body
         atomic_write(self.path, body, health=self.health, make_dir=True)  # the dir is ours: made again
+        signature = _signature(self.path)
         with self._lock:
             if self._pending is body:
                 self._pending = None
             self._dirty = False
+            self._signature = signature
 
     def mark_dirty(self) -> None:
         """The file is known not to hold what Caddy runs: the next pass saves even an unchanged config."""
@@ -59,7 +65,15 @@ class ConfigFile:
         file): the pass then saves it again."""
         with self._lock:
             dirty = self._dirty or self._pending is not None
-        return not dirty and not (self.health is not None and self.health.failing(self.path))
+            known = self._signature
+        if dirty or (self.health is not None and self.health.failing(self.path)):
+            return False
+        if known is not None and _signature(self.path) != known:
+            self._log("caddy.config_changed_on_disk", file=self.path,
+                      message="not what this process wrote: it is written again")
+            self.mark_dirty()
+            return False
+        return True
 
     def unsaved(self) -> bytes | None:
         """The last body whose save has not landed yet (None when the file is up to date)."""
@@ -74,6 +88,7 @@ class ConfigFile:
         marked dirty)."""
         try:
             with open(self.path, "rb") as fh:
+                signature = _stat_signature(os.fstat(fh.fileno()))
                 raw = fh.read()
         except FileNotFoundError:
             return None
@@ -91,7 +106,14 @@ class ConfigFile:
             self._log("caddy.config_corrupt", file=self.path, error=problem, size=len(raw))
             self.mark_dirty()
             return None
+        with self._lock:
+            self._signature = signature
         return config
+
+    def check(self) -> None:
+        """Read the file once (say, after adopting a running Caddy) so that damage is reported and repaired
+        by the next pass, and later changes on disk are noticed."""
+        self.read()
 
     def startup_body(self, admin: dict[str, Any],
                      memory: Callable[[], dict[str, Any] | None] | None = None) -> tuple[bytes, str]:
@@ -115,3 +137,14 @@ class ConfigFile:
 
 def _with_admin_config(config: dict[str, Any], admin: dict[str, Any]) -> bytes:
     return encode({**config, "admin": admin})
+
+
+def _stat_signature(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def _signature(path: str) -> tuple[int, ...] | None:
+    try:
+        return _stat_signature(os.stat(path))
+    except OSError:
+        return None

@@ -28,9 +28,9 @@ from typing import Any
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import binaries_root, install_binary
 from reconciler.caddy.configfile import FROM_BOOTSTRAP, ConfigFile, encode
-from reconciler.errors import CaddyAdminInUse, CaddyError, CaddyUnavailable, StorageError
+from reconciler.errors import CaddyAdminInUse, CaddyError, CaddyExited, CaddyUnavailable, StorageError
 from reconciler.fsutil import StorageHealth, atomic_write
-from reconciler.render import admin_block
+from reconciler.render import admin_block, scrub
 from reconciler.settings import Settings
 
 
@@ -54,6 +54,46 @@ def process_exe(pid: int) -> str | None:
         return os.path.realpath(f"/proc/{pid}/exe", strict=True)
     except OSError:
         return None
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (empty when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return {}
+    pairs = (item.decode("utf-8", "replace").partition("=") for item in raw.split(b"\0") if item)
+    return {k: v for k, _, v in pairs}
+
+
+def listener_pid(port: int) -> int | None:
+    """A process listening on TCP ``port``, any address (Linux ``/proc``; None when none or unknown)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as fh:
+                next(fh, None)
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])  # LISTEN sockets on the port (any address: ours is bound once)
+        except (OSError, ValueError):
+            continue
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") in targets:
+                        return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 class CaddySupervisor:
@@ -149,12 +189,17 @@ class CaddySupervisor:
             self._log("caddy.pid_file_failed", file=self.pid_path, pid=pid, error=exc.reason)
 
     def _ours(self, pid: int) -> bool:
+        """``pid`` is the Caddy of this data dir: it runs the binary installed under it, or it runs another
+        binary (the source, when the copy could not be made) with this data dir's ``XDG_DATA_HOME``."""
         exe = process_exe(pid)
         if exe is None:
             return False
         root = os.path.realpath(binaries_root(self.settings.data_dir))
+        if exe.startswith(root + os.sep):
+            return True
         known = {os.path.realpath(self.binary)} | ({os.path.realpath(self.source)} if self.source else set())
-        return exe.startswith(root + os.sep) or exe in known
+        return exe in known and process_env(pid).get("XDG_DATA_HOME") == os.path.join(self.settings.caddy_dir,
+                                                                                      "data")
 
     def _binary_ready(self) -> None:
         """The installed copy is there (a removed data dir takes it along): else install it again from its
@@ -204,14 +249,17 @@ class CaddySupervisor:
         """Adopt or start Caddy. Returns True when a new process was started. ``memory``: the config this
         reconciler last applied (a start uses it when config.json is behind or damaged)."""
         self.prepare_dirs()
-        pid = self._read_pid()
-        if pid is not None and pid_alive(pid) and self._ours(pid):
-            if self._wait_admin(pid, deadline=time.monotonic() + 5.0):
+        pid = self._adoptable()
+        if pid is not None:
+            # as long as a start may take: a Caddy busy with a long /load answers its admin API late
+            if self._wait_admin(pid, deadline=time.monotonic() + self.ready_timeout):
                 self.pid, self._popen, self.adopted = pid, None, True
                 self.answered, self.started_at = True, time.monotonic()
                 self._log("caddy.adopted", pid=pid)
                 return False
-            self._log("caddy.unresponsive", pid=pid)
+            if self.cancel.is_set():  # stopping: a Caddy we could not look at is left alone
+                raise CaddyUnavailable(f"adopting Caddy (pid {pid}) abandoned: the reconciler is stopping")
+            self._log("caddy.unresponsive", pid=pid, waited_s=self.ready_timeout)
             self._kill(pid)
         if self._admin_in_use():
             raise CaddyAdminInUse(f"another process already listens on Caddy's admin address "
@@ -219,6 +267,19 @@ class CaddySupervisor:
                                   f"refusing to start a second Caddy: stop it or set CADDY_ADMIN_PORT")
         self.start(memory)
         return True
+
+    def _adoptable(self) -> int | None:
+        """The running Caddy of this data dir: the one ``caddy.pid`` names, else -- the PID file could not be
+        written (a full disk) or was lost -- the process listening on the admin address, if it is ours."""
+        pid = self._read_pid()
+        if pid is not None and pid_alive(pid) and self._ours(pid):
+            return pid
+        holder = listener_pid(self.settings.admin_port)
+        if holder is not None and pid_alive(holder) and self._ours(holder):
+            self._log("caddy.found_by_admin_port", pid=holder, pid_file=self.pid_path, recorded=pid)
+            self._write_pid(holder)
+            return holder
+        return None
 
     def _admin_in_use(self) -> bool:
         """True when anything accepts connections on the admin address. Not only a Caddy answering 2xx:
@@ -238,7 +299,7 @@ class CaddySupervisor:
         try:
             self._spawn(body, origin)
         except CaddyUnavailable as exc:
-            if origin == FROM_BOOTSTRAP:
+            if origin == FROM_BOOTSTRAP or self.cancel.is_set():
                 raise
             # The last applied config no longer starts: come up with the admin API only and let the
             # next pass load the current desired config (config.json keeps the last good one).
@@ -282,7 +343,9 @@ class CaddySupervisor:
                            f"{self.ready_timeout:g}s (killed)")
             else:
                 problem = (f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}")
-                problem += " before its admin API answered"
+                self.pid, self._popen = None, None
+                raise CaddyExited(f"Caddy (pid {popen.pid}) {problem} before its admin API answered: "
+                                  f"{tail or 'no log output'}")
             self.pid, self._popen = None, None
             raise CaddyUnavailable(f"Caddy (pid {popen.pid}) {problem}: {tail or 'no log output'}")
         self.answered, self.started_at = True, time.monotonic()
@@ -302,6 +365,7 @@ class CaddySupervisor:
         return False
 
     def log_tail(self, lines: int = 5) -> str:
+        """The last lines of Caddy's log, secrets scrubbed (Caddy may quote the config it was given)."""
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(0, os.SEEK_END)
@@ -309,7 +373,7 @@ class CaddySupervisor:
                 text = fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return scrub(" | ".join(text.strip().splitlines()[-lines:]), self.settings.tls.secrets)
 
     def _kill(self, pid: int, grace: float = 5.0) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -101,6 +102,8 @@ class Daemon:
         self._reports_may_run.set()
         self._prefetched: tuple[Inputs, float] | None = None
         self._storage_failed = False
+        #: the last pass, when it raised (a pass that did not: None)
+        self._crash: PassResult | None = None
         #: signals received, logged by the loop (a signal handler must not log: it could deadlock)
         self._signals: list[int] = []
 
@@ -122,7 +125,7 @@ class Daemon:
         elif signum in RESYNC_SIGNALS:
             self.triggers.notify_from_signal("sighup")
         else:
-            self.triggers.notify_from_signal("signal")
+            self.triggers.wake_from_signal()  # only to log it: no pass, no timer disturbed
 
     def _log_signals(self) -> None:
         while self._signals:
@@ -148,16 +151,13 @@ class Daemon:
         thread), the Caddy binary and Caddy's keeper (which starts Caddy on its own thread); then
         ``meanwhile`` (say, starting the API) while the first read and Caddy's start may still run."""
         s = self.settings
-        try:
-            api_dir_ready(s)
-        except OSError as exc:  # a read-only or full data dir: the API source is reported unavailable
-            log.error("api.dir_unavailable", dir=s.api_dir, error=exc.strerror or str(exc))
         self.reconciler = Reconciler(settings=s, client=self.client,
                                      store=StateStore(s.state_dir, health=self.storage),
                                      validate=self._validate_config, config_file=self.config_file,
                                      health=self._health, generation=self._generation,
                                      certs=self._certificates, defer=self._report,
                                      on_load=self._reports_may_run.set)
+        self._api_dir_ready()
         # the parse helper is a copy of this process: forked now, before the first thread starts
         if threading.active_count() == 1:
             fork_helper(self.reconciler.manifests, self.reconciler.instances)
@@ -197,6 +197,27 @@ class Daemon:
                         message="the loop starts now; Caddy is converged once it answers")
         if self.keeper.first_error is not None:
             raise self.keeper.first_error
+
+    def _api_dir_ready(self) -> None:
+        """Make the API-owned dir on a fresh data dir -- but never in place of one that was lost: when the
+        last good state still holds files of it, an empty new dir would make the loop drop them. It stays
+        missing then (its ingresses serve from their last good versions, API writes are refused) until
+        the operator restores it (``hypeman-ingress restore``) or creates it empty on purpose."""
+        assert self.reconciler is not None
+        s = self.settings
+        if os.path.isdir(s.api_dir):
+            return
+        kept = self.reconciler.good_snapshot[0].get(s.api_dir, {})
+        if kept:
+            log.error("api.dir_missing", dir=s.api_dir, ingress_files=len(kept),
+                      message="its ingresses keep serving from their last good versions and API writes are "
+                              "refused; restore it with `hypeman-ingress restore` (or create it empty to drop "
+                              "them)")
+            return
+        try:
+            api_dir_ready(s)
+        except OSError as exc:  # a read-only or full data dir: the API source is reported unavailable
+            log.error("api.dir_unavailable", dir=s.api_dir, error=exc.strerror or str(exc))
 
     def _prefetch(self) -> None:
         assert self.reconciler is not None
@@ -272,7 +293,10 @@ class Daemon:
         try:
             while not self.triggers.stopped:
                 reason = self.triggers.wait(timeout=self.health_interval)
-                self._tick()
+                try:
+                    self._tick()
+                except Exception as exc:  # bookkeeping only: never worth ending the loop
+                    self._log_safely("daemon.tick_failed", error=f"{type(exc).__name__}: {exc}")
                 if reason is None or self.triggers.stopped:
                     continue
                 self._turn(reason)
@@ -297,12 +321,6 @@ class Daemon:
         """One pass for the burst ``reason`` and its bookkeeping."""
         assert self.reconciler is not None and self.watcher is not None
         serving = self.triggers.bursts  # only this thread takes bursts: stable until the next wait
-        reason = "+".join(r for r in reason.split("+") if r != "signal")
-        if not reason:  # a stray signal only woke the loop to log it
-            with self._pass_cond:
-                self._served = serving
-                self._pass_cond.notify_all()
-            return
         changed = self.triggers.take_paths()
         burst = self.triggers.burst_started
         self._pass_generation = self._generation()
@@ -345,16 +363,23 @@ class Daemon:
         self.triggers.retry_in(retry_in)
         error = f"internal error: {type(exc).__name__}: {exc}"
         result = PassResult(trigger, "-", FAILED, 0.0, error=error, started_at=time.time())
+        self._crash = result
         self.passes.append(result)
         del self.passes[:-100]
         self.metrics.observe_pass(result, converged=False, problems=0, wall=time.time())
-        log.error("reconcile.crashed", trigger=trigger, error=error, retry_in=round(retry_in, 2),
-                  traceback=traceback.format_exception(exc, limit=-20))
+        self._log_safely("reconcile.crashed", trigger=trigger, error=error, retry_in=round(retry_in, 2),
+                         traceback=traceback.format_exception(exc, limit=-20))
+
+    @staticmethod
+    def _log_safely(event: str, **fields: Any) -> None:
+        with contextlib.suppress(Exception):  # (stderr itself may be what fails)
+            log.error(event, **fields)
 
     def _record(self, result: PassResult, queued: float | None = None) -> None:
         """What the loop needs of a pass at once (status for the API, retries, readiness); its log lines
         and metrics go to the report thread, after the pass's state files (same order as they happened)."""
         assert self.reconciler is not None
+        self._crash = None
         statuses = self.reconciler.statuses
         self._status_index = {st.name: st for st in statuses}
         self.passes.append(result)
@@ -449,7 +474,10 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         if self.reconciler is None:
             return {}
-        return {**self.reconciler.status_document(), **self._health()}
+        doc = {**self.reconciler.status_document(), **self._health()}
+        if self._crash is not None:
+            doc["last_error"] = self._crash.error
+        return doc
 
     def ready(self) -> tuple[bool, str]:
         ok, why = self._readiness()
@@ -466,6 +494,8 @@ class Daemon:
         problem = keeper.problem()
         if problem is not None:
             return False, problem
+        if self._crash is not None:
+            return False, f"last pass failed: {self._crash.error}"
         last = self.reconciler.last if self.reconciler is not None else None
         if last is None:
             return False, "no reconcile pass yet"

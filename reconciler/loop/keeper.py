@@ -4,9 +4,9 @@ The keeper starts (or adopts) Caddy, notices when it dies and starts it again, a
 knows for status, readiness and metrics:
 
 * A Caddy that ran for ``stable_after`` seconds and then died is restarted at once. One that died sooner
-  (or never answered on its admin API) counts as a *failure*: restarts then wait with capped exponential
-  backoff, and the count holds until a Caddy has stayed up ``stable_after`` seconds. Two such quick deaths
-  in a row make it *flapping*, which status and ``/readyz`` say.
+  (or exited before its admin API answered) counts as a *failure*: restarts then wait with capped
+  exponential backoff, and the count holds until a Caddy has stayed up ``stable_after`` seconds. Two such
+  quick deaths in a row make it *flapping*, which status and ``/readyz`` say.
 * Any error of a start -- a hung start, a binary that is gone, a full or read-only disk -- is logged and
   retried with backoff; nothing a start raises ends the thread.
 * ``generation`` counts start attempts: a pass that converged Caddy counts for readiness only while the
@@ -23,14 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 from reconciler.caddy.supervisor import CaddySupervisor
-from reconciler.errors import CaddyAdminInUse
+from reconciler.errors import CaddyAdminInUse, CaddyExited
 
 STARTING = "starting"
 RUNNING = "running"
 DOWN = "down"
 UNRESPONSIVE = "unresponsive"  # the process lives, its admin API does not answer
 
-#: consecutive failures (quick deaths or failed starts) that make Caddy "flapping"
+#: consecutive quick deaths (died soon after its start, or exited before answering) that make it "flapping"
 FLAPPING_AFTER = 2
 
 
@@ -97,6 +97,11 @@ class CaddyKeeper:
     def _run(self) -> None:
         try:
             self._attempt(first=True)
+        except Exception as exc:  # (logging itself failed): the ticks below go on trying
+            with self._lock:
+                self._first_finished = True
+                self._set_phase(DOWN, self._clock())
+                self.last_error = f"{type(exc).__name__}: {exc}"
         finally:
             self._first_done.set()
         while not self._stop.wait(self.interval):
@@ -148,11 +153,13 @@ class CaddyKeeper:
             self.generation += 1
             self._set_phase(STARTING, self._clock())
         try:
-            sup.ensure_running(self._memory)
+            started = sup.ensure_running(self._memory)
         except Exception as exc:  # a hung or failing start, a missing binary, a full disk: retried
             now = self._clock()
             with self._lock:
                 self.failures += 1
+                if isinstance(exc, CaddyExited):  # a crash at start counts like a death soon after it
+                    self.quick_deaths += 1
                 self.last_error = str(exc)
                 delay = backoff(self.failures, rng=self._rng)
                 self._retry_at = now + delay
@@ -162,8 +169,10 @@ class CaddyKeeper:
                     if isinstance(exc, CaddyAdminInUse):
                         self.first_error = exc
             self._log("caddy.start_failed" if first else "caddy.restart_failed", error=str(exc),
-                      failures=self.failures, retry_in=round(delay, 2))
+                      failures=self.failures, flapping=self.flapping, retry_in=round(delay, 2))
             return
+        if not started:  # adopted: a config.json damaged meanwhile is noticed (and repaired by a pass)
+            sup.config.check()
         with self._lock:
             self._set_phase(RUNNING, self._clock())
             if first:

@@ -56,6 +56,7 @@ class Triggers:
         self._stopped = False
         #: reasons raised by signal handlers, not yet merged (appended without the lock)
         self._signalled: list[str] = []
+        self._woken = False
         self._resync_at = self._clock() + self._next_resync()
 
     def _next_resync(self) -> float:
@@ -86,6 +87,11 @@ class Triggers:
     def notify_from_signal(self, reason: str) -> None:
         """:meth:`notify` (immediate, no path) for a signal handler: takes no lock that could be held."""
         self._signalled.append(reason)
+        self._wake()
+
+    def wake_from_signal(self) -> None:
+        """Make :meth:`wait` return None soon (no pass: the loop only looks at what the handler noted)."""
+        self._woken = True
         self._wake()
 
     def stop_from_signal(self) -> None:
@@ -137,6 +143,9 @@ class Triggers:
             give_up = None if timeout is None else self._clock() + timeout
             while not self._stopped:
                 self._merge_signalled()
+                if self._woken:
+                    self._woken = False
+                    return None
                 now = self._clock()
                 if self._reasons:
                     small = self._paths is not None and len(self._paths) <= self.quick_paths

@@ -12,11 +12,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from reconciler.fsutil import StorageHealth, atomic_write
+from reconciler.fsutil import StorageHealth, atomic_write, storage_error
 from reconciler.model import GoodFile
 
 LASTGOOD = "lastgood.json"
@@ -228,3 +229,40 @@ class StateStore:
         # not fsync'ed: rewritten at every pass, and a lost one is rebuilt by the next
         atomic_write(os.path.join(self.dir, STATUS), chunks, durable=False, health=self.health,
                      make_dir=True)
+
+
+def restore_files(directory: str, texts: dict[str, str], *, owner_of: str | None = None) -> list[str]:
+    """Write ``texts`` (relative path -> content) into ``directory``, mode 0600 (dirs 0700), owned like
+    ``owner_of`` when run as root. When ``directory`` is missing the files are written into a sibling temp
+    dir first, which is then renamed into place: a reader sees no dir or all of it, never a part (a
+    reconcile pass would take a part for the whole). Raises :class:`StorageError`; returns the paths."""
+    owner = None
+    if owner_of is not None and os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            st = os.stat(owner_of)
+            owner = (st.st_uid, st.st_gid)
+    fresh = not os.path.isdir(directory)
+    target = f"{directory}.restore.{os.getpid()}" if fresh else directory
+    written: list[str] = []
+    try:
+        for rel, text in sorted(texts.items()):
+            path = os.path.join(target, *rel.split("/"))
+            atomic_write(path, text.encode(), 0o600, make_dir=True)
+            written.append(os.path.join(directory, *rel.split("/")))
+        if owner is not None:
+            for root, dirs, files in os.walk(target):
+                for name in (*dirs, *files):
+                    with contextlib.suppress(OSError):
+                        os.chown(os.path.join(root, name), *owner)
+            with contextlib.suppress(OSError):
+                os.chown(target, *owner)
+        if fresh:
+            try:
+                os.rename(target, directory)
+            except OSError as exc:
+                raise storage_error(directory, exc) from exc
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return written
