@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="per-ingress state, revisions and Caddy state of the daemon",
                        description="Show every ingress (hosts, targets, ready, reason, source), the last applied "
-                                   "and attempted revisions, Caddy's state and source health. Exit 0 when every "
-                                   "ingress is ready, 1 otherwise.")
+                                   "and attempted revisions, Caddy's state, source health and files under the data "
+                                   "dir that cannot be written. Exit 0 when every ingress is ready, the last pass had "
+                                   "no error and every file is written, 1 otherwise.")
     _common(p, instances=False)
     _api(p)
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
