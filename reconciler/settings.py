@@ -88,7 +88,8 @@ class TLSSettings:
     dns_propagation_timeout: str | None = None
     dns_propagation_delay: str | None = None
     dns_resolvers: tuple[str, ...] = ()
-    allowed_domains: tuple[str, ...] | None = None  # None = any hostname may use TLS
+    #: None (TLS_ALLOWED_DOMAINS unset) = any hostname may use TLS; () (set but empty) = none may
+    allowed_domains: tuple[str, ...] | None = None
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -131,7 +132,8 @@ class TLSSettings:
             if value is not None and value != "-1" and not _DURATION.match(value):
                 raise ConfigError(f"{key}={value!r} is not a duration (e.g. 2m, 30s)")
         ca_root = get("ACME_CA_ROOT")
-        domains = get("TLS_ALLOWED_DOMAINS")
+        # unset: any hostname may use TLS; set, even to nothing: only those listed (none when empty)
+        domains = env.get("TLS_ALLOWED_DOMAINS")
         return cls(
             issuer=issuer, acme_email=email, acme_ca=get("ACME_CA"),
             acme_ca_root=ca_root, challenges=challenges,
@@ -141,12 +143,14 @@ class TLSSettings:
             dns_propagation_timeout=get("ACME_DNS_PROPAGATION_TIMEOUT"),
             dns_propagation_delay=get("ACME_DNS_PROPAGATION_DELAY"),
             dns_resolvers=tuple(r.strip() for r in (get("ACME_DNS_RESOLVERS") or "").split(",") if r.strip()),
-            allowed_domains=tuple(d.strip().lower() for d in domains.split(",") if d.strip()) if domains else None,
+            allowed_domains=(tuple(d.strip().lower() for d in domains.split(",") if d.strip())
+                             if domains is not None else None),
         )
 
 
 def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
-    """``TLS_ALLOWED_DOMAINS``: exact names, ``*.example.com`` = exactly one label, ``*`` = any."""
+    """``TLS_ALLOWED_DOMAINS``: exact names, ``*.example.com`` = exactly one label, ``*`` = any; unset
+    (None) allows every hostname, set but empty allows none (as hypeman)."""
     if patterns is None:
         return True
     for pattern in patterns:

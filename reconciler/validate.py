@@ -83,8 +83,9 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "redirect_http")),
                                      f"{where}.redirect_http: requires tls: true", ingress=name))
             continue
-        # int(): JSON Schema counts 8080.0 as an integer; Caddy would get "8080.0" in listen/dial.
-        port = int(raw["match"].get("port", 443 if tls else 80))
+        # int(): JSON Schema counts 8080.0 as an integer; Caddy would get "8080.0" in listen/dial. An explicit
+        # 0 means the default port, as in hypeman.
+        port = int(raw["match"].get("port") or (443 if tls else 80))
         key = (hostname, port)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -173,8 +174,10 @@ def _tls_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
             return (Reason.TLS_NOT_CONFIGURED, f"{where}: tls: true needs a certificate issuer; set ACME_EMAIL "
                     "(ACME, with ACME_CA for a staging or private CA) or TLS_ISSUER=internal (Caddy's local CA)")
         if r.tls and not domain_allowed(r.hostname, tls.allowed_domains):
+            allowed = ",".join(tls.allowed_domains or ())
             return (Reason.DOMAIN_NOT_ALLOWED, f"{where}: hostname {r.hostname!r} may not use TLS "
-                    f"(TLS_ALLOWED_DOMAINS={','.join(tls.allowed_domains or ())})")
+                    + (f"(TLS_ALLOWED_DOMAINS={allowed})" if allowed else
+                       "(TLS_ALLOWED_DOMAINS is set but empty: no hostname may use TLS)"))
         if r.tls and r.port == settings.http_port:
             return (Reason.INVALID_MANIFEST, f"{where}: port {r.port} is the plain HTTP port (CADDY_HTTP_PORT); "
                     "TLS rules need another port (443 by default)")

@@ -84,7 +84,10 @@ UNREACHABLE_CA = "https://127.0.0.1:1/dir"  # an ACME CA nobody answers: Caddy f
 
 
 def tls_env(**values: object) -> dict[str, str]:
-    return {**{k: "" for k in TLS_ENV_KEYS}, **{k: str(v) for k, v in values.items()}}
+    """Every TLS variable blank (unset, for the reader), but TLS_ALLOWED_DOMAINS: set to "" it would allow no
+    domain at all, so it is left out unless given (the caller's own is removed by :func:`run_cli`)."""
+    blank = {k: "" for k in TLS_ENV_KEYS if k != "TLS_ALLOWED_DOMAINS"}
+    return {**blank, **{k: str(v) for k, v in values.items()}}
 
 
 CLOUDFLARE_ENV = {"ACME_EMAIL": "ops@example.com", "ACME_CA": "https://acme-staging-v02.api.letsencrypt.org/directory",

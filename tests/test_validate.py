@@ -209,7 +209,7 @@ def test_unknown_rule_field() -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "line"), [
-    ("match", 0, 3), ("match", 70000, 3), ("match", -1, 3), ("target", 0, 4), ("target", 65536, 4),
+    ("match", 70000, 3), ("match", -1, 3), ("target", 0, 4), ("target", 65536, 4),
 ])
 def test_port_out_of_range(field: str, value: int, line: int) -> None:
     r = rule("a.example.com", 80)
@@ -218,6 +218,11 @@ def test_port_out_of_range(field: str, value: int, line: int) -> None:
     assert p.message.startswith(f"rules[0].{field}.port: {value} ")
     assert ("minimum" in p.message) if value < 1 else ("maximum" in p.message)
     assert p.line == line
+
+
+def test_match_port_zero_is_the_default_port() -> None:
+    """As in hypeman: an explicit 0 means the default (80, or 443 with tls); the target port has none."""
+    assert ok(manifest("x", rule("a.example.com", 0))).rules[0].port == 80
 
 
 @pytest.mark.parametrize("port", [1, 65535])
@@ -273,7 +278,7 @@ def test_missing_nested_fields() -> None:
 
 
 def test_problems_are_sorted_by_line() -> None:
-    problems = bad("name: X\nrules:\n  - match: {hostname: a.b, port: 0}\n    target: {instance: v, port: 0}\n"
+    problems = bad("name: X\nrules:\n  - match: {hostname: a.b, port: -1}\n    target: {instance: v, port: 0}\n"
                    "extra: 1\n")
     assert [p.line for p in problems] == sorted(p.line or 0 for p in problems)
     assert len(problems) == 4

@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from reconciler.api.openapi import openapi_document
 from reconciler.api.writer import ApiError, Found, ManifestWriter, check_ref, ingress_body
+from reconciler.model import Reason
 
 log = structlog.get_logger("hypeman.ingress.api")
 
@@ -46,6 +47,11 @@ class Backend(Protocol):
     def ready(self) -> tuple[bool, str]: ...
 
     def metrics_text(self) -> bytes: ...
+
+
+#: the reasons of an ingress whose routes are in Caddy
+ROUTED = frozenset({Reason.APPLIED, Reason.INSTANCE_NOT_FOUND, Reason.INSTANCE_NOT_RUNNING,
+                    Reason.CERTIFICATE_PENDING, Reason.CERTIFICATE_FAILING})
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -143,9 +149,14 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         # the loop will converge: never a hang, never a 201 that is not live yet)
         done = await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
         found = Found(ingress, False, ingress.origin.file)
-        if not done:
-            log.warning("api.not_live_yet", ingress=ingress.name, operation="create", wait=wait)
-        return JSONResponse(with_status(found), status_code=201 if done else 202)
+        answer = with_status(found)
+        # 201 means live: its routes are in Caddy (answering, or 503 for a stopped instance, or waiting for
+        # a certificate); a pass that left it out (Caddy refused its port, say) answers 202 with why
+        live = done and answer["status"]["reason"] in ROUTED
+        if not live:
+            log.warning("api.not_live_yet", ingress=ingress.name, operation="create", wait=wait,
+                        reason=answer["status"]["reason"])
+        return JSONResponse(answer, status_code=201 if live else 202)
 
     @handle
     async def delete_ingress(request: Request) -> Response:

@@ -61,7 +61,7 @@ _CODES = {
     Reason.NAME_CONFLICT: (409, "already_exists"),
     Reason.PORT_CONFLICT: (409, "port_conflict"),
     Reason.DOMAIN_NOT_ALLOWED: (400, "domain_not_allowed"),
-    Reason.TLS_NOT_CONFIGURED: (400, "config_validation_failed"),
+    Reason.TLS_NOT_CONFIGURED: (400, "bad_request"),  # as hypeman; config_validation_failed: Caddy refuses
 }
 
 
@@ -220,12 +220,13 @@ class ManifestWriter:
         return self._find(ref, sources, manifests.items)
 
     def _find(self, ref: str, sources: list[Source], items: list[Ingress]) -> Found:
-        by_name = [i for i in items if i.name == ref]
-        if by_name:
-            return self._found(by_name[0], sources)
+        """Exact id, then exact name, then a unique id prefix (hypeman's order)."""
         by_id = [i for i in items if i.id == ref]
         if by_id:
             return self._found(by_id[0], sources)
+        by_name = [i for i in items if i.name == ref]
+        if by_name:
+            return self._found(by_name[0], sources)
         prefixed = {i.id: i for i in items if i.id.startswith(ref)}
         if len(prefixed) == 1:
             return self._found(next(iter(prefixed.values())), sources)
