@@ -6,6 +6,7 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from reconciler.parse import ParsedDocument
@@ -38,8 +39,8 @@ def derive_ingress_id(name: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class Reason:
-    """Machine reasons used in problems and status (DESIGN §2 "Status")."""
+class Reason(StrEnum):
+    """Machine reasons of problems and ingress statuses (a ``str``: compared with and written as text)."""
 
     APPLIED = "Applied"
     PENDING = "Pending"
@@ -57,6 +58,15 @@ class Reason:
     INVALID_INSTANCE = "InvalidInstance"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
     STALE = "Stale"
+
+
+class CertificateState(StrEnum):
+    """The state of a TLS hostname's certificate (see :mod:`reconciler.caddy.certs`)."""
+
+    PENDING = "pending"
+    ISSUED = "issued"
+    FAILING = "failing"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from reconciler.model import Desired, Problem, Reason, ResolvedIngress, Unavailable
+from reconciler.model import CertificateState, Desired, Problem, Reason, ResolvedIngress, Unavailable
 
 #: every ``reason`` an ingress status can carry (README "Revisions and status"; the OpenAPI
 #: ``IngressReason`` enum lists exactly these)
@@ -67,15 +67,16 @@ def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, lis
         if not hosts:
             out.append(st)
             continue
-        mine = {h: certs.get(h, {"state": "pending"}) for h in hosts}
+        mine = {h: certs.get(h, {"state": CertificateState.PENDING}) for h in hosts}
         st = replace(st, certificates=mine)
         if st.reason == Reason.APPLIED:
-            broken = [(h, c) for h, c in mine.items() if c.get("state") in ("failing", "expired")]
-            pending = [h for h, c in mine.items() if c.get("state") == "pending"]
-            renewing = [(h, c) for h, c in mine.items() if c.get("state") == "issued" and c.get("error")]
+            broken = [(h, c) for h, c in mine.items()
+                      if c.get("state") in (CertificateState.FAILING, CertificateState.EXPIRED)]
+            pending = [h for h, c in mine.items() if c.get("state") == CertificateState.PENDING]
+            renewing = [(h, c) for h, c in mine.items() if c.get("state") == CertificateState.ISSUED and c.get("error")]
             if broken:
                 h, c = broken[0]
-                if c.get("state") == "expired":
+                if c.get("state") == CertificateState.EXPIRED:
                     why = f": {c.get('error')}" if c.get("error") else " (no renewal failure logged yet)"
                     message = f"routes are live but the certificate for {h} expired at {c.get('not_after')}{why}"
                 else:

@@ -56,7 +56,7 @@ _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
 STALE_TEMP_SECONDS = 60.0
 
 
-_CODES = {
+_CODES: dict[str, tuple[int, str]] = {
     Reason.HOSTNAME_CONFLICT: (409, "hostname_in_use"),
     Reason.NAME_CONFLICT: (409, "already_exists"),
     Reason.PORT_CONFLICT: (409, "port_conflict"),

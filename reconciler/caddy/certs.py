@@ -33,12 +33,13 @@ from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
+from reconciler.model import CertificateState
 from reconciler.settings import TLSSettings
 
-ISSUED = "issued"
-EXPIRED = "expired"
-PENDING = "pending"
-FAILING = "failing"
+ISSUED = CertificateState.ISSUED
+EXPIRED = CertificateState.EXPIRED
+PENDING = CertificateState.PENDING
+FAILING = CertificateState.FAILING
 
 
 @dataclass(frozen=True, slots=True)
