@@ -60,14 +60,14 @@ def bench_pipeline(n: int, repeats: int) -> list[Figure]:
                 gc.collect()
                 reconciler = Reconciler(settings=settings, client=AdminClient("http://127.0.0.1:9"),
                                         include_api=False)
-                readers = (reconciler.manifests, reconciler.instances)
+                readers = (reconciler.reader.manifests, reconciler.reader.instances)
                 if helped:
                     fork_helper(*readers)  # at daemon start, before any thread: not part of the pass
                 gc.disable()
                 try:
                     c0 = time.process_time()
                     t0 = time.perf_counter()
-                    inputs = reconciler.read_inputs()
+                    inputs = reconciler.reader.read()
                     t1 = time.perf_counter()
                     body = ConfigEncoder()(reconciler.render(inputs.desired))
                     t2 = time.perf_counter()

@@ -440,40 +440,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from reconciler.loop.daemon import Daemon
+    from reconciler.app import Daemon
 
     daemon = Daemon(settings)
-    daemon.install_signal_handlers()
-    servers: list[Any] = []
-
-    def start_api() -> None:
-        """Imported, built and started while the first read runs (the parse helper takes up the slack)."""
-        from reconciler.api.app import create_app
-        from reconciler.api.server import ApiServer
-        from reconciler.api.writer import ManifestWriter
-
-        binary = daemon.binary
-        assert binary is not None and settings.api_listen
-        writer = ManifestWriter(settings, validate_config=lambda config: caddy_validate(binary, config),
-                                daemon_good=daemon.good_versions)
-        app = create_app(writer=writer, backend=daemon, token=settings.api_token, wait=settings.api_wait,
-                         max_body=settings.api_max_body)
-        server = ApiServer(app, settings.api_listen)
-        server.start()
-        servers.append(server)
-        structlog.get_logger("hypeman.ingress").info("api.listening", address=settings.api_listen,
-                                                      auth=bool(settings.api_token))
-
+    daemon.signals.install()
     try:
-        try:
-            daemon.setup(meanwhile=start_api if settings.api_listen else None)
-        except BaseException:  # the API address is unusable, another server holds Caddy's admin port...
-            daemon.shutdown()
-            raise
-        return daemon.loop()
-    finally:
-        for server in servers:
-            server.stop()
+        daemon.setup()
+    except BaseException:  # the API address is unusable, another server holds Caddy's admin port...
+        daemon.shutdown()
+        raise
+    return daemon.run()
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "render": cmd_render, "diff": cmd_diff,

@@ -170,3 +170,103 @@ def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...
                                   file=first.file, line=first.line,
                                   problems=tuple(p.format() for p in problems))
     return [out[k] for k in sorted(out)]
+
+
+# -- the status document ------------------------------------------------------------------------------------
+
+#: passes kept in the status's ``history``
+HISTORY = 20
+
+
+@dataclass(frozen=True, slots=True)
+class PassRecord:
+    """One pass in the status's ``history`` (and its ``last_attempted``). Idle passes -- same trigger,
+    same revision, ``unchanged`` -- fold into one record with ``repeats`` and ``first_at``."""
+
+    at: float
+    trigger: str
+    revision: str
+    outcome: str
+    changes: int
+    duration_ms: float
+    error: str | None
+    repeats: int = 1
+    first_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"at": self.at, "trigger": self.trigger, "revision": self.revision,
+                               "outcome": self.outcome, "changes": self.changes, "duration_ms": self.duration_ms,
+                               "error": self.error}
+        if self.repeats > 1:
+            out["repeats"], out["first_at"] = self.repeats, self.first_at
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PassRecord | None:
+        """A record as a status file holds it; None when it is not one."""
+        try:
+            return cls(float(data["at"]), str(data["trigger"]), str(data["revision"]), str(data["outcome"]),
+                       int(data["changes"]), float(data["duration_ms"]), data.get("error"),
+                       int(data.get("repeats", 1)), data.get("first_at"))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+def fold(history: tuple[PassRecord, ...], record: PassRecord) -> tuple[tuple[PassRecord, ...], PassRecord]:
+    """``history`` with ``record`` added (folded into the last one when both are the same idle pass), and
+    the record as added; at most :data:`HISTORY` records are kept."""
+    last = history[-1] if history else None
+    if (last is not None and record.outcome == "unchanged" and last.outcome == "unchanged"
+            and last.revision == record.revision and last.trigger == record.trigger):
+        record = replace(record, repeats=last.repeats + 1, first_at=last.first_at if last.repeats > 1 else last.at)
+        return (*history[:-1], record), record
+    return (*history, record)[-HISTORY:], record
+
+
+@dataclass(frozen=True, slots=True)
+class StatusDocument:
+    """The daemon's status after a pass: ``status.json`` and ``GET /status`` (plus ``ingresses``, made on
+    request from the per-ingress statuses). Built by :func:`status_document`; :meth:`to_dict` is the JSON."""
+
+    attempted: PassRecord
+    last_applied: Mapping[str, Any] | None
+    commits: Mapping[str, str]
+    history: tuple[PassRecord, ...]
+    #: ``caddy`` and ``storage``: what the daemon knows of its own health
+    health: Mapping[str, Any]
+    sources: tuple[Mapping[str, Any], ...]
+    problems: tuple[Problem, ...]
+    certificates: Mapping[str, Any]
+    ingresses: int
+    ready: int
+
+    def to_dict(self) -> dict[str, Any]:
+        applied = self.last_applied
+        return {
+            "revision": {"last_attempted": self.attempted.revision,
+                         "last_applied": applied.get("revision") if applied else None, "commits": dict(self.commits)},
+            "last_attempted": {**self.attempted.to_dict(), "commits": dict(self.commits)},
+            "last_applied": dict(applied) if applied is not None else None,
+            "last_error": self.attempted.error,
+            "history": [r.to_dict() for r in self.history],
+            **self.health,
+            "sources": [dict(s) for s in self.sources],
+            "problems": [{"file": p.file, "line": p.line, "reason": p.reason, "ingress": p.ingress,
+                          "message": p.message} for p in self.problems],
+            "certificates": self.certificates,
+            "counts": {"ingresses": self.ingresses, "ready": self.ready},
+        }
+
+
+def status_document(record: PassRecord, *, applied: bool,
+                    previous: tuple[tuple[PassRecord, ...], Mapping[str, Any] | None],
+                    commits: Mapping[str, str], health: Mapping[str, Any],
+                    sources: tuple[Mapping[str, Any], ...], problems: tuple[Problem, ...],
+                    certificates: Mapping[str, Any], statuses: list[IngressStatus]) -> StatusDocument:
+    """The status document of a pass. ``previous``: the history and last applied record so far."""
+    history, last_applied = previous
+    history, record = fold(history, record)
+    if applied:
+        last_applied = {"revision": record.revision, "at": record.at, "commits": dict(commits)}
+    return StatusDocument(record, last_applied, commits, history, health, sources, problems, certificates,
+                          len(statuses), sum(s.ready for s in statuses))

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
-from reconciler.loop.triggers import Triggers
+from reconciler.loop.triggers import Burst, Triggers
 from reconciler.model import (
     Desired,
     GoodFile,
@@ -736,8 +736,19 @@ def triggers(clock: FakeClock, *, debounce: float = 0.125, debounce_max: float =
                     jitter=0.0, rng=random.Random(3), max_paths=max_paths, quick=quick, quick_paths=quick_paths)
 
 
+_LAST: dict[int, Burst] = {}
+
+
 def poll(t: Triggers) -> str | None:
-    return t.wait(timeout=0)
+    burst = t.wait(timeout=0)
+    if burst is None:
+        return None
+    _LAST[id(t)] = burst
+    return burst.name
+
+
+def paths(t: Triggers) -> frozenset[str] | None:
+    return _LAST[id(t)].paths
 
 
 def test_take_paths_is_the_burst_paths() -> None:
@@ -748,12 +759,12 @@ def test_take_paths_is_the_burst_paths() -> None:
     t.notify("watch", path="/m/a.yaml")
     clock.advance(0.03125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/a.yaml", "/m/b.yaml"})
+    assert paths(t) == frozenset({"/m/a.yaml", "/m/b.yaml"})
     # the next burst starts empty
     t.notify("watch", path="/m/c.yaml")
     clock.advance(0.03125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/c.yaml"})
+    assert paths(t) == frozenset({"/m/c.yaml"})
 
 
 def test_a_notify_without_path_means_a_full_read() -> None:
@@ -764,11 +775,11 @@ def test_a_notify_without_path_means_a_full_read() -> None:
     t.notify("watch", path="/m/b.yaml")
     clock.advance(0.125)
     assert poll(t) == "api+watch"
-    assert t.take_paths() is None
+    assert paths(t) is None
     t.notify("watch", path="/m/c.yaml")  # the next burst has paths again
     clock.advance(0.03125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/c.yaml"})
+    assert paths(t) == frozenset({"/m/c.yaml"})
 
 
 def test_burst_larger_than_max_paths_means_a_full_read() -> None:
@@ -778,12 +789,12 @@ def test_burst_larger_than_max_paths_means_a_full_read() -> None:
         t.notify("watch", path=f"/m/{i}.yaml")
     clock.advance(0.125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset(f"/m/{i}.yaml" for i in range(4))
+    assert paths(t) == frozenset(f"/m/{i}.yaml" for i in range(4))
     for i in range(5):
         t.notify("watch", path=f"/m/{i}.yaml")
     clock.advance(0.125)
     assert poll(t) == "watch"
-    assert t.take_paths() is None
+    assert paths(t) is None
 
 
 def test_repeated_path_at_max_paths_keeps_the_paths() -> None:
@@ -794,7 +805,7 @@ def test_repeated_path_at_max_paths_keeps_the_paths() -> None:
     t.notify("watch", path="/m/b.yaml")  # e.g. "modified" then "closed" of the same file
     clock.advance(0.125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/a.yaml", "/m/b.yaml"})
+    assert paths(t) == frozenset({"/m/a.yaml", "/m/b.yaml"})
 
 
 def test_resync_and_retry_take_no_paths() -> None:
@@ -803,18 +814,18 @@ def test_resync_and_retry_take_no_paths() -> None:
     t.notify("watch", path="/m/a.yaml")
     clock.advance(0.03125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/a.yaml"})
+    assert paths(t) == frozenset({"/m/a.yaml"})
     t.retry_in(2.0)
     clock.advance(2.0)
     assert poll(t) == "retry"
-    assert t.take_paths() is None
+    assert paths(t) is None
     t.notify("watch", path="/m/b.yaml")
     clock.advance(0.03125)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/b.yaml"})
+    assert paths(t) == frozenset({"/m/b.yaml"})
     clock.advance(30.0)
     assert poll(t) == "resync"
-    assert t.take_paths() is None
+    assert paths(t) is None
 
 
 def test_immediate_notify_with_a_path_keeps_it() -> None:
@@ -822,7 +833,7 @@ def test_immediate_notify_with_a_path_keeps_it() -> None:
     t = triggers(clock)
     t.notify("api", immediate=True, path="/data/ingresses/x.yaml")
     assert poll(t) == "api"
-    assert t.take_paths() == frozenset({"/data/ingresses/x.yaml"})
+    assert paths(t) == frozenset({"/data/ingresses/x.yaml"})
 
 
 def test_small_burst_is_due_after_the_quick_quiet_period() -> None:
@@ -834,7 +845,7 @@ def test_small_burst_is_due_after_the_quick_quiet_period() -> None:
     assert poll(t) is None
     clock.advance(1 / 1024)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset({"/m/a.yaml", "/m/b.yaml", "/m/c.yaml"})
+    assert paths(t) == frozenset({"/m/a.yaml", "/m/b.yaml", "/m/c.yaml"})
 
 
 def test_bigger_burst_waits_for_the_full_debounce() -> None:
@@ -848,7 +859,7 @@ def test_bigger_burst_waits_for_the_full_debounce() -> None:
     assert poll(t) is None
     clock.advance(1 / 1024)
     assert poll(t) == "watch"
-    assert t.take_paths() == frozenset(f"/m/{n}.yaml" for n in "abcd")
+    assert paths(t) == frozenset(f"/m/{n}.yaml" for n in "abcd")
 
 
 def test_burst_growing_past_quick_paths_before_it_is_due_waits_for_the_debounce() -> None:
@@ -872,7 +883,7 @@ def test_pathless_burst_uses_the_full_debounce() -> None:
     assert poll(t) is None
     clock.advance(0.0625)
     assert poll(t) == "watch"
-    assert t.take_paths() is None
+    assert paths(t) is None
 
 
 def test_quick_defaults_to_debounce_and_is_capped_by_it() -> None:
@@ -898,7 +909,7 @@ def test_max_wait_still_bounds_a_trickle_of_small_bursts() -> None:
             break
         clock.advance(1 / 32)
     assert fired_at == 16  # 16 * 1/32 s = debounce_max after the first event
-    assert t.take_paths() == frozenset({"/m/0.yaml", "/m/1.yaml"})
+    assert paths(t) == frozenset({"/m/0.yaml", "/m/1.yaml"})
 
 
 # =====================================================================================================

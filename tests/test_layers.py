@@ -19,7 +19,8 @@ RANKS = {
     "reconciler.sources": 4, "reconciler.caddy": 4, "reconciler.state": 4,
     "reconciler.loop": 5,
     "reconciler.api": 6,
-    "reconciler.cli": 7,
+    "reconciler.app": 7,
+    "reconciler.cli": 8,
 }
 PURE = {"reconciler.errors", "reconciler.settings", "reconciler.parse", "reconciler.model", "reconciler.schema",
         "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status", "reconciler.layout"}

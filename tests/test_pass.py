@@ -17,8 +17,10 @@ import pytest
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.loop.reconcile import Reconciler
+from reconciler.loop.triggers import Burst
 from reconciler.settings import Settings
 from reconciler.state.store import StateStore
+from reconciler.status import IngressStatus
 from tests.helpers import ingress_yaml, instance_yaml, write
 
 
@@ -95,11 +97,16 @@ class World:
         return write(self.manifests / f"{name}.yaml", ingress_yaml(name, f"{name}.test", port, "vm", target))
 
     def run(self, trigger: str, changed: set[Path] | None = None) -> Any:
-        paths = frozenset(str(p) for p in changed) if changed is not None else None
-        return self.rec.run_pass(trigger, changed=paths)
+        paths = [str(p) for p in changed] if changed is not None else None
+        return self.rec.run_pass(Burst.of(*trigger.split("+"), paths=paths))
+
+    @property
+    def statuses(self) -> tuple[IngressStatus, ...]:
+        assert self.rec.snapshot is not None
+        return self.rec.snapshot.statuses
 
     def reasons(self) -> dict[str, str]:
-        return {st.name: st.reason for st in self.rec.statuses}
+        return {st.name: st.reason for st in self.statuses}
 
 
 @pytest.fixture
@@ -174,7 +181,7 @@ def test_a_rejected_ingress_is_isolated_and_the_rest_applied(world: World) -> No
     assert result.loads == 2  # the whole config, then without the culprit
     assert world.caddy.hosts() == {"web.test"}
     assert world.reasons() == {"web": "Applied", "blocked": "CaddyRejected"}
-    blocked = next(st for st in world.rec.statuses if st.name == "blocked")
+    blocked = next(st for st in world.statuses if st.name == "blocked")
     assert "8002" in blocked.message and not blocked.ready
     assert "blocked" in (result.error or "")
 
@@ -224,7 +231,7 @@ def test_an_unreachable_caddy_ends_the_pass_transient_and_is_read_back_next_time
     assert result.outcome == "unavailable" and result.transient and not result.converged
     assert "unreachable" in (result.error or "")
     assert world.reasons() == {"web": "Pending"}
-    web = world.rec.statuses[0]
+    web = world.statuses[0]
     assert web.message.startswith("not applied yet: ") and not web.ready
     world.caddy.down = False
     world.caddy.requests.clear()

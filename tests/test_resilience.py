@@ -21,7 +21,7 @@ from reconciler.errors import CaddyAdminInUse, CaddyUnavailable, StorageError
 from reconciler.fsutil import StorageHealth, atomic_write
 from reconciler.loop.keeper import DOWN, RUNNING, CaddyKeeper
 from reconciler.loop.reconcile import Reconciler
-from reconciler.loop.triggers import Triggers
+from reconciler.loop.triggers import Burst, Trigger, Triggers
 from reconciler.settings import Settings
 from tests.helpers import FakeClock, ingress_yaml, instance_yaml, write
 
@@ -103,16 +103,17 @@ def test_startup_body_prefers_unsaved_then_file_then_memory_then_bare(tmp_path: 
                     log=lambda event, **kw: logged.append((event, kw)))
     memory = {"admin": {"listen": "old"}, "apps": {"m": 1}}
     # nothing on disk, nothing applied: the admin block alone
-    body, origin = cf.startup_body(ADMIN, lambda: None)
+    body, origin = cf.startup_body(ADMIN)
     assert origin == FROM_BOOTSTRAP and json.loads(body) == {"admin": ADMIN}
     # the file (its admin block replaced by the current one)
     cf.save(json.dumps({"admin": {"listen": "x"}, "apps": {"f": 1}}).encode())
-    body, origin = cf.startup_body(ADMIN, lambda: memory)
+    cf.applied = memory
+    body, origin = cf.startup_body(ADMIN)
     assert origin == FROM_FILE and json.loads(body) == {"admin": ADMIN, "apps": {"f": 1}}
     assert cf.in_sync()
     # damaged: reported, dirty, and the config this process applied wins
     Path(cf.path).write_text("{not json")
-    body, origin = cf.startup_body(ADMIN, lambda: memory)
+    body, origin = cf.startup_body(ADMIN)
     assert origin == FROM_MEMORY and json.loads(body) == {"admin": ADMIN, "apps": {"m": 1}}
     assert [e for e, _ in logged] == ["caddy.config_corrupt"] and logged[0][1]["file"] == cf.path
     assert not cf.in_sync()
@@ -123,7 +124,7 @@ def test_startup_body_prefers_unsaved_then_file_then_memory_then_bare(tmp_path: 
     unsaved = json.dumps({"admin": ADMIN, "apps": {"u": 1}}).encode()
     with pytest.raises(StorageError):
         cf.save(unsaved)
-    assert cf.startup_body(ADMIN, lambda: memory) == (unsaved, FROM_PENDING)
+    assert cf.startup_body(ADMIN) == (unsaved, FROM_PENDING)
     assert not cf.in_sync()
     (tmp_path / "caddy").unlink()
     for job in _all_due(health):
@@ -156,7 +157,7 @@ def test_signal_handlers_never_block_on_the_triggers_lock() -> None:
     done = threading.Event()
 
     def handler() -> None:
-        t.notify_from_signal("sighup")
+        t.notify_from_signal(Trigger.SIGHUP)
         t.wake_from_signal()
         t.stop_from_signal()
         done.set()
@@ -172,14 +173,15 @@ def test_signal_handlers_never_block_on_the_triggers_lock() -> None:
 
 def test_a_signalled_reason_becomes_an_immediate_full_pass() -> None:
     t = Triggers(debounce=1.0, debounce_max=50.0, resync_interval=3600)
-    t.notify("watch", path="/x")
-    got: list[str | None] = []
+    t.notify(Trigger.WATCH, path="/x")
+    got: list[Burst | None] = []
     waiter = threading.Thread(target=lambda: got.append(t.wait(timeout=20)))
     waiter.start()
-    t.notify_from_signal("sighup")
+    t.notify_from_signal(Trigger.SIGHUP)
     waiter.join(20)
-    assert got == ["sighup+watch"]
-    assert t.take_paths() is None  # a resync reads everything
+    [burst] = got
+    assert burst is not None and burst.name == "sighup+watch" and burst.resync
+    assert burst.paths is None  # a resync reads everything
 
 
 # -- the keeper's restart policy ---------------------------------------------------------------------------
@@ -200,7 +202,7 @@ class StubSupervisor:
         self.client = AdminClient("http://127.0.0.1:1")
         self.config_path = "config.json"
 
-    def ensure_running(self, memory: Any = None) -> bool:
+    def ensure_running(self) -> bool:
         self.starts += 1
         if self.fail_with is not None:
             raise self.fail_with
@@ -400,7 +402,8 @@ def test_a_stray_signal_wakes_the_loop_without_a_pass_or_touching_a_retry() -> N
     t.wake_from_signal()
     assert t.wait(timeout=0) is None and t.bursts == 0
     clock.advance(5.0)
-    assert t.wait(timeout=0) == "retry"  # the pending retry still fires
+    retry = t.wait(timeout=0)
+    assert retry is not None and retry.name == "retry"  # the pending retry still fires
 
 
 # -- hypeman-ingress restore ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from reconciler.caddy.binary import caddy_version, find_caddy, install_binary, sha256_file
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.errors import CaddyBinaryError, CaddyError
-from reconciler.loop.daemon import backoff
+from reconciler.loop.keeper import backoff
 from reconciler.settings import Settings
 from tests.helpers import (
     Backend,

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 
-from reconciler.loop.triggers import Triggers
+from reconciler.loop.triggers import Burst, Triggers
 from tests.helpers import FakeClock, wait_for
 
 
@@ -21,9 +21,20 @@ def make(clock: FakeClock, *, debounce: float = 0.1, debounce_max: float = 1.0,
                     clock=clock, jitter=jitter, rng=random.Random(7))
 
 
+_LAST: dict[int, Burst] = {}
+
+
 def poll(t: Triggers) -> str | None:
-    """What is due right now (never blocks: the timeout is 0)."""
-    return t.wait(timeout=0)
+    """What is due right now, by its name (never blocks: the timeout is 0); :func:`paths` is its paths."""
+    burst = t.wait(timeout=0)
+    if burst is None:
+        return None
+    _LAST[id(t)] = burst
+    return burst.name
+
+
+def paths(t: Triggers) -> frozenset[str] | None:
+    return _LAST[id(t)].paths
 
 
 def test_nothing_due_returns_none() -> None:
@@ -203,8 +214,8 @@ def test_notify_wakes_a_blocked_waiter_after_the_debounce() -> None:
     result: list[tuple[str | None, float]] = []
 
     def run() -> None:
-        reason = t.wait()
-        result.append((reason, time.monotonic()))
+        burst = t.wait()
+        result.append((burst.name if burst else None, time.monotonic()))
 
     waiter = threading.Thread(target=run, daemon=True)
     waiter.start()
@@ -234,12 +245,12 @@ def test_notify_names_the_burst_whose_pass_handles_it() -> None:
     assert t.notify("api", immediate=True, path="/m/b.yaml") == 1
     assert poll(t) == "api+watch"
     assert t.bursts == 1
-    assert t.take_paths() == {"/m/a.yaml", "/m/b.yaml"}
+    assert paths(t) == {"/m/a.yaml", "/m/b.yaml"}
     # the pass of burst 1 has started; this write is not in its paths, so it must wait for burst 2
     assert t.notify("api", immediate=True, path="/m/c.yaml") == 2
-    assert t.take_paths() == {"/m/a.yaml", "/m/b.yaml"}
+    assert paths(t) == {"/m/a.yaml", "/m/b.yaml"}
     assert poll(t) == "api"
-    assert (t.bursts, t.take_paths()) == (2, {"/m/c.yaml"})
-    clock.advance(40)  # a timer pass takes no burst
+    assert (t.bursts, paths(t)) == (2, {"/m/c.yaml"})
+    clock.advance(40)  # a timer pass has a number too (no ticket waits for it)
     assert poll(t) == "resync"
-    assert t.bursts == 2
+    assert t.bursts == 3 and _LAST[id(t)].number == 3 and paths(t) is None

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from reconciler.api.openapi import openapi_document
 from reconciler.api.writer import ApiError, Found, ManifestWriter, check_ref, ingress_body
 from reconciler.model import Reason
+from reconciler.state.store import GoodMap
 
 log = structlog.get_logger("hypeman.ingress.api")
 
@@ -47,6 +48,9 @@ class Backend(Protocol):
     def ready(self) -> tuple[bool, str]: ...
 
     def metrics_text(self) -> bytes: ...
+
+    def good_versions(self) -> tuple[GoodMap, GoodMap] | None:
+        """The last good file versions the loop serves (the writer counts with them)."""
 
 
 #: the reasons of an ingress whose routes are in Caddy

@@ -5,12 +5,18 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import structlog
 import uvicorn
 from starlette.applications import Starlette
 
 from reconciler.errors import ConfigError
-from reconciler.settings import parse_listen
+from reconciler.settings import Settings, parse_listen
+
+if TYPE_CHECKING:
+    from reconciler.api.app import Backend
 
 
 class ApiServer:
@@ -36,3 +42,22 @@ class ApiServer:
         self.server.should_exit = True
         with contextlib.suppress(RuntimeError):
             self._thread.join(timeout=10)
+
+
+def serve(settings: Settings, backend: Backend, binary: str) -> Callable[[], None]:
+    """Build the API on ``backend`` (its writer validates with ``binary``), start it on
+    ``settings.api_listen`` and return what stops it."""
+    from reconciler.api.app import create_app
+    from reconciler.api.writer import ManifestWriter
+    from reconciler.caddy.validate import caddy_validate
+
+    assert settings.api_listen
+    writer = ManifestWriter(settings, validate_config=lambda config: caddy_validate(binary, config),
+                            daemon_good=backend.good_versions)
+    app = create_app(writer=writer, backend=backend, token=settings.api_token, wait=settings.api_wait,
+                     max_body=settings.api_max_body)
+    server = ApiServer(app, settings.api_listen)
+    server.start()
+    structlog.get_logger("hypeman.ingress").info("api.listening", address=settings.api_listen,
+                                                  auth=bool(settings.api_token))
+    return server.stop

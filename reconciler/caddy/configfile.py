@@ -41,6 +41,8 @@ class ConfigFile:
         self._dirty = False
         #: stat signature of the file as this process last wrote or read it (None: not known yet)
         self._signature: tuple[int, ...] | None = None
+        #: the config this process last applied (replaced whole by the pass; a restart may start with it)
+        self.applied: dict[str, Any] | None = None
 
     def save(self, body: bytes) -> None:
         """Write ``body`` atomically; raises :class:`StorageError` (the body is kept for restarts, and the
@@ -115,19 +117,18 @@ class ConfigFile:
         by the next pass, and later changes on disk are noticed."""
         self.read()
 
-    def startup_body(self, admin: dict[str, Any],
-                     memory: Callable[[], dict[str, Any] | None] | None = None) -> tuple[bytes, str]:
+    def startup_body(self, admin: dict[str, Any]) -> tuple[bytes, str]:
         """The config to start Caddy with, and where it came from: the last applied config not yet saved,
-        else the file (when it is in sync), else the config this reconciler last applied, else the file as
-        it is, else the admin block alone. Its admin block is always ``admin`` (the current settings).
-        Nothing is written: a start never depends on the disk."""
+        else the file (when it is in sync), else the config this process last applied (:attr:`applied`),
+        else the file as it is, else the admin block alone. Its admin block is always ``admin`` (the current
+        settings). Nothing is written: a start never depends on the disk."""
         pending = self.unsaved()
         if pending is not None:  # made by this process, with the current admin block
             return pending, FROM_PENDING
         config = self.read()
         if config is not None and self.in_sync():
             return _with_admin_config(config, admin), FROM_FILE
-        applied = memory() if memory is not None else None
+        applied = self.applied
         if applied is not None:
             return encode({**applied, "admin": admin}), FROM_MEMORY
         if config is not None:

@@ -245,9 +245,8 @@ class CaddySupervisor:
         self.pid, self._popen, self.answered, self.started_at = None, None, False, None
         return self.last_exit
 
-    def ensure_running(self, memory: Callable[[], dict[str, Any] | None] | None = None) -> bool:
-        """Adopt or start Caddy. Returns True when a new process was started. ``memory``: the config this
-        reconciler last applied (a start uses it when config.json is behind or damaged)."""
+    def ensure_running(self) -> bool:
+        """Adopt or start Caddy. Returns True when a new process was started."""
         self.prepare_dirs()
         pid = self._adoptable()
         if pid is not None:
@@ -265,7 +264,7 @@ class CaddySupervisor:
             raise CaddyAdminInUse(f"another process already listens on Caddy's admin address "
                                   f"{self.settings.admin_listen} (not the Caddy of {self.settings.data_dir}); "
                                   f"refusing to start a second Caddy: stop it or set CADDY_ADMIN_PORT")
-        self.start(memory)
+        self.start()
         return True
 
     def _adoptable(self) -> int | None:
@@ -292,9 +291,9 @@ class CaddySupervisor:
         except OSError:
             return False
 
-    def start(self, memory: Callable[[], dict[str, Any] | None] | None = None) -> None:
+    def start(self) -> None:
         admin = admin_block(self.settings)
-        body, origin = self.config.startup_body(admin, memory)
+        body, origin = self.config.startup_body(admin)
         self._binary_ready()
         try:
             self._spawn(body, origin)

@@ -26,6 +26,15 @@ class Background:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def pause(self) -> None:
+        """Jobs not yet started wait until :meth:`resume` (a pass is reading and rendering)."""
+        if self._gate is not None:
+            self._gate.clear()
+
+    def resume(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+
     def submit(self, job: Job) -> None:
         """Run ``job`` after every job submitted before it (at once, in the caller, once closed)."""
         with self._cond:

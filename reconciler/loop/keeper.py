@@ -42,13 +42,11 @@ def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.R
 
 class CaddyKeeper:
     def __init__(self, supervisor: CaddySupervisor, *, on_started: Callable[[], None],
-                 log: Callable[..., Any], memory: Callable[[], dict[str, Any] | None] | None = None,
-                 stable_after: float = 30.0, interval: float = 0.2,
+                 log: Callable[..., Any], stable_after: float = 30.0, interval: float = 0.2,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         self.supervisor = supervisor
         self._on_started = on_started
         self._log = log
-        self._memory = memory
         self.stable_after = stable_after
         self.interval = interval
         self._clock = clock
@@ -153,7 +151,7 @@ class CaddyKeeper:
             self.generation += 1
             self._set_phase(STARTING, self._clock())
         try:
-            started = sup.ensure_running(self._memory)
+            started = sup.ensure_running()
         except Exception as exc:  # a hung or failing start, a missing binary, a full disk: retried
             now = self._clock()
             with self._lock:

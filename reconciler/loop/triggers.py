@@ -12,9 +12,10 @@ or set a flag, then wake the waiter if the lock happens to be free; :meth:`Trigg
 (and never sleeps longer than its ``timeout``, so a wake-up that could not be delivered is late by at most
 that).
 
-Watch events carry the path that changed: :meth:`Triggers.take_paths` hands the pass the paths of its
-burst so it re-reads only those files. Any trigger without paths (start, resync, retry, a Caddy restart,
-a watch that moved) -- or a burst of more than ``max_paths`` paths -- asks for a full read instead.
+:meth:`Triggers.wait` hands over one :class:`Burst`: what asked for the pass, the paths that changed (so
+the pass re-reads only those files), its number (API tickets wait for it) and when its first event came.
+Any trigger without paths (start, resync, retry, a Caddy restart, a watch that moved) -- or a burst of
+more than ``max_paths`` paths -- asks for a full read instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,55 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Trigger(StrEnum):
+    """What asked for a pass."""
+
+    START = "start"
+    WATCH = "watch"  # a file event
+    API = "api"  # an API write
+    RESYNC = "resync"  # the periodic timer
+    RETRY = "retry"  # a retry after a failed pass
+    CADDY_RESTART = "caddy-restart"  # Caddy was (re)started
+    SIGHUP = "sighup"
+    APPLY = "apply"  # ``hypeman-ingress apply``: one pass, then exit
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """One pass's worth of triggers, as :meth:`Triggers.wait` hands it over."""
+
+    triggers: frozenset[Trigger]
+    #: the paths that changed; None: read everything
+    paths: frozenset[str] | None = None
+    #: its number: an API ticket is satisfied once the pass of this burst has finished
+    number: int = 0
+    #: clock time of its first event (None: a timer fired)
+    first_event: float | None = None
+
+    @classmethod
+    def of(cls, *triggers: Trigger | str, paths: Iterable[str] | None = None) -> Burst:
+        """A burst made by hand (offline commands, tests)."""
+        return cls(frozenset(Trigger(t) for t in triggers), frozenset(paths) if paths is not None else None)
+
+    @property
+    def name(self) -> str:
+        """``"api+watch"``: how logs and status name the trigger."""
+        return "+".join(sorted(self.triggers))
+
+    @property
+    def trusted(self) -> bool:
+        """Only file events and API writes: Caddy still runs what this process loaded (no read back)."""
+        return bool(self.triggers) and self.triggers <= {Trigger.WATCH, Trigger.API}
+
+    @property
+    def resync(self) -> bool:
+        """A full resync (the timer or SIGHUP): rejected ingresses are tried again."""
+        return bool(self.triggers & {Trigger.RESYNC, Trigger.SIGHUP})
 
 
 class Triggers:
@@ -37,25 +86,22 @@ class Triggers:
         self._clock = clock
         self._rng = rng or random.Random()
         self._cond = threading.Condition()
-        self._reasons: set[str] = set()
+        self._reasons: set[Trigger] = set()
         self.max_paths = max_paths
         #: the quiet period of a burst that so far touched at most ``quick_paths`` paths (one file saved)
         self.quick = debounce if quick is None else min(quick, debounce)
         self.quick_paths = quick_paths
         #: paths changed in the pending burst; None = something without a path asked: read everything
         self._paths: set[str] | None = set()
-        self._taken: frozenset[str] | None = None
         #: bursts handed out by :meth:`wait` so far (a notification belongs to burst ``bursts + 1``)
         self.bursts = 0
         self._first = 0.0
         self._first_event = 0.0
-        #: clock time of the first event of the burst the last :meth:`wait` returned (None: a timer fired)
-        self.burst_started: float | None = None
         self._last = 0.0
         self._retry_at: float | None = None
         self._stopped = False
         #: reasons raised by signal handlers, not yet merged (appended without the lock)
-        self._signalled: list[str] = []
+        self._signalled: list[Trigger] = []
         self._woken = False
         self._resync_at = self._clock() + self._next_resync()
 
@@ -63,7 +109,7 @@ class Triggers:
         spread = self.resync_interval * self.jitter
         return self.resync_interval + self._rng.uniform(-spread, spread)
 
-    def notify(self, reason: str, *, immediate: bool = False, path: str | None = None) -> int:
+    def notify(self, reason: Trigger, *, immediate: bool = False, path: str | None = None) -> int:
         """Ask for a pass. ``immediate`` skips the quiet period (API writes, Caddy restarts); ``path`` is
         what changed (a pass asked for without one reads every input). Returns the number of the burst
         this belongs to: the pass that :meth:`wait` returns with :attr:`bursts` equal to it handles it."""
@@ -72,7 +118,7 @@ class Triggers:
             if not self._reasons:
                 self._first = self._first_event = now
                 self._paths = set()
-            self._reasons.add(reason)
+            self._reasons.add(Trigger(reason))
             if path is None or self._paths is None or (path not in self._paths
                                                        and len(self._paths) >= self.max_paths):
                 self._paths = None
@@ -84,7 +130,7 @@ class Triggers:
             self._cond.notify_all()
             return self.bursts + 1
 
-    def notify_from_signal(self, reason: str) -> None:
+    def notify_from_signal(self, reason: Trigger) -> None:
         """:meth:`notify` (immediate, no path) for a signal handler: takes no lock that could be held."""
         self._signalled.append(reason)
         self._wake()
@@ -113,7 +159,7 @@ class Triggers:
             now = self._clock()
             if not self._reasons:
                 self._first = self._first_event = now
-            self._reasons.add(reason)
+            self._reasons.add(Trigger(reason))
             self._paths = None
             self._last = now - self.debounce
             self._first = min(self._first, now - self.debounce_max)
@@ -136,9 +182,9 @@ class Triggers:
     def stopped(self) -> bool:
         return self._stopped
 
-    def wait(self, timeout: float | None = None) -> str | None:
-        """Block until a pass is due; return its trigger (``"watch"``, ``"resync"``...), None on stop or
-        when ``timeout`` passed with nothing due (the caller uses that tick for health checks)."""
+    def wait(self, timeout: float | None = None) -> Burst | None:
+        """Block until a pass is due and return its :class:`Burst`; None on stop, when ``timeout`` passed
+        with nothing due, or when a signal handler only woke the loop (the caller uses that tick)."""
         with self._cond:
             give_up = None if timeout is None else self._clock() + timeout
             while not self._stopped:
@@ -160,12 +206,10 @@ class Triggers:
                     if now >= self._resync_at:
                         self._resync_at = now + self._next_resync()
                         self._retry_at = None
-                        self._taken = self.burst_started = None
-                        return "resync"
+                        return self._timer(Trigger.RESYNC)
                     if self._retry_at is not None and now >= self._retry_at:
                         self._retry_at = None
-                        self._taken = self.burst_started = None
-                        return "retry"
+                        return self._timer(Trigger.RETRY)
                 if give_up is not None:
                     if now >= give_up:
                         return None
@@ -173,18 +217,16 @@ class Triggers:
                 self._cond.wait(max(0.0, due - now))
             return None
 
-    def take_paths(self) -> frozenset[str] | None:
-        """The changed paths of the burst the last :meth:`wait` returned; None when everything must be read."""
-        with self._cond:
-            return self._taken
-
-    def _take(self) -> str:
-        reasons = sorted(self._reasons)
+    def _timer(self, trigger: Trigger) -> Burst:
         self.bursts += 1
-        self.burst_started = self._first_event
-        self._taken = frozenset(self._paths) if self._paths is not None else None
+        return Burst(frozenset({trigger}), None, self.bursts, None)
+
+    def _take(self) -> Burst:
+        self.bursts += 1
+        burst = Burst(frozenset(self._reasons), frozenset(self._paths) if self._paths is not None else None,
+                      self.bursts, self._first_event)
         self._paths = set()
         self._reasons.clear()
         self._retry_at = None
         self._resync_at = self._clock() + self._next_resync()
-        return "+".join(reasons)
+        return burst

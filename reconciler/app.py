@@ -1,0 +1,266 @@
+"""The composition root of ``hypeman-ingress run``: builds every part in order, each given what it needs
+when it is made (nothing is patched in later), starts them, runs the loop, stops them.
+
+Order (:meth:`Daemon.setup`): the state and the input readers (the last good versions) -> the parse helper
+(forked before any thread) -> the report thread and the watches -> the first read (on a thread) -> the
+Caddy binary -> the supervisor and its keeper (Caddy starts on the keeper's thread) -> the reconciler ->
+the loop and what the API reads of it -> the API -> then the loop runs (:meth:`Daemon.run`).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from reconciler.caddy.admin import AdminClient, AdminContact
+from reconciler.caddy.binary import find_caddy, install_binary
+from reconciler.caddy.certs import CertificateTracker, issuer_storage_key
+from reconciler.caddy.configfile import ConfigFile
+from reconciler.caddy.modules import preflight
+from reconciler.caddy.supervisor import CaddySupervisor
+from reconciler.caddy.validate import caddy_validate
+from reconciler.errors import StorageError
+from reconciler.fsutil import StorageHealth
+from reconciler.loop.background import Background
+from reconciler.loop.changes import ChangeLog
+from reconciler.loop.daemon import Housekeeping, Loop
+from reconciler.loop.keeper import CaddyKeeper
+from reconciler.loop.read import InputReader, Inputs
+from reconciler.loop.reconcile import Reconciler
+from reconciler.loop.service import Service, health
+from reconciler.loop.signals import SignalPolicy
+from reconciler.loop.triggers import Trigger, Triggers
+from reconciler.settings import Settings
+from reconciler.sources.inputs import detach_helper, fork_helper
+from reconciler.sources.snapshot import api_dir_ready, sources_for
+from reconciler.sources.watcher import Watcher
+from reconciler.state.metrics import Metrics
+from reconciler.state.store import StateStore
+
+log = structlog.get_logger("hypeman.ingress")
+
+#: how long setup waits for the first Caddy start before the loop begins anyway (the keeper goes on)
+FIRST_START_WAIT = 10.0
+
+#: log level of the events of the Caddy keeper and supervisor (default: info)
+_EVENT_LEVELS = {
+    "caddy.died": "warning", "caddy.unresponsive": "warning", "caddy.start_fallback": "warning",
+    "caddy.pid_file_failed": "warning", "caddy.log_unavailable": "warning", "caddy.dir_unusable": "warning",
+    "caddy.storage_not_private": "warning", "caddy.binary_not_installed": "warning",
+    "caddy.config_changed_on_disk": "warning", "caddy.config_corrupt": "error", "caddy.config_unreadable": "error",
+    "caddy.start_failed": "error", "caddy.restart_failed": "error", "caddy.keeper_error": "error",
+}
+
+
+def log_event(event: str, **fields: Any) -> None:
+    getattr(log, _EVENT_LEVELS.get(event, "info"))(event, **fields)
+
+
+def _storage_changed(path: str, error: StorageError | None) -> None:
+    if error is None:
+        log.info("storage.write_recovered", file=path)
+    else:
+        log.error("storage.write_failed", file=path, error=error.reason, no_space=error.no_space,
+                  retry="with backoff until it lands")
+
+
+def _report_failed(exc: BaseException) -> None:
+    if isinstance(exc, StorageError):
+        return  # logged once per file by the storage health, and retried
+    log.error("report.failed", error=f"{type(exc).__name__}: {exc}",
+              traceback=traceback.format_exception(exc, limit=-20))
+
+
+class FirstRead:
+    """The first read, made on a thread while the binary is checked and Caddy starts (that side mostly
+    hashes, copies and waits: the GIL is free), so the first pass finds its inputs read (~0.4 s less at 10k
+    files); shared with the forked parse helper, which is then told to go."""
+
+    def __init__(self, reader: InputReader, background: Background) -> None:
+        self.reader = reader
+        self.background = background
+        self._result: tuple[Inputs, float] | None = None
+        self._thread = threading.Thread(target=self._read, name="prefetch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def take(self) -> tuple[Inputs, float] | None:
+        result, self._result = self._result, None
+        return result
+
+    def _read(self) -> None:
+        start = time.monotonic()
+        gc.disable()  # as in a pass: collections while 10k files' objects pile up cost ~20 % of the read
+        try:
+            inputs = self.reader.read()
+            self._result = (inputs, time.monotonic() - start)
+            log.info("inputs.prefetched", files=sum(h.files for h in inputs.sources),
+                     parsed=inputs.manifests.parsed_files + inputs.instances.parsed_files,
+                     by_helper=inputs.manifests.helped_files + inputs.instances.helped_files,
+                     read_ms=round(self._result[1] * 1000, 1))
+        except Exception as exc:  # only a head start: the first pass then reads for itself
+            log.warning("prefetch.failed", error=str(exc))
+        finally:
+            gc.enable()
+            self.drop_helper()
+
+    def drop_helper(self) -> None:
+        """End the parse helper: later reads are small. It is told to exit at once (its teardown runs on its
+        own core) and reaped by the report thread, off the way to the first pass."""
+        helper = detach_helper(self.reader.manifests, self.reader.instances)
+        if helper is None:
+            return
+        helper.release()
+
+        def reap() -> None:
+            helper.close()
+            if helper.last_error:
+                log.warning("parse_helper.failed", error=helper.last_error)
+            log.info("parse_helper.done", peak_rss_mb=helper.peak_rss_mb)
+
+        self.background.submit(reap)
+
+
+class Daemon:
+    """``hypeman-ingress run``: :meth:`setup`, then :meth:`run` (which stops everything at its end)."""
+
+    def __init__(self, settings: Settings, *, binary: str | None = None) -> None:
+        self.settings = settings
+        self._binary_source = binary
+        self.storage = StorageHealth(on_change=_storage_changed)
+        self.triggers = Triggers(debounce=settings.debounce, debounce_max=settings.debounce_max,
+                                 resync_interval=settings.resync_interval, quick=settings.debounce_quick)
+        self.signals = SignalPolicy(self.triggers)
+        self._contact = AdminContact()
+        self.client = AdminClient(settings.admin_url, contact=self._contact)
+        self.keeper: CaddyKeeper | None = None
+        self.loop: Loop | None = None
+        self.service: Service | None = None
+        self._stoppable: list[Callable[[], None]] = []  # the API server, the watcher... (in reverse order)
+        self.background: Background | None = None
+
+    def stop(self) -> None:
+        self.triggers.stop()
+
+    def _changed(self, path: str) -> None:
+        self.triggers.notify(Trigger.WATCH, path=path)
+
+    def _caddy_started(self) -> None:
+        self.triggers.notify(Trigger.CADDY_RESTART, immediate=True)
+
+    def setup(self) -> None:
+        s = self.settings
+        store = StateStore(s.state_dir, health=self.storage)
+        reader = InputReader(s, good=store.load_lastgood())
+        self._api_dir_ready(reader)
+        if threading.active_count() == 1:  # the parse helper: a copy of this process, forked before any thread
+            fork_helper(reader.manifests, reader.instances)
+        gate = threading.Event()
+        gate.set()
+        background = self.background = Background(on_error=_report_failed, gate=gate)
+        watcher = Watcher([src.path for src in sources_for(s)] + [s.instances_path], self._changed)
+        watcher.start()
+        self._stoppable.append(watcher.stop)
+        first = FirstRead(reader, background)
+        first.start()
+        try:
+            keeper, supervisor, binary = self._caddy()
+            tracker = CertificateTracker(s.storage_dir, supervisor.log_path, issuer_key=issuer_storage_key(s.tls))
+            reconciler = Reconciler(
+                settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
+                validate=lambda config: caddy_validate(binary, config), health=lambda: health(keeper, self.storage),
+                generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
+                certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()})
+            metrics = Metrics()
+            self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
+                             changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
+                             housekeeping=Housekeeping(storage=self.storage, background=background,
+                                                       reconciler=reconciler, signals=self.signals),
+                             prefetched=first.take)
+            self.service = Service(loop=self.loop, storage=self.storage, metrics=metrics, client=self.client)
+            if s.api_listen:  # imported here: it loads while the first read runs
+                from reconciler.api.server import serve
+
+                self._stoppable.append(serve(s, self.service, binary))
+        finally:
+            first.join()
+        if not keeper.wait_first(FIRST_START_WAIT):
+            log.warning("caddy.start_pending", waited_s=FIRST_START_WAIT,
+                        message="the loop starts now; Caddy is converged once it answers")
+        if keeper.first_error is not None:
+            raise keeper.first_error
+
+    def _caddy(self) -> tuple[CaddyKeeper, CaddySupervisor, str]:
+        """The binary (installed into the data dir, or run from its source when it cannot be copied), the
+        supervisor, and the keeper -- started: Caddy starts on its thread."""
+        s = self.settings
+        source = self._binary_source or find_caddy()
+        try:
+            binary = install_binary(source, s.data_dir)
+        except StorageError as exc:  # a full or read-only data dir: run the source binary itself
+            log.warning("caddy.binary_not_installed", error=str(exc), running=source)
+            binary = source
+        preflight(s, binary)
+        config_file = ConfigFile(os.path.join(s.caddy_dir, "config.json"), health=self.storage, log=log_event)
+        supervisor = CaddySupervisor(s, binary, client=AdminClient(s.admin_url, contact=self._contact),
+                                     log=log_event, ready_timeout=s.caddy_start_timeout, health=self.storage,
+                                     source=source, config=config_file)
+        keeper = self.keeper = CaddyKeeper(supervisor, log=log_event, stable_after=s.caddy_stable_after,
+                                           on_started=self._caddy_started)
+        keeper.start()
+        return keeper, supervisor, binary
+
+    def _api_dir_ready(self, reader: InputReader) -> None:
+        """Make the API-owned dir on a fresh data dir -- but never in place of one that was lost: when the
+        last good state still holds files of it, an empty new dir would make the loop drop them. It stays
+        missing then (its ingresses serve from their last good versions, API writes are refused) until the
+        operator restores it (``hypeman-ingress restore``) or creates it empty on purpose."""
+        s = self.settings
+        if os.path.isdir(s.api_dir):
+            return
+        kept = reader.manifests.good.get(s.api_dir, {})
+        if kept:
+            log.error("api.dir_missing", dir=s.api_dir, ingress_files=len(kept),
+                      message="its ingresses keep serving from their last good versions and API writes are "
+                              "refused; restore it with `hypeman-ingress restore` (or create it empty to drop "
+                              "them)")
+            return
+        try:
+            api_dir_ready(s)
+        except OSError as exc:  # a read-only or full data dir: the API source is reported unavailable
+            log.error("api.dir_unavailable", dir=s.api_dir, error=exc.strerror or str(exc))
+
+    def run(self, *, max_passes: int | None = None) -> int:
+        assert self.loop is not None, "setup() first"
+        try:
+            return self.loop.run(max_passes=max_passes)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.signals.log_received()
+        if self.keeper is not None:
+            self.keeper.stop()  # no restart of Caddy while we stop (nor a start left waiting)
+        for stop in reversed(self._stoppable):
+            stop()
+        self._stoppable.clear()
+        if self.background is not None:
+            self.background.resume()
+            self.background.close()  # the last pass's status files and log lines land before we exit
+        if self.settings.stop_caddy_on_shutdown and self.keeper is not None:
+            self.keeper.supervisor.stop()
+        self.client.close()
+        if self.keeper is not None:
+            self.keeper.supervisor.client.close()
+        log.info("daemon.stopped", caddy_stopped=self.settings.stop_caddy_on_shutdown)

@@ -1,0 +1,59 @@
+"""Stage 1 of a pass, *read*: every input (incrementally, last good per file, the empty-source guard),
+resolved against the conflict rules, with the revision that names it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from reconciler.model import Desired, Ingress, Instance, Source
+from reconciler.settings import Settings
+from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
+from reconciler.sources.snapshot import digest, sources_for
+from reconciler.state.store import GoodMap, copy_good
+from reconciler.validate import Resolver
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Everything one pass read: the resolved desired state, what each reader saw, the revision."""
+
+    desired: Desired
+    manifests: ReadResult[Ingress]
+    instances: ReadResult[Instance]
+    #: a digest of every input (files of every source and the instances)
+    revision: str
+    #: source path -> git commit of its checkout
+    commits: dict[str, str]
+
+    @property
+    def sources(self) -> list[SourceHealth]:
+        return self.manifests.sources + self.instances.sources
+
+
+class InputReader:
+    """The readers of manifests and instances and the resolver, kept from pass to pass (their memories
+    make an unchanged file cost a stat). ``good``: the last good versions to start from."""
+
+    def __init__(self, settings: Settings, *, good: tuple[GoodMap, GoodMap] = ({}, {}),
+                 wall: Callable[[], float] = time.time, include_api: bool = True) -> None:
+        self.settings = settings
+        self.include_api = include_api
+        self.manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good[0], wall=wall)
+        self.instances = instance_reader(max_bytes=settings.max_file_bytes, good=good[1], wall=wall)
+        self.resolve = Resolver(settings)
+
+    def read(self, changed: frozenset[str] | None = None) -> Inputs:
+        """Read every input; ``changed`` (the paths a watch burst reported) limits what is read again."""
+        s = self.settings
+        manifests = self.manifests.read(sources_for(s, include_api=self.include_api), changed)
+        instances = self.instances.read([Source(s.instances_path, 0)], changed)
+        desired = self.resolve(manifests.items, instances.items, [*manifests.problems, *instances.problems])
+        revision = digest([d.encode() for d in (*manifests.digests, "--instances--", *instances.digests)])
+        commits = {h.path: h.commit for h in manifests.sources if h.commit}
+        return Inputs(desired, manifests, instances, revision, commits)
+
+    def good(self) -> tuple[GoodMap, GoodMap]:
+        """A copy of the last good file versions (the readers go on updating theirs)."""
+        return copy_good(self.manifests.good), copy_good(self.instances.good)

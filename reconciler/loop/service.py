@@ -1,0 +1,85 @@
+"""What the API needs of the daemon (:class:`reconciler.api.app.Backend`): tickets for writes, status,
+readiness and metrics -- all read from what the loop published (the last pass's immutable snapshot, the
+keeper's and the storage's state), never from a pass at work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.caddy.admin import AdminClient
+from reconciler.fsutil import StorageHealth
+from reconciler.loop.daemon import Loop
+from reconciler.loop.keeper import CaddyKeeper
+from reconciler.loop.triggers import Trigger
+from reconciler.state.metrics import Metrics
+from reconciler.state.store import GoodMap
+
+
+def health(keeper: CaddyKeeper, storage: StorageHealth) -> dict[str, Any]:
+    """The status fields about Caddy and the data dir (live, for every status document)."""
+    failing = storage.snapshot()
+    return {"caddy": keeper.state(), "storage": {"ok": not failing, "failing": failing}}
+
+
+class Service:
+    def __init__(self, *, loop: Loop, storage: StorageHealth, metrics: Metrics, client: AdminClient) -> None:
+        self.loop = loop
+        self.keeper = loop.keeper
+        self.storage = storage
+        self.metrics = metrics
+        self.client = client
+
+    def request_pass(self, path: str | None = None) -> int:
+        """Ask for a pass now; the ticket is satisfied once the pass that reads ``path`` has finished."""
+        # the ticket is the burst the notification joins: the pass that takes that burst reads ``path``
+        # (a pass already started took an earlier burst, so it cannot satisfy the ticket)
+        return self.loop.triggers.notify(Trigger.API, immediate=True, path=path)
+
+    def wait_pass(self, ticket: int, timeout: float) -> bool:
+        triggers = self.loop.triggers
+        return self.loop.tickets.wait(ticket, timeout, lambda: triggers.stopped)
+
+    def good_versions(self) -> tuple[GoodMap, GoodMap]:
+        return self.loop.reconciler.good_versions()
+
+    def ingress_status(self, name: str) -> dict[str, Any] | None:
+        snap = self.loop.reconciler.snapshot
+        st = snap.by_name.get(name) if snap is not None else None
+        return st.to_dict() if st is not None else None
+
+    def status(self) -> dict[str, Any]:
+        doc = {**self.loop.reconciler.status_document(), **health(self.keeper, self.storage)}
+        if self.loop.crash is not None:
+            doc["last_error"] = self.loop.crash.error
+        return doc
+
+    def ready(self) -> tuple[bool, str]:
+        ok, why = self._readiness()
+        failing = self.storage.snapshot()
+        if failing:
+            files = ", ".join(f"{f['file']} ({f['error']})" for f in failing[:3])
+            why += f"; {len(failing)} file(s) under the data dir cannot be written: {files}"
+        return ok, why
+
+    def _readiness(self) -> tuple[bool, str]:
+        problem = self.keeper.problem()
+        if problem is not None:
+            return False, problem
+        if self.loop.crash is not None:
+            return False, f"last pass failed: {self.loop.crash.error}"
+        snap = self.loop.reconciler.snapshot
+        if snap is None:
+            return False, "no reconcile pass yet"
+        last = snap.result
+        if not last.converged:
+            return False, f"last pass {last.outcome}: {last.error}"
+        if self.loop.converged_generation != self.keeper.generation:
+            return False, "Caddy was restarted; waiting for a pass to converge it"
+        if not self.client.ping():
+            return False, "Caddy's admin API does not answer"
+        return True, f"last pass {last.outcome} (revision {last.revision})"
+
+    def metrics_text(self) -> bytes:
+        self.metrics.observe_caddy(up=self.keeper.up(), restarts=self.keeper.restarts, flapping=self.keeper.flapping)
+        self.metrics.observe_storage(len(self.storage.snapshot()))
+        return self.metrics.render()
