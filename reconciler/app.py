@@ -38,8 +38,8 @@ from reconciler.loop.service import Service, health
 from reconciler.loop.signals import SignalPolicy
 from reconciler.loop.triggers import Trigger, Triggers
 from reconciler.settings import Settings
+from reconciler.sources.dirs import api_dir_ready, sources_for
 from reconciler.sources.inputs import detach_helper, fork_helper
-from reconciler.sources.snapshot import api_dir_ready, sources_for
 from reconciler.sources.watcher import Watcher
 from reconciler.state.metrics import Metrics
 from reconciler.state.store import StateStore

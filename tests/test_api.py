@@ -1087,8 +1087,8 @@ def test_writer_sees_the_last_good_versions_the_loop_serves(tmp_path: Path, daem
 def test_writer_follows_lastgood_json_as_the_daemon_rewrites_it(tmp_path: Path) -> None:
     """In process: the writer takes the last good versions from ``{data}/state/lastgood.json`` (what the
     daemon serves), re-read whenever the daemon rewrote it, not from what the writer itself once read."""
+    from reconciler.sources.dirs import sources_for
     from reconciler.sources.inputs import ingress_reader, instance_reader
-    from reconciler.sources.snapshot import sources_for
     from reconciler.state.store import StateStore
 
     git = tmp_path / "git"
@@ -1319,8 +1319,8 @@ def test_openapi_reasons_and_error_responses_are_complete() -> None:
 def test_writer_takes_the_daemons_last_good_versions_in_process(tmp_path: Path) -> None:
     """In the daemon's process the writer is handed the loop's last good versions (no file to re-read):
     a file the loop serves from its last good version claims its host; one it never saw valid does not."""
+    from reconciler.sources.dirs import sources_for
     from reconciler.sources.inputs import ingress_reader, instance_reader
-    from reconciler.sources.snapshot import sources_for
 
     git = tmp_path / "git"
     x_file = write(git / "x.yaml", ingress_yaml("x", "x.test", 80, "vm", 8080))

@@ -16,14 +16,17 @@ RANKS = {
     "reconciler.settings": 1, "reconciler.parse": 1, "reconciler.fsutil": 1,
     "reconciler.model": 2, "reconciler.schema": 2, "reconciler.layout": 2,
     "reconciler.validate": 3, "reconciler.render": 3, "reconciler.diff": 3, "reconciler.status": 3,
+    "reconciler.statustable": 3,
     "reconciler.sources": 4, "reconciler.caddy": 4, "reconciler.state": 4,
     "reconciler.loop": 5,
     "reconciler.api": 6,
     "reconciler.app": 7,
-    "reconciler.cli": 8,
+    "reconciler.commands": 8,
+    "reconciler.cli": 9,
 }
 PURE = {"reconciler.errors", "reconciler.settings", "reconciler.parse", "reconciler.model", "reconciler.schema",
-        "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status", "reconciler.layout"}
+        "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status", "reconciler.layout",
+        "reconciler.statustable"}
 IMPURE_IMPORTS = {"logging", "structlog", "httpx", "watchdog", "subprocess", "socket", "time", "threading",
                   "random", "datetime"}
 

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from reconciler.model import Problem, Reason, Source
+from reconciler.model import Ingress, Instance, Problem, Reason, Source
 from reconciler.settings import Settings
-from reconciler.sources.loader import (
-    LoadResult,
-    is_ignored,
-    is_manifest_name,
-    load_instances,
-    load_manifests,
-    scan_source,
-)
+from reconciler.sources.inputs import ingress_reader, instance_reader
+from reconciler.sources.loader import SourceScan, is_ignored, is_manifest_name, scan_source
 from reconciler.validate import resolve
 
 SETTINGS = Settings(data_dir="/srv/hypeman", admin_port=2019, http_port=18080, https_port=18443)
@@ -38,8 +33,25 @@ def put(path: Path, text: str | bytes) -> Path:
     return path
 
 
+@dataclass
+class LoadResult:
+    """What a fresh reader (the daemon's, with no last good version) makes of some dirs."""
+
+    ingresses: list[Ingress]
+    problems: list[Problem]
+    digests: list[str]
+    scans: list[SourceScan]
+
+
 def load(*dirs: Path, max_bytes: int = 1024 * 1024) -> LoadResult:
-    return load_manifests([Source(str(d), i) for i, d in enumerate(dirs)], max_bytes)
+    sources = [Source(str(d), i) for i, d in enumerate(dirs)]
+    got = ingress_reader(max_bytes=max_bytes).read(sources)
+    return LoadResult(got.items, got.problems, got.digests, [scan_source(src) for src in sources])
+
+
+def load_instances(path: str) -> tuple[list[Instance], list[Problem], str | None]:
+    got = instance_reader().read([Source(path, 0)])
+    return got.items, [p for p in got.problems if p.reason != Reason.SOURCE_UNAVAILABLE], got.sources[0].error
 
 
 def names(result: LoadResult) -> list[str]:

@@ -21,7 +21,7 @@ from reconciler.model import Desired, Document, Origin, Problem, Source
 from reconciler.parse import parse_documents
 from reconciler.render import render, route_id, server_name, to_json
 from reconciler.settings import Settings, TLSSettings
-from reconciler.sources.loader import load_instances, load_manifests
+from reconciler.sources.inputs import ingress_reader, instance_reader
 from reconciler.validate import ingress_from_document, instance_from_document, resolve
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -318,11 +318,11 @@ def manifest_text(name: str, rules: list[tuple[str, int | None, str, int, bool]]
 
 
 def render_dir(src: Path, instances_dir: Path) -> str:
-    result = load_manifests([Source(str(src), 0)])
-    insts, inst_problems, err = load_instances(str(instances_dir))
-    assert err is None
-    problems: list[Problem] = [*result.problems, *inst_problems]
-    return to_json(render(resolve(result.ingresses, insts, SETTINGS, problems), SETTINGS))
+    result = ingress_reader().read([Source(str(src), 0)])
+    insts = instance_reader().read([Source(str(instances_dir), 0)])
+    assert all(s.ok for s in insts.sources)
+    problems: list[Problem] = [*result.problems, *insts.problems]
+    return to_json(render(resolve(result.items, insts.items, SETTINGS, problems), SETTINGS))
 
 
 def layouts(manifests: list[str], rng: random.Random) -> list[dict[str, str]]:

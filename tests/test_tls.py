@@ -29,6 +29,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from reconciler import cli
+from reconciler import cli, commands
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import find_caddy
 from reconciler.caddy.certs import CertificateTracker, issuer_storage_key
@@ -52,6 +53,7 @@ from reconciler.parse import parse_documents
 from reconciler.render import REDACTED, issuer, redact, render, scrub, to_json
 from reconciler.settings import Settings, TLSSettings, domain_allowed
 from reconciler.status import IngressStatus, with_certificates
+from reconciler.statustable import status_lines
 from reconciler.validate import ingress_from_document, instance_from_document, resolve
 from tests.caddy_guard import PublicCAError, check_config, check_log, config_risks, log_risks
 from tests.helpers import ROOT, Backend, CaddyProcess, Daemon, FakeClock, free_port, get, instance_yaml, wait_for, write
@@ -667,7 +669,7 @@ def test_status_text_shows_certificate_expiry(capsys: pytest.CaptureFixture[str]
     status = {"ingresses": [{"name": "app", "hosts": ["app.test:443"], "targets": ["vm:80"], "ready": True,
                              "reason": "Applied", "message": "routes are live", "file": "app.yaml"}],
               "certificates": certs}
-    cli.print_status(status, sys.stdout)
+    print("\n".join(status_lines(status, time.time())))
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
              if line.startswith("  ") and line.split()[0] in certs}
     assert lines["app.test"].split()[1:] == ["issued", "expires", certs["app.test"]["not_after"], "(in", "89d)"]
@@ -677,7 +679,7 @@ def test_status_text_shows_certificate_expiry(capsys: pytest.CaptureFixture[str]
     assert lines["old.test"].endswith("error: HTTP 500 oops")
     assert lines["new.test"].split()[1:] == ["pending"]
     assert lines["bad.test"].split()[1:] == ["failing", "error:", "connection", "refused"]
-    cli.print_status({"ingresses": [], "certificates": {}}, sys.stdout)
+    print("\n".join(status_lines({"ingresses": [], "certificates": {}}, time.time())))
     assert "certificates:" not in capsys.readouterr().out
 
 
@@ -813,7 +815,7 @@ def test_diff_compares_secrets_but_prints_them_redacted(tls_inputs: tuple[Path, 
     monkeypatch.setenv("CLOUDFLARE_API_TOKEN", "cf-tok-NEW-SECRET-0000")
     common = ["--data-dir", str(data), "--manifests", str(manifests), "--instances", str(instances)]
     render_args = cli.build_parser().parse_args(["render", "--show-secrets", *common])
-    assert cli.cmd_render(render_args, cli.settings_from(render_args)) == 0
+    assert commands.render(render_args, cli.settings_from(render_args)) == 0
     desired = json.loads(capsys.readouterr().out)
     args = cli.build_parser().parse_args(["diff", *common])
     settings = cli.settings_from(args)
@@ -821,7 +823,7 @@ def test_diff_compares_secrets_but_prints_them_redacted(tls_inputs: tuple[Path, 
     for p in policies(live):
         p["issuers"][0]["challenges"]["dns"]["provider"]["api_token"] = CF_TOKEN  # the old token
     monkeypatch.setattr(AdminClient, "get_config", lambda self: copy.deepcopy(live))
-    assert cli.cmd_diff(args, settings) == 1
+    assert commands.diff_(args, settings) == 1
     out = capsys.readouterr()
     lines = out.out.splitlines()
     assert len(lines) == 2 and all(line.endswith(f'.provider.api_token: "{REDACTED}" -> "{REDACTED}"')
@@ -829,7 +831,7 @@ def test_diff_compares_secrets_but_prints_them_redacted(tls_inputs: tuple[Path, 
     assert "NEW-SECRET" not in out.out + out.err
     no_secret(out.out, out.err)
     monkeypatch.setattr(AdminClient, "get_config", lambda self: copy.deepcopy(desired))
-    assert cli.cmd_diff(args, settings) == 0
+    assert commands.diff_(args, settings) == 0
 
 
 @pytest.mark.caddy

@@ -41,8 +41,8 @@ from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Reas
 from reconciler.parse import ParsedDocument
 from reconciler.render import render, scrub
 from reconciler.settings import Settings
+from reconciler.sources.dirs import sources_for
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
-from reconciler.sources.snapshot import sources_for
 from reconciler.state.store import GoodMap, LastGoodFollower, copy_good
 from reconciler.validate import InstanceIndex, ingress_from_document, resolve
 

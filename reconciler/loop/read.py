@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from reconciler.model import Desired, Ingress, Instance, Source
 from reconciler.settings import Settings
+from reconciler.sources.dirs import digest, sources_for
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
-from reconciler.sources.snapshot import digest, sources_for
 from reconciler.state.store import GoodMap, copy_good
 from reconciler.validate import Resolver
 

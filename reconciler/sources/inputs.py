@@ -501,6 +501,15 @@ class IncrementalReader(Generic[T]):
         out.parsed_files, out.helped_files = self._parsed, self._helped
         return out
 
+    def read_file(self, path: str, index: int = 0) -> tuple[list[T], list[Problem]]:
+        """One file, read as a file of a source is (``validate FILE``): its valid documents' items, and the
+        problems of the others."""
+        entry = FileEntry(path, os.path.basename(path), os.path.realpath(path))
+        got = self._read_entry(entry, Source(os.path.dirname(os.path.abspath(path)), index))
+        if got is None:
+            return [], [Problem(path, None, "cannot read: no such file", self._reason)]
+        return list(got.items), list(got.problems)
+
     def good_digests(self) -> dict[str, dict[str, str]]:
         return {s: {r: g.digest for r, g in files.items()} for s, files in self.good.items()}
 

@@ -11,15 +11,13 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from reconciler.model import Document, Ingress, Instance, Origin, Problem, Reason, Record, Source
-from reconciler.parse import ParseError, decode, parse_documents
-from reconciler.validate import ingress_from_document, instance_from_document
+from reconciler.model import Document, Origin, Problem, Reason, Record, Source
+from reconciler.parse import ParseError, parse_documents
 
 EXTENSIONS = (".yaml", ".yml", ".json")
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -148,13 +146,9 @@ def _os_message(exc: OSError, path: str | None = None) -> str:
     return f"{path}: {text}" if path else text
 
 
-def read_file(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Read at most ``max_bytes``; raise :class:`ParseError` when the file is larger."""
-    return read_file_stat(entry, max_bytes)[0]
-
-
 def read_file_stat(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, os.stat_result]:
-    """:func:`read_file`, and the stat of the file that was read (of the open file: no race)."""
+    """The file's bytes (at most ``max_bytes``: :class:`ParseError` when it is larger) and the stat of the
+    file that was read (of the open file: no race)."""
     fd = os.open(entry.real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -181,24 +175,6 @@ def read_file_stat(entry: FileEntry, max_bytes: int = DEFAULT_MAX_BYTES) -> tupl
         os.close(fd)
 
 
-def parse_file(entry: FileEntry, source_index: int, max_bytes: int = DEFAULT_MAX_BYTES,
-               digests: list[str] | None = None) -> tuple[list[Document], list[Problem]]:
-    """Read + parse one file into documents; any failure becomes one problem naming the file.
-
-    The file's content hash is appended to ``digests`` (for the revision) when given.
-    """
-    try:
-        raw = read_file(entry, max_bytes)
-        if digests is not None:
-            digests.append(f"{source_index}:{entry.relpath}:{hashlib.sha256(raw).hexdigest()}")
-        text = decode(raw)
-    except ParseError as exc:
-        return [], [Problem(entry.display, exc.line, exc.message)]
-    except OSError as exc:
-        return [], [Problem(entry.display, None, f"cannot read: {_os_message(exc)}")]
-    return documents_from_text(text, entry, source_index)
-
-
 def documents_from_text(text: str, entry: FileEntry, source_index: int, reason: str = Reason.INVALID_MANIFEST
                         ) -> tuple[list[Document], list[Problem]]:
     """The mapping documents of one file's text, tagged with their origin; anything else is a problem."""
@@ -215,52 +191,3 @@ def documents_from_text(text: str, entry: FileEntry, source_index: int, reason: 
             problems.append(Problem(entry.display, d.line,
                                     f"expected a mapping (an object), got {type(d.data).__name__}", reason))
     return docs, problems
-
-
-@dataclass(slots=True)
-class LoadResult:
-    ingresses: list[Ingress] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    scans: list[SourceScan] = field(default_factory=list)
-    digests: list[str] = field(default_factory=list)
-
-
-def load_manifests(sources: list[Source], max_bytes: int = DEFAULT_MAX_BYTES) -> LoadResult:
-    """Load and check every manifest of every source (per-document checks only)."""
-    result = LoadResult()
-    for source in sources:
-        scan = scan_source(source)
-        result.scans.append(scan)
-        if scan.error is not None:
-            result.problems.append(Problem(source.path, None, f"source unavailable: {scan.error}",
-                                           Reason.SOURCE_UNAVAILABLE))
-            continue
-        result.problems.extend(scan.problems)
-        for entry in scan.files:
-            docs, problems = parse_file(entry, source.index, max_bytes, result.digests)
-            result.problems.extend(problems)
-            for doc in docs:
-                ingress, doc_problems = ingress_from_document(doc)
-                result.problems.extend(doc_problems)
-                if ingress is not None:
-                    result.ingresses.append(ingress)
-    return result
-
-
-def load_instances(path: str, max_bytes: int = DEFAULT_MAX_BYTES, digests: list[str] | None = None
-                   ) -> tuple[list[Instance], list[Problem], str | None]:
-    """Instances from ``path``; the third item is the reason the directory could not be read, if any."""
-    scan = scan_source(Source(path, 0))
-    if scan.error is not None:
-        return [], [], scan.error
-    instances: list[Instance] = []
-    problems = list(scan.problems)
-    for entry in scan.files:
-        docs, file_problems = parse_file(entry, -1, max_bytes, digests)
-        problems.extend(p.__class__(p.file, p.line, p.message, Reason.INVALID_INSTANCE) for p in file_problems)
-        for doc in docs:
-            inst, doc_problems = instance_from_document(doc)
-            problems.extend(doc_problems)
-            if inst is not None:
-                instances.append(inst)
-    return instances, problems, None
