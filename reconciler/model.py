@@ -117,6 +117,8 @@ class Problem(Record):
     message: str
     reason: str = Reason.INVALID_MANIFEST
     ingress: str | None = None
+    #: the ingress that won the conflict this problem is about (None: not a conflict)
+    winner: str | None = None
 
     def format(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"

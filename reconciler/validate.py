@@ -13,8 +13,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from reconciler.model import (
     Desired,
@@ -165,24 +165,31 @@ class InstanceIndex:
         return Upstream(dial_address(inst.ip, rule.target_port))
 
 
-def _tls_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
-    """Why the TLS rules of ``ing`` cannot be served with these settings, as (reason, message)."""
+class Why(NamedTuple):
+    """Why an ingress cannot be served on its own."""
+
+    message: str
+    reason: str
+
+
+def _tls_problem(ing: Ingress, settings: Settings) -> Why | None:
+    """Why the TLS rules of ``ing`` cannot be served with these settings."""
     tls = settings.tls
     for i, r in enumerate(ing.rules):
         where = f"rules[{i}] ({r.hostname}:{r.port})"
         if r.tls and tls.issuer is None:
-            return (Reason.TLS_NOT_CONFIGURED, f"{where}: tls: true needs a certificate issuer; set ACME_EMAIL "
-                    "(ACME, with ACME_CA for a staging or private CA) or TLS_ISSUER=internal (Caddy's local CA)")
+            return Why(f"{where}: tls: true needs a certificate issuer; set ACME_EMAIL (ACME, with ACME_CA for a "
+                       "staging or private CA) or TLS_ISSUER=internal (Caddy's local CA)", Reason.TLS_NOT_CONFIGURED)
         if r.tls and not domain_allowed(r.hostname, tls.allowed_domains):
             allowed = ",".join(tls.allowed_domains or ())
-            return (Reason.DOMAIN_NOT_ALLOWED, f"{where}: hostname {r.hostname!r} may not use TLS "
-                    + (f"(TLS_ALLOWED_DOMAINS={allowed})" if allowed else
-                       "(TLS_ALLOWED_DOMAINS is set but empty: no hostname may use TLS)"))
+            return Why(f"{where}: hostname {r.hostname!r} may not use TLS "
+                       + (f"(TLS_ALLOWED_DOMAINS={allowed})" if allowed else
+                          "(TLS_ALLOWED_DOMAINS is set but empty: no hostname may use TLS)"), Reason.DOMAIN_NOT_ALLOWED)
         if r.tls and r.port == settings.http_port:
-            return (Reason.INVALID_MANIFEST, f"{where}: port {r.port} is the plain HTTP port (CADDY_HTTP_PORT); "
-                    "TLS rules need another port (443 by default)")
+            return Why(f"{where}: port {r.port} is the plain HTTP port (CADDY_HTTP_PORT); TLS rules need another "
+                       "port (443 by default)", Reason.INVALID_MANIFEST)
         if r.redirect_http and r.port == settings.http_port:  # pragma: no cover - redirect requires tls
-            return (Reason.INVALID_MANIFEST, f"{where}: redirect_http needs a TLS port")
+            return Why(f"{where}: redirect_http needs a TLS port", Reason.INVALID_MANIFEST)
     return None
 
 
@@ -193,26 +200,23 @@ def claims_of(ing: Ingress, settings: Settings) -> list[tuple[str, int, bool, in
     return out
 
 
-def _own_problem(ing: Ingress, mine: list[tuple[str, int, bool, int]], settings: Settings) -> tuple[str, str] | None:
-    """What is wrong with ``ing`` on its own with these settings, as (message, reason); None when fine."""
+def _own_problem(ing: Ingress, mine: list[tuple[str, int, bool, int]], settings: Settings) -> Why | None:
+    """What is wrong with ``ing`` on its own with these settings; None when fine."""
     own: dict[tuple[str, int], int] = {}
     for h, p, _, i in mine:
         if (h, p) in own and own[(h, p)] != i:
-            return (f"rules[{i}]: {h}:{p} is also used by rules[{own[(h, p)]}] (redirect_http occupies the HTTP "
-                    f"port {settings.http_port})", Reason.INVALID_MANIFEST)
+            return Why(f"rules[{i}]: {h}:{p} is also used by rules[{own[(h, p)]}] (redirect_http occupies the HTTP "
+                       f"port {settings.http_port})", Reason.INVALID_MANIFEST)
         own[(h, p)] = i
     return None
 
 
-def _late_problem(ing: Ingress, settings: Settings) -> tuple[str, str] | None:
-    """The checks of ``ing`` on its own that come after the cross-ingress ones, as (message, reason)."""
+def _late_problem(ing: Ingress, settings: Settings) -> Why | None:
+    """The checks of ``ing`` on its own that come after the cross-ingress ones."""
     for r in ing.rules:
         if r.port == settings.admin_port:
-            return f"{r.hostname}:{r.port}: port {r.port} is Caddy's admin port", Reason.INVALID_MANIFEST
-    tls_problem = _tls_problem(ing, settings)
-    if tls_problem is not None:
-        return tls_problem[1], tls_problem[0]
-    return None
+            return Why(f"{r.hostname}:{r.port}: port {r.port} is Caddy's admin port", Reason.INVALID_MANIFEST)
+    return _tls_problem(ing, settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +226,8 @@ class _Own:
     ingress: Ingress
     claims: tuple[tuple[str, int, bool, int], ...]
     keys: tuple[tuple[str, int], ...]  # the (hostname, port) of each claim
-    early: tuple[str, str] | None  # (message, reason) checked right after hostname conflicts
-    late: tuple[str, str] | None  # (message, reason) checked after port modes
+    early: Why | None  # checked right after hostname conflicts
+    late: Why | None  # checked after port modes
 
 
 class Resolver:
@@ -325,62 +329,110 @@ class Resolver:
 
     def _walk(self, given: list[Ingress]) -> list[tuple[Ingress, Problem | None]]:
         """Every ingress in origin order with its problem (None: accepted), by the conflict rules."""
-        names: dict[str, Ingress] = {}
-        ids: dict[str, Ingress] = {}
-        claims: dict[tuple[str, int], Ingress] = {}
-        port_mode: dict[int, tuple[bool, Ingress]] = {}
+        verdicts, _ = self.walk(given)
+        return verdicts
+
+    def walk(self, given: list[Ingress]) -> tuple[list[tuple[Ingress, Problem | None]], Taken]:
+        """:meth:`_walk`, and what the accepted ingresses took (for :func:`admit`)."""
+        taken = Taken()
         owns: dict[int, _Own] = {}
         verdicts: list[tuple[Ingress, Problem | None]] = []
         for ing in sorted(given, key=lambda i: i.origin.sort_key):
             own = self._own_of(ing)
             owns[id(ing)] = own
-            problem = self._problem(ing, own, names, ids, claims, port_mode)
-            if problem is not None:
-                verdicts.append((ing, Problem(ing.origin.file, ing.origin.line, problem[0], problem[1], ing.name)))
-                continue
-            verdicts.append((ing, None))
-            names[ing.name] = ing
-            ids[ing.id] = ing
-            for h, p, tls, _ in own.claims:
-                claims[(h, p)] = ing
-                if p not in port_mode:
-                    port_mode[p] = (tls, ing)
+            problem = taken.problem(ing, own)
+            verdicts.append((ing, problem))
+            if problem is None:
+                taken.take(ing, own)
         self._own = owns
-        return verdicts
+        return verdicts, taken
 
-    @staticmethod
-    def _problem(ing: Ingress, own: _Own, names: Mapping[str, Ingress], ids: Mapping[str, Ingress],
-                 claims: Mapping[tuple[str, int], Ingress],
-                 port_mode: Mapping[int, tuple[bool, Ingress]]) -> tuple[str, str] | None:
-        """Why ``ing`` loses to an earlier ingress or cannot be served, as (message, reason); None if fine."""
-        if ing.name in names:
-            w = names[ing.name]
-            return f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}", Reason.NAME_CONFLICT
-        if ing.id in ids:
-            w = ids[ing.id]
+
+@dataclass(slots=True)
+class Taken:
+    """What the ingresses accepted so far in a walk hold: names, ids, ``(hostname, port)`` claims, and
+    whether each port serves TLS."""
+
+    names: dict[str, Ingress] = field(default_factory=dict)
+    ids: dict[str, Ingress] = field(default_factory=dict)
+    claims: dict[tuple[str, int], Ingress] = field(default_factory=dict)
+    port_mode: dict[int, tuple[bool, Ingress]] = field(default_factory=dict)
+
+    def take(self, ing: Ingress, own: _Own) -> None:
+        self.names[ing.name] = ing
+        self.ids[ing.id] = ing
+        for h, p, tls, _ in own.claims:
+            self.claims[(h, p)] = ing
+            if p not in self.port_mode:
+                self.port_mode[p] = (tls, ing)
+
+    def problem(self, ing: Ingress, own: _Own) -> Problem | None:
+        """Why ``ing`` loses to an ingress already taken or cannot be served (None: it is fine)."""
+        found = self._problem(ing, own)
+        if found is None:
+            return None
+        message, reason, winner = found
+        return Problem(ing.origin.file, ing.origin.line, message, reason, ing.name, winner)
+
+    def _problem(self, ing: Ingress, own: _Own) -> tuple[str, str, str | None] | None:
+        """(message, reason, the winner's name -- None when it fails on its own)."""
+        if ing.name in self.names:
+            w = self.names[ing.name]
+            return (f"name {ing.name!r} is already used by the ingress in {w.origin.describe()}", Reason.NAME_CONFLICT,
+                    w.name)
+        if ing.id in self.ids:
+            w = self.ids[ing.id]
             return (f"id {ing.id!r} is already used by ingress {w.name!r} in {w.origin.describe()}",
-                    Reason.NAME_CONFLICT)
+                    Reason.NAME_CONFLICT, w.name)
         for key in own.keys:
-            if key in claims:
-                w = claims[key]
+            if key in self.claims:
+                w = self.claims[key]
                 return (f"{key[0]}:{key[1]} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
-                        Reason.HOSTNAME_CONFLICT)
+                        Reason.HOSTNAME_CONFLICT, w.name)
         if own.early is not None:
-            return own.early
+            return (*own.early, None)
+        return self._port_problem(own) or ((*own.late, None) if own.late is not None else None)
+
+    def _port_problem(self, own: _Own) -> tuple[str, str, str | None] | None:
         modes: dict[int, bool] = {}
         for _, p, tls, _ in own.claims:
-            mode = port_mode.get(p)
+            mode = self.port_mode.get(p)
             if mode is not None and mode[0] != tls:
                 return (f"port {p} serves {'TLS' if mode[0] else 'plain HTTP'} for ingress {mode[1].name!r} in "
-                        f"{mode[1].origin.describe()}; a port cannot mix TLS and plain HTTP", Reason.PORT_CONFLICT)
+                        f"{mode[1].origin.describe()}; a port cannot mix TLS and plain HTTP", Reason.PORT_CONFLICT,
+                        mode[1].name)
             if p in modes and modes[p] != tls:
-                return f"port {p} is used with and without TLS by this ingress; a port cannot mix them", \
-                    Reason.PORT_CONFLICT
+                return (f"port {p} is used with and without TLS by this ingress; a port cannot mix them",
+                        Reason.PORT_CONFLICT, None)
             modes[p] = tls
-        return own.late
+        return None
 
 
 def resolve(ingresses: Iterable[Ingress], instances: Iterable[Instance], settings: Settings,
             problems: Iterable[Problem] = ()) -> Desired:
     """Cross-source checks and target resolution. ``problems`` from earlier stages are carried along."""
     return Resolver(settings)(ingresses, instances, problems)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :func:`admit` found: the problems (empty: admitted) and the desired state with the candidate."""
+
+    problems: tuple[Problem, ...]
+    desired: Desired
+
+
+def admit(candidate: Ingress, ingresses: Iterable[Ingress], instances: Iterable[Instance],
+          settings: Settings) -> Admission:
+    """Whether ``candidate`` may join ``ingresses``, by the very rules and walk the loop resolves with: the
+    existing ingresses are walked as the loop walks them, then the candidate is checked against what they
+    took -- as if it came last, so it can never take anything from an ingress that holds it (conflicts are
+    symmetric: admitted anywhere means admitted at its own place). ``problems`` holds its problem, if any;
+    ``desired`` (with the candidate, when admitted) is what ``caddy validate`` then checks."""
+    resolver = Resolver(settings)
+    existing = list(ingresses)
+    _, taken = resolver.walk(existing)
+    problem = taken.problem(candidate, resolver._own_of(candidate))
+    if problem is not None:
+        return Admission((problem,), resolver(existing, instances))
+    return Admission((), resolver([*existing, candidate], instances))

@@ -39,9 +39,9 @@ import yaml
 from jsonschema import Draft202012Validator
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.api.app import create_app
+from reconciler.api.app import answer, create_app
 from reconciler.api.openapi import openapi_document
-from reconciler.api.writer import ApiError, ManifestWriter, remove_stale_temp_files
+from reconciler.api.writer import ManifestWriter, Refused, remove_stale_temp_files
 from reconciler.caddy.binary import find_caddy
 from reconciler.model import Document, GoodFile, Origin, Source, derive_ingress_id
 from reconciler.parse import parse_documents
@@ -1106,9 +1106,9 @@ def test_writer_follows_lastgood_json_as_the_daemon_rewrites_it(tmp_path: Path) 
     writer = ManifestWriter(s, validate_config=lambda c: None)
     daemon_pass()  # the daemon saw x valid; the writer never read it
     x_file.write_text("name: x\nrules: [\n")
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(Refused) as exc:
         writer.create(body("y", "x.test", 80, 8080))
-    assert (exc.value.status, exc.value.code) == (409, "hostname_in_use"), exc.value.message
+    assert answer(exc.value) == (409, "hostname_in_use"), exc.value.message
     assert os.listdir(s.api_dir) == []
 
     # x deleted, the daemon's pass drops it from lastgood.json: the hostname is free
@@ -1332,9 +1332,9 @@ def test_writer_takes_the_daemons_last_good_versions_in_process(tmp_path: Path) 
     i.read([Source(s.instances_path, 0)])
     handed[0] = ({k: dict(v) for k, v in m.good.items()}, {k: dict(v) for k, v in i.good.items()})
     x_file.write_text("name: x\nrules: [\n")
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(Refused) as exc:
         writer.create(body("y", "x.test", 80, 8080))
-    assert (exc.value.status, exc.value.code) == (409, "hostname_in_use"), exc.value.message
+    assert answer(exc.value) == (409, "hostname_in_use"), exc.value.message
     handed[0] = ({}, {})  # the loop's next pass: x has no last good version any more
     writer.create(body("y", "x.test", 80, 8080))
     assert os.listdir(s.api_dir) == ["y.yaml"]
@@ -1350,9 +1350,9 @@ def test_caddy_validate_errors_never_carry_a_secret(tmp_path: Path) -> None:
                                                                        dns_provider="cloudflare",
                                                                        cloudflare_api_token=token))
     writer = ManifestWriter(s, validate_config=lambda c: f"loading module: API token '{token}' appears invalid")
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(Refused) as exc:
         writer.create(body("y", "y.test", 80, 8080))
-    assert (exc.value.status, exc.value.code) == (400, "config_validation_failed")
+    assert answer(exc.value) == (400, "config_validation_failed")
     assert token not in exc.value.message and "[REDACTED]" in exc.value.message
     assert os.listdir(s.api_dir) == []
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.api.writer import ApiError, ManifestWriter
+from reconciler.api.app import answer
+from reconciler.api.writer import ManifestWriter, Refused
 from reconciler.model import Document, Origin, Reason
 from reconciler.parse import ParsedDocument
 from reconciler.settings import Settings, TLSSettings, domain_allowed
@@ -49,10 +50,10 @@ def test_match_port_zero_means_the_default_port(tls: bool, expected: int) -> Non
 
 def test_api_tls_without_an_issuer_is_a_bad_request(tmp_path: Path) -> None:
     writer = ManifestWriter(writer_settings(tmp_path), validate_config=lambda c: None)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(Refused) as info:
         writer.create({"name": "web", "rules": [{"match": {"hostname": "a.test"}, "tls": True,
                                                   "target": {"instance": "vm", "port": 80}}]})
-    assert (info.value.status, info.value.code) == (400, "bad_request")
+    assert answer(info.value) == (400, "bad_request")
     assert "needs a certificate issuer" in info.value.message
 
 

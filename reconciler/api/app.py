@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reconciler.api.openapi import openapi_document
-from reconciler.api.writer import ApiError, Found, ManifestWriter, check_ref, ingress_body
+from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
 from reconciler.model import Reason
 from reconciler.state.store import GoodMap
 
@@ -51,6 +51,42 @@ class Backend(Protocol):
 
     def good_versions(self) -> tuple[GoodMap, GoodMap] | None:
         """The last good file versions the loop serves (the writer counts with them)."""
+
+
+#: how a refusal of the writer is answered: (HTTP status, the ``code`` of the error body)
+ANSWERS: dict[str, tuple[int, str]] = {
+    Refusal.BAD_REQUEST: (400, "bad_request"),
+    Refusal.INSTANCE_NOT_FOUND: (400, "instance_not_found"),
+    Refusal.CONFIG_VALIDATION_FAILED: (400, "config_validation_failed"),
+    Refusal.ALREADY_EXISTS: (409, "already_exists"),
+    Refusal.AMBIGUOUS: (409, "ambiguous"),
+    Refusal.READ_ONLY_SOURCE: (409, "read_only_source"),
+    Refusal.NOT_FOUND: (404, "not_found"),
+    Refusal.SOURCE_UNAVAILABLE: (503, "source_unavailable"),
+    Refusal.STORAGE_UNAVAILABLE: (503, "storage_unavailable"),
+    Refusal.INSUFFICIENT_STORAGE: (507, "insufficient_storage"),
+    # the rules an ingress may break (the loop reports the same as the ingress's reason)
+    Reason.NAME_CONFLICT: (409, "already_exists"),
+    Reason.HOSTNAME_CONFLICT: (409, "hostname_in_use"),
+    Reason.PORT_CONFLICT: (409, "port_conflict"),
+    Reason.DOMAIN_NOT_ALLOWED: (400, "domain_not_allowed"),
+    Reason.TLS_NOT_CONFIGURED: (400, "bad_request"),  # as hypeman; config_validation_failed: Caddy refuses
+}
+
+
+def answer(refused: Refused) -> tuple[int, str]:
+    """(status, code) of a refusal; a rule without its own answer is a 400 ``bad_request``."""
+    return ANSWERS.get(refused.code, (400, "bad_request"))
+
+
+class ApiError(Exception):
+    """An error of the HTTP layer itself (a body too large, no such endpoint)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
 #: the reasons of an ingress whose routes are in Caddy
@@ -129,6 +165,8 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
                 return await fn(request)
             except ApiError as exc:
                 return error(exc.status, exc.code, exc.message)
+            except Refused as exc:
+                return error(*answer(exc), exc.message)
         return wrapper
 
     @handle

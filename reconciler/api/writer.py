@@ -1,8 +1,11 @@
 """The API's thin writer onto the API-owned manifest dir ``{data}/ingresses``.
 
 The API is not a second source of truth: a create is validated exactly like a manifest file, against the
-whole current desired state read fresh from disk (every source, every instance), and the would-be Caddy
-config must pass ``caddy validate`` -- all *before* anything is written. "The desired state" is the loop's:
+whole current desired state read fresh from disk (every source, every instance) -- by
+:func:`reconciler.validate.admit`, the resolver's own walk: one set of rules for the loop and the API --,
+and the would-be Caddy config must pass ``caddy validate``, all *before* anything is written. Refusals
+carry a domain code (:class:`Refusal`, or the :class:`~reconciler.model.Reason` of the broken rule);
+:mod:`reconciler.api.app` maps them to HTTP. "The desired state" is the loop's:
 a file that is invalid now still counts with the last good version the daemon serves, so before each read
 the writer takes the daemon's last good versions -- handed over in process by the daemon, or else followed
 through ``{data}/state/lastgood.json`` (re-read only when it changed) -- instead of trusting what this
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -37,14 +41,14 @@ import yaml
 
 from reconciler.errors import StorageError
 from reconciler.fsutil import atomic_write, storage_error
-from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Reason, Source
+from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Problem, Source
 from reconciler.parse import ParsedDocument
 from reconciler.render import render, scrub
 from reconciler.settings import Settings
 from reconciler.sources.dirs import sources_for
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
 from reconciler.state.store import GoodMap, LastGoodFollower, copy_good
-from reconciler.validate import InstanceIndex, ingress_from_document, resolve
+from reconciler.validate import InstanceIndex, admit, ingress_from_document
 
 log = structlog.get_logger("hypeman.ingress.api")
 
@@ -56,31 +60,37 @@ _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
 STALE_TEMP_SECONDS = 60.0
 
 
-_CODES: dict[str, tuple[int, str]] = {
-    Reason.HOSTNAME_CONFLICT: (409, "hostname_in_use"),
-    Reason.NAME_CONFLICT: (409, "already_exists"),
-    Reason.PORT_CONFLICT: (409, "port_conflict"),
-    Reason.DOMAIN_NOT_ALLOWED: (400, "domain_not_allowed"),
-    Reason.TLS_NOT_CONFIGURED: (400, "bad_request"),  # as hypeman; config_validation_failed: Caddy refuses
-}
+class Refusal(StrEnum):
+    """Why the writer refused (besides the :class:`reconciler.model.Reason` of a rule the ingress breaks);
+    :mod:`reconciler.api.app` says how each is answered over HTTP."""
+
+    BAD_REQUEST = "bad_request"
+    INSTANCE_NOT_FOUND = "instance_not_found"
+    CONFIG_VALIDATION_FAILED = "config_validation_failed"
+    ALREADY_EXISTS = "already_exists"
+    AMBIGUOUS = "ambiguous"
+    NOT_FOUND = "not_found"
+    READ_ONLY_SOURCE = "read_only_source"
+    SOURCE_UNAVAILABLE = "source_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    INSUFFICIENT_STORAGE = "insufficient_storage"
 
 
-class ApiError(Exception):
-    """An error answered as ``{"code", "message"}`` with ``status``."""
+class Refused(Exception):
+    """A write or lookup refused: ``code`` is a :class:`Refusal` or the :class:`Reason` of a broken rule."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
 
 
-def storage_failure(exc: StorageError, what: str) -> ApiError:
-    """A write the disk refused, as the API answers it."""
+def storage_failure(exc: StorageError, what: str) -> Refused:
+    """A write the disk refused."""
     if exc.no_space:
-        return ApiError(507, "insufficient_storage", f"{what}: {exc}; nothing was written (free space on the "
+        return Refused(Refusal.INSUFFICIENT_STORAGE, f"{what}: {exc}; nothing was written (free space on the "
                                                      "data dir's file system and retry)")
-    return ApiError(503, "storage_unavailable", f"{what}: {exc}; nothing was written")
+    return Refused(Refusal.STORAGE_UNAVAILABLE, f"{what}: {exc}; nothing was written")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +206,7 @@ class ManifestWriter:
         kept = sorted(i.name for i in manifests.items if i.origin.file.startswith(api_dir + os.sep))
         serving = (f"; its {len(kept)} ingress(es) keep serving from their last good versions "
                    f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})" if kept else "")
-        raise ApiError(503, "source_unavailable",
+        raise Refused(Refusal.SOURCE_UNAVAILABLE,
                        f"the API's manifest dir {api_dir} is unavailable ({error}){serving}. Writes are refused "
                        "so that nothing it held is lost: restore it (`hypeman-ingress restore` writes back the "
                        "last good versions), or create it empty to drop its ingresses")
@@ -232,13 +242,13 @@ class ManifestWriter:
             return self._found(next(iter(prefixed.values())), sources)
         if len(prefixed) > 1:
             names = ", ".join(sorted(i.name for i in prefixed.values())[:5])
-            raise ApiError(409, "ambiguous", f"{ref!r} is a prefix of {len(prefixed)} ingress ids ({names})")
-        raise ApiError(404, "not_found", f"no ingress with name, id or id prefix {ref!r}")
+            raise Refused(Refusal.AMBIGUOUS, f"{ref!r} is a prefix of {len(prefixed)} ingress ids ({names})")
+        raise Refused(Refusal.NOT_FOUND, f"no ingress with name, id or id prefix {ref!r}")
 
     # -- writing ------------------------------------------------------------------------------
     def create(self, body: Any) -> Ingress:
         if not isinstance(body, dict):
-            raise ApiError(400, "bad_request", "the body must be a JSON object (an ingress)")
+            raise Refused(Refusal.BAD_REQUEST, "the body must be a JSON object (an ingress)")
         data = dict(body)
         name = data.get("name")
         api_dir = self.settings.api_dir
@@ -249,7 +259,7 @@ class ManifestWriter:
         doc = Document(Origin(api_index, relpath, 0, path, 1), ParsedDocument(0, 1, data))
         candidate, problems = ingress_from_document(doc)
         if candidate is None:
-            raise ApiError(400, "bad_request", "; ".join(p.message for p in problems))
+            raise Refused(Refusal.BAD_REQUEST, "; ".join(p.message for p in problems))
         _check_text(body)
         # what the client sent is validated as sent (created_at included); the API then stamps its own time
         data["created_at"] = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -257,57 +267,43 @@ class ManifestWriter:
         with self.lock:
             manifests, instances = self._read(sources)
             self._check_api_source(manifests)
-            self._check_unique(candidate, sources, manifests, path)
+            admission = admit(candidate, manifests.items, instances.items, self.settings)
+            if admission.problems:
+                raise self._refusal(admission.problems[0], manifests)
+            if os.path.lexists(path):
+                raise Refused(Refusal.ALREADY_EXISTS, f"{path} already exists (it does not hold a valid ingress "
+                                                      "right now; fix or delete it first)")
             index = InstanceIndex(instances.items)
-            for r in candidate.rules:
+            for r in candidate.rules:  # the API's own rule (as hypeman's): a file may name one yet to come
                 if index.lookup(r.instance) is None:
-                    raise ApiError(400, "instance_not_found",
-                                   f"rules: instance {r.instance!r} not found (by name or id)")
-            before = resolve(manifests.items, instances.items, self.settings)
-            desired = resolve([*manifests.items, candidate], instances.items, self.settings)
-            known = {(p.file, p.message) for p in before.problems}
-            # every problem the candidate causes counts, also when an existing ingress would be the loser
-            new = [p for p in desired.problems if (p.file, p.message) not in known]
-            mine = [p for p in new if p.ingress == candidate.name and p.file == path]
-            if mine or new:
-                p = (mine or new)[0]
-                status, code = _CODES.get(p.reason, (400, "bad_request"))
-                message = p.message if mine else (
-                    f"would take {p.ingress!r} ({p.file}) offline: {p.message}")
-                raise ApiError(status, code, message)
-            error = self._validate(render(desired, self.settings))
+                    raise Refused(Refusal.INSTANCE_NOT_FOUND,
+                                  f"rules: instance {r.instance!r} not found (by name or id)")
+            error = self._validate(render(admission.desired, self.settings))
             if error is not None:  # Caddy may quote the config it refused: never a secret in the answer
-                raise ApiError(400, "config_validation_failed",
-                               f"Caddy would reject the config: {scrub(error, self.settings.tls.secrets)}")
-            self._check_api_source(manifests)  # (never makes the dir: see the module docstring)
-            try:
-                atomic_write(path, self._dump(data).encode(), 0o600)
-            except StorageError as exc:
-                if not os.path.isdir(api_dir):  # it vanished since the read
-                    self._check_api_source(manifests)
-                raise storage_failure(exc, f"ingress {candidate.name!r} not created") from exc
+                raise Refused(Refusal.CONFIG_VALIDATION_FAILED,
+                              f"Caddy would reject the config: {scrub(error, self.settings.tls.secrets)}")
+            self._write(path, data, candidate, manifests)
         return candidate
 
-    def _check_unique(self, candidate: Ingress, sources: list[Source], manifests: ReadResult[Ingress],
-                      path: str) -> None:
-        for other in manifests.items:
-            if other.name == candidate.name:
-                raise ApiError(409, "already_exists",
-                               f"an ingress named {candidate.name!r} already exists in {other.origin.file}"
-                               + _stale_note(other, manifests))
-            if other.id == candidate.id:
-                raise ApiError(409, "already_exists",
-                               f"id {candidate.id!r} is already used by ingress {other.name!r} in {other.origin.file}")
-        if os.path.lexists(path):
-            raise ApiError(409, "already_exists", f"{path} already exists (it does not hold a valid ingress "
-                                                  "right now; fix or delete it first)")
-        claims = {(r.hostname, r.port): o for o in manifests.items for r in o.rules}
-        for r in candidate.rules:
-            owner = claims.get((r.hostname, r.port))
-            if owner is not None:
-                raise ApiError(409, "hostname_in_use", f"{r.hostname}:{r.port} is already routed by ingress "
-                                                       f"{owner.name!r} ({owner.origin.file})"
-                                                       + _stale_note(owner, manifests))
+    def _write(self, path: str, data: dict[str, Any], candidate: Ingress, manifests: ReadResult[Ingress]) -> None:
+        self._check_api_source(manifests)  # (never makes the dir: see the module docstring)
+        try:
+            atomic_write(path, self._dump(data).encode(), 0o600)
+        except StorageError as exc:
+            if not os.path.isdir(self.settings.api_dir):  # it vanished since the read
+                self._check_api_source(manifests)
+            raise storage_failure(exc, f"ingress {candidate.name!r} not created") from exc
+
+    @staticmethod
+    def _refusal(problem: Problem, manifests: ReadResult[Ingress]) -> Refused:
+        """The problem :func:`admit` found, as the refusal; a winner whose file is invalid now (serving its
+        last good version) says so."""
+        message = problem.message
+        winner = next((i for i in manifests.items if i.name == problem.winner), None)
+        if winner is not None and winner.origin.file in manifests.stale:
+            message += ("; that file is invalid now, and its last valid version keeps serving until it is fixed "
+                        "or deleted")
+        return Refused(problem.reason, message)
 
     @staticmethod
     def _dump(data: dict[str, Any]) -> str:
@@ -328,14 +324,14 @@ class ManifestWriter:
                 if shadowed:
                     found = self._found(shadowed[0], sources)
             if found.read_only:
-                raise ApiError(409, "read_only_source",
-                               f"ingress {found.ingress.name!r} lives in the read-only source file {found.path}; "
-                               "remove it there (e.g. in git)")
+                raise Refused(Refusal.READ_ONLY_SOURCE,
+                              f"ingress {found.ingress.name!r} lives in the read-only source file {found.path}; "
+                              "remove it there (e.g. in git)")
             siblings = [i for i in manifests.items if i.origin.file == found.path and i.name != found.ingress.name]
             if siblings:
-                raise ApiError(409, "read_only_source",
-                               f"{found.path} also defines {', '.join(sorted(i.name for i in siblings))}; "
-                               "edit that file by hand")
+                raise Refused(Refusal.READ_ONLY_SOURCE,
+                              f"{found.path} also defines {', '.join(sorted(i.name for i in siblings))}; "
+                              "edit that file by hand")
             self._check_api_source(manifests)
             target = os.path.join(self.settings.api_dir, found.ingress.origin.relpath)
             try:
@@ -348,12 +344,6 @@ class ManifestWriter:
         return found
 
 
-def _stale_note(owner: Ingress, manifests: ReadResult[Ingress]) -> str:
-    if owner.origin.file not in manifests.stale:
-        return ""
-    return "; that file is invalid now, and its last valid version keeps serving until it is fixed or deleted"
-
-
 def _check_text(body: Any) -> None:
     """No control characters in any key or string: they never belong in an ingress, and a trailing newline
     slips through the schema's ``$``-anchored patterns (Python's ``$`` also matches before a final newline).
@@ -363,7 +353,7 @@ def _check_text(body: Any) -> None:
         node, where = stack.pop()
         if isinstance(node, str):
             if _CONTROL.search(node):
-                raise ApiError(400, "bad_request", f"{where or 'document'}: control characters are not allowed")
+                raise Refused(Refusal.BAD_REQUEST, f"{where or 'document'}: control characters are not allowed")
         elif isinstance(node, dict):
             for k, v in node.items():
                 stack.append((k, where))
@@ -374,5 +364,5 @@ def _check_text(body: Any) -> None:
 
 def check_ref(ref: str) -> None:
     if not REF.fullmatch(ref):
-        raise ApiError(400, "bad_request", "the ingress reference must be a name, an id or an id prefix "
+        raise Refused(Refusal.BAD_REQUEST, "the ingress reference must be a name, an id or an id prefix "
                                            "(letters, digits, '.', '_', '-')")
