@@ -1,13 +1,19 @@
 """hypeman-ingress: a GitOps-style ingress reconciler in front of Caddy.
 
-Layers, top to bottom (a layer imports only layers below it; ``tests/test_layers.py`` enforces it)::
+The charter of the layers -- the one description of them; ``tests/test_layers.py`` reads this table and
+enforces it. A module imports only modules of lower layers (or of its own package); a name marked ``*``
+is PURE: no logging, networking, processes or clock reading::
 
-    cli                      thin: parse flags, configure logging, call into the app
-    loop                     triggers -> debounce -> reconcile once -> status
-    caddy  sources  state    I/O edges: admin client + supervisor | loader + watcher
-    render  diff  validate   PURE: model -> Caddy JSON; normalise + structural diff; semantic checks
-    model  schema  errors    PURE: dataclasses, JSON Schema, error tree
-    settings                 PURE: configuration values
+    9  cli                                          parse the flags, call the command
+    8  commands                                     what each command does (run, validate, render, ...)
+    7  app                                          the composition root: builds, runs and stops the daemon
+    6  api                                          the HTTP API: a thin writer onto {data}/ingresses
+    5  loop                                         the outer loop, the pass's stages, Caddy's keeper
+    4  sources caddy state                          I/O edges: readers, watcher | Caddy | state files
+    3  validate* render* diff* status* statustable*  rules, Caddy JSON, diff, statuses, the status table
+    2  model* schema* layout*                       dataclasses, the JSON Schema, the routing layout
+    1  settings* parse* memo* jsonutil* fsutil      values, YAML/JSON parsing, memo, JSON | file writes
+    0  errors*                                      the error tree
 """
 
 __version__ = "0.1.0"

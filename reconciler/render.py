@@ -14,11 +14,14 @@ with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.jsonutil import compact, compact_bytes
 from reconciler.layout import Buckets, Member, Placement, bucket_route, layout, member
+from reconciler.memo import IdentityMemo
 from reconciler.model import Desired, ResolvedIngress, ResolvedRule, Unavailable, Upstream
 from reconciler.settings import Settings, TLSSettings
 
@@ -339,13 +342,13 @@ class ConfigEncoder:
     change re-encodes one bucket instead of the whole config, and the body is joined once."""
 
     def __init__(self) -> None:
-        self._texts: dict[int, tuple[Any, bytes]] = {}
+        self._texts: IdentityMemo[Any, bytes] = IdentityMemo()
 
     def __call__(self, config: dict[str, Any]) -> bytes:
         servers = config.get("apps", {}).get("http", {}).get("servers")
         if not isinstance(servers, dict) or not servers:
-            return json.dumps(config, separators=(",", ":")).encode()
-        texts: dict[int, tuple[Any, bytes]] = {}
+            return compact(config).encode()
+        texts = self._texts
         lists: dict[str, list[bytes]] = {}
         shallow = {}
         for name, server in servers.items():
@@ -354,18 +357,12 @@ class ConfigEncoder:
                 shallow[name] = server
                 continue
             marker = f"\x00routes:{len(lists)}\x00"  # encodes as "\u0000routes:N\u0000": never in real text
-            parts: list[bytes] = []
-            for route in routes:
-                hit = self._texts.get(id(route))
-                if hit is None or hit[0] is not route:
-                    hit = (route, json.dumps(route, separators=(",", ":")).encode())
-                texts[id(route)] = hit
-                parts.append(hit[1])
+            parts = [texts.get(route, functools.partial(compact_bytes, route)) for route in routes]
             lists[json.dumps(marker)] = parts
             shallow[name] = {**server, "routes": marker}
-        self._texts = texts
+        texts.round()
         http = {**config["apps"]["http"], "servers": shallow}
-        skeleton = json.dumps({**config, "apps": {**config["apps"], "http": http}}, separators=(",", ":"))
+        skeleton = compact({**config, "apps": {**config["apps"], "http": http}})
         chunks: list[bytes] = []
         rest = skeleton
         for marker, parts in lists.items():

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from reconciler.memo import IdentityMemo
 from reconciler.model import CertificateState, Desired, Problem, Reason, ResolvedIngress, Unavailable
 
 #: every ``reason`` an ingress status can carry (README "Revisions and status"; the OpenAPI
@@ -123,13 +124,12 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
     return IngressStatus(ready=True, reason=Reason.APPLIED, message="routes are live", **base)  # type: ignore[arg-type]
 
 
-class StatusMemo:
+class StatusMemo(IdentityMemo[ResolvedIngress, IngressStatus]):
     """Memory between passes for :func:`ingress_statuses`: an ingress whose resolved object and status
     inputs are unchanged gets the very same status object as in the previous pass (10k ingresses: one
     changed file no longer rebuilds 10k statuses, and callers can tell what changed by identity)."""
 
-    def __init__(self) -> None:
-        self.statuses: dict[int, tuple[ResolvedIngress, tuple[Any, ...], IngressStatus]] = {}
+    __slots__ = ()
 
 
 def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...]] | None = None,
@@ -145,8 +145,7 @@ def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...
         if p.ingress:
             by_name.setdefault(p.ingress, []).append(p)
     out: dict[str, IngressStatus] = {}
-    previous = memo.statuses if memo is not None else {}
-    kept: dict[int, tuple[ResolvedIngress, tuple[Any, ...], IngressStatus]] = {}
+    memo = memo if memo is not None else StatusMemo()
     plain = (applied, pass_error, None, None, None, ())  # the key of an ingress nothing is wrong with
     special = bool(rejected or stale or by_name)
     for ri in desired.ingresses:
@@ -154,14 +153,10 @@ def ingress_statuses(desired: Desired, *, stale: Mapping[str, tuple[Problem, ...
         problems = by_name.get(name, []) if special else []
         key = plain if not special else (applied, pass_error, rejected.get(name), stale.get(file),
                                          stale_since.get(file), tuple(problems))
-        hit = previous.get(id(ri))
-        if hit is None or hit[0] is not ri or hit[1] != key:
-            hit = (ri, key, _accepted(ri, problems=problems, stale=stale, stale_since=stale_since,
-                                      applied=applied, pass_error=pass_error, rejected=rejected))
-        kept[id(ri)] = hit
-        out[name] = hit[2]
-    if memo is not None:
-        memo.statuses = kept
+        out[name] = memo.get(ri, lambda ri=ri, problems=problems: _accepted(  # type: ignore[misc]
+            ri, problems=problems, stale=stale, stale_since=stale_since, applied=applied, pass_error=pass_error,
+            rejected=rejected), key)
+    memo.round()
     for name, problems in by_name.items():
         if name in out:
             continue

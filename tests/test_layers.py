@@ -4,29 +4,34 @@ pure modules do no logging, networking, processes or clock reading."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "reconciler"
 
+
+
+def charter() -> tuple[dict[str, int], set[str]]:
+    """The layer table of ``reconciler/__init__.py``: module -> rank, and the pure modules."""
+    doc = ast.get_docstring(ast.parse((PKG / "__init__.py").read_text())) or ""
+    ranks: dict[str, int] = {}
+    pure: set[str] = set()
+    for line in doc.splitlines():
+        m = re.match(r"^\s{4}(\d+)\s{2}(\S.*?)(?:\s{2,}.*)?$", line)
+        if not m:
+            continue
+        for name in m.group(2).split():
+            module = f"reconciler.{name.rstrip('*')}"
+            ranks[module] = int(m.group(1))
+            if name.endswith("*"):
+                pure.add(module)
+    return ranks, pure
+
+
 # rank: a module may import modules of equal or lower rank only (same rank: only within its package)
-RANKS = {
-    "reconciler.errors": 0,
-    "reconciler.settings": 1, "reconciler.parse": 1, "reconciler.fsutil": 1,
-    "reconciler.model": 2, "reconciler.schema": 2, "reconciler.layout": 2,
-    "reconciler.validate": 3, "reconciler.render": 3, "reconciler.diff": 3, "reconciler.status": 3,
-    "reconciler.statustable": 3,
-    "reconciler.sources": 4, "reconciler.caddy": 4, "reconciler.state": 4,
-    "reconciler.loop": 5,
-    "reconciler.api": 6,
-    "reconciler.app": 7,
-    "reconciler.commands": 8,
-    "reconciler.cli": 9,
-}
-PURE = {"reconciler.errors", "reconciler.settings", "reconciler.parse", "reconciler.model", "reconciler.schema",
-        "reconciler.validate", "reconciler.render", "reconciler.diff", "reconciler.status", "reconciler.layout",
-        "reconciler.statustable"}
+RANKS, PURE = charter()
 IMPURE_IMPORTS = {"logging", "structlog", "httpx", "watchdog", "subprocess", "socket", "time", "threading",
                   "random", "datetime"}
 
@@ -79,6 +84,15 @@ def test_pure_modules_do_no_io(name: str) -> None:
     path = PKG.parent / (name.replace(".", "/") + ".py")
     bad = [i for i in imports(path) if i.split(".")[0] in IMPURE_IMPORTS]
     assert not bad, f"pure module {name} imports {bad}"
+
+
+def test_the_charter_names_every_module_and_package() -> None:
+    listed = set(RANKS)
+    assert len(listed) >= 20 and "reconciler.loop" in listed and "reconciler.errors" in PURE, listed
+    for name, _ in modules():
+        layer_of(name)  # raises for a module no line of the charter covers
+    assert not {m for m in listed if not (PKG.parent / (m.replace(".", "/") + ".py")).exists()
+                and not (PKG.parent / m.replace(".", "/")).is_dir()}, "the charter lists a module that is gone"
 
 
 def test_every_package_says_whether_it_is_pure() -> None:

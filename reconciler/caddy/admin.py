@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from reconciler.errors import CaddyRejected, CaddyUnavailable
+from reconciler.jsonutil import compact_bytes
 
 
 @dataclass(slots=True)
@@ -91,9 +92,7 @@ class AdminClient:
         self._request("POST", "/stop", timeout=5.0)
 
 
-def encode(config: dict[str, Any]) -> bytes:
-    """The compact JSON body Caddy gets (and ``config.json`` holds)."""
-    return json.dumps(config, separators=(",", ":")).encode()
+encode = compact_bytes  #: the compact JSON body Caddy gets (and ``config.json`` holds)
 
 
 def _error_text(resp: httpx.Response) -> str:

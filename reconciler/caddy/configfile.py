@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from reconciler.fsutil import StorageHealth, atomic_write
+from reconciler.jsonutil import compact_bytes
 
 #: where a startup body came from (logged with ``caddy.started``)
 FROM_PENDING = "unsaved"  # the last applied config, not yet on disk
@@ -26,8 +27,7 @@ FROM_MEMORY = "memory"  # the config the running reconciler last applied
 FROM_BOOTSTRAP = "admin-only"
 
 
-def encode(config: dict[str, Any]) -> bytes:
-    return json.dumps(config, separators=(",", ":")).encode()
+encode = compact_bytes  # (the body Caddy gets)
 
 
 class ConfigFile:

@@ -9,12 +9,13 @@ import tempfile
 from typing import Any
 
 from reconciler.errors import CaddyBinaryError
+from reconciler.jsonutil import compact_bytes
 
 
 def caddy_validate(binary: str, config: dict[str, Any], *, timeout: float = 120.0) -> str | None:
     """None when Caddy accepts ``config``; otherwise Caddy's error message. The config goes through a pipe
     (``--config -``): no temp file, so a full or read-only temp dir cannot fail a validation."""
-    body = json.dumps(config, separators=(",", ":")).encode()
+    body = compact_bytes(config)
     env = {**os.environ, "HOME": tempfile.gettempdir()}
     try:
         proc = subprocess.run([binary, "validate", "--config", "-"], input=body, capture_output=True,

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from reconciler.fsutil import StorageHealth, atomic_write, storage_error
+from reconciler.jsonutil import compact
+from reconciler.memo import IdentityMemo
 from reconciler.model import GoodFile
 
 LASTGOOD = "lastgood.json"
@@ -33,33 +35,23 @@ def copy_good(good: GoodMap) -> GoodMap:
     return {source: dict(files) for source, files in good.items()}
 
 
-_COMPACT = (",", ":")
-
-
-class _Fragments:
+class _Fragments(IdentityMemo[Any, bytes]):
     """Encoded JSON of objects that are immutable once made (per-ingress statuses, last-good files), kept
     by identity from one write to the next: rewriting a 10k-entry file serialises only what changed."""
 
-    def __init__(self) -> None:
-        self._texts: dict[int, tuple[Any, tuple[Any, ...], bytes]] = {}
-        self._next: dict[int, tuple[Any, tuple[Any, ...], bytes]] = {}
+    __slots__ = ()
 
     def text(self, item: Any, make: Callable[..., str], *args: Any) -> bytes:
         """``make(*args)`` encoded, reused from the last write while ``item`` is the same object and
         ``args`` are equal (they hold what the text says besides ``item``, e.g. the path it is filed under)."""
-        hit = self._texts.get(id(item))
-        if hit is None or hit[0] is not item or hit[1] != args:
-            hit = (item, args, make(*args).encode())
-        self._next[id(item)] = hit
-        return hit[2]
+        return self.get(item, lambda: make(*args).encode(), args)
 
     def done(self) -> None:
         """End of one write: forget what it did not use."""
-        self._texts, self._next = self._next, {}
+        self.round()
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=_COMPACT)
+_dumps = compact
 
 
 class _ToDict(Protocol):

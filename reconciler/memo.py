@@ -1,0 +1,59 @@
+"""One identity-keyed memory, shared by the parts that keep per-object results from pass to pass (the
+renderer's entries, the resolver's resolved ingresses, the statuses, the encoded JSON of routes and state
+file entries). PURE.
+
+The invariant every user relies on, stated once: **an entry holds the object it was made for.** The object
+therefore stays alive as long as its entry exists, so its ``id()`` cannot be given to another object
+meanwhile: an entry found under ``id(obj)`` whose stored object ``is obj`` belongs to ``obj``. And it is
+only sound for objects that are never changed after they were made (frozen dataclasses, rendered configs
+that later passes copy instead of changing -- ``tests/test_render.py`` checks that).
+
+A memory works in rounds (one per pass, or per file written): what a round did not use is forgotten when
+the next begins, so it never outgrows its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class IdentityMemo(Generic[K, V]):
+    """Values made from objects, found again by the objects' identity. ``extra`` (optional, hashable or
+    comparable) is what the value depends on besides the object: a hit needs it equal too."""
+
+    __slots__ = ("_entries", "_used")
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[K, Any, V]] = {}
+        self._used: dict[int, tuple[K, Any, V]] = {}
+
+    def get(self, obj: K, make: Callable[[], V], extra: Hashable = None) -> V:
+        """The value for ``obj`` (made with ``make()`` when there is none, or when ``extra`` changed); it is
+        kept for the next round."""
+        hit = self._entries.get(id(obj))
+        if hit is None or hit[0] is not obj or hit[1] != extra:
+            hit = (obj, extra, make())
+        self._used[id(obj)] = hit
+        return hit[2]
+
+    def peek(self, obj: K) -> V | None:
+        """The value for ``obj`` if there is one (not kept for the next round by this)."""
+        hit = self._entries.get(id(obj)) or self._used.get(id(obj))
+        return hit[2] if hit is not None and hit[0] is obj else None
+
+    def round(self) -> None:
+        """End a round: keep only what it used."""
+        self._entries, self._used = self._used, {}
+
+    def forget(self) -> None:
+        self._entries, self._used = {}, {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[K]:
+        return (obj for obj, _, _ in self._entries.values())
