@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from reconciler.jsonutil import compact, compact_bytes
 from reconciler.layout import Buckets, Member, Placement, bucket_route, layout, member
@@ -147,9 +147,17 @@ def _redirect_route(name: str, index: int, hostname: str, tls_port: int) -> dict
     }
 
 
-#: one rendered rule: (port, hostname, route id, its rule, its route -- None for a plain proxy to an upstream,
-#: built only if its port is laid out flat --, layout member, tls)
-_Entry = tuple[int, str, str, ResolvedRule, dict[str, Any] | None, Member, bool]
+class _Entry(NamedTuple):
+    """One rendered rule."""
+
+    port: int
+    hostname: str
+    route_id: str
+    rule: ResolvedRule
+    #: its route; None for a plain proxy to an upstream (built only if its port is laid out flat)
+    route: dict[str, Any] | None
+    member: Member
+    tls: bool
 
 
 @dataclass(slots=True)
@@ -165,7 +173,7 @@ class _Port:
 
 def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool]]:
     """What decides where an ingress's routes go: port, hostname, route id, TLS."""
-    return [(e[0], e[1], e[2], e[6]) for e in entries]
+    return [(e.port, e.hostname, e.route_id, e.tls) for e in entries]
 
 
 class Renderer:
@@ -210,10 +218,10 @@ class Renderer:
             del self._memo[id(old)]
             self._memo[id(new)] = (new, entries)
             for entry in entries:
-                port = self._ports[entry[0]]
-                i = port.at[entry[2]]
+                port = self._ports[entry.port]
+                i = port.at[entry.route_id]
                 port.entries[i] = entry
-                dirty.setdefault(entry[0], set()).add(i)
+                dirty.setdefault(entry.port, set()).add(i)
         servers = dict(config["apps"]["http"]["servers"])
         for number, changed in dirty.items():
             port = self._ports[number]
@@ -221,11 +229,11 @@ class Renderer:
             if port.placement is None:
                 for i in changed:
                     e = port.entries[i]
-                    routes[i] = e[4] if e[4] is not None else _route(e[2], e[3])
+                    routes[i] = e.route if e.route is not None else _route(e.route_id, e.rule)
             else:
                 for k in {port.bucket[i] for i in changed}:
                     where, r = port.placement[k]
-                    members = tuple(port.entries[i][5] for i in where)
+                    members = tuple(port.entries[i].member for i in where)
                     hit = self._buckets.get((number, k))
                     routes[r] = hit[1] if hit is not None and hit[0] == members else bucket_route(number, k, members)
                     self._buckets[(number, k)] = (members, routes[r])
@@ -252,57 +260,69 @@ class Renderer:
             rid = route_id(name, rule.index)
             backend = rule.backend
             if isinstance(backend, Upstream) and "{" not in backend.dial:
-                out.append((r.port, r.hostname, rid, rule, None, (r.hostname, backend.dial, None), r.tls))
+                out.append(_Entry(r.port, r.hostname, rid, rule, None, (r.hostname, backend.dial, None), r.tls))
             else:
                 route = _route(rid, rule)
-                out.append((r.port, r.hostname, rid, rule, route, member(r.hostname, route), r.tls))
+                out.append(_Entry(r.port, r.hostname, rid, rule, route, member(r.hostname, route), r.tls))
             if r.tls and r.redirect_http:
                 redirect = _redirect_route(name, rule.index, r.hostname, r.port)
-                out.append((self.settings.http_port, r.hostname, redirect["@id"], rule, redirect,
-                            member(r.hostname, redirect), False))
+                out.append(_Entry(self.settings.http_port, r.hostname, redirect["@id"], rule, redirect,
+                                  member(r.hostname, redirect), False))
         return out
 
     def __call__(self, desired: Desired) -> dict[str, Any]:
         patched = self._patch(desired)
         if patched is not None:
             return patched
-        settings = self.settings
-        by_port: dict[int, list[_Entry]] = {}
-        tls_ports: set[int] = set()
-        tls_hosts: set[str] = set()
         memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
+        by_port: dict[int, list[_Entry]] = {}
         for resolved in desired.ingresses:
             hit = memo[id(resolved)] = self._memo_of(resolved)
             for entry in hit[1]:
-                by_port.setdefault(entry[0], []).append(entry)
-                if entry[6]:
-                    tls_ports.add(entry[0])
-                    tls_hosts.add(entry[1])
+                by_port.setdefault(entry.port, []).append(entry)
         servers: dict[str, Any] = {}
         buckets: Buckets = {}
         ports: dict[int, _Port] = {}
-        for port in sorted(by_port):
-            entries = sorted(by_port[port], key=lambda t: (t[1], t[2]))
-            placement: Placement | None = None
-            if len(entries) <= settings.bucket_threshold:
-                routes = [e[4] if e[4] is not None else _route(e[2], e[3]) for e in entries]
-            else:
-                placement = {}
-                routes = layout([(e[1], e[4]) for e in entries], port=port, threshold=settings.bucket_threshold,
-                                members=[e[5] for e in entries], previous=self._buckets, kept=buckets,
-                                placement=placement)
-            routes.append(fallback_route(port))
-            ports[port] = _Port(entries, {e[2]: i for i, e in enumerate(entries)}, routes, placement,
-                                {i: k for k, (where, _) in (placement or {}).items() for i in where})
-            server: dict[str, Any] = {"listen": [_listen(settings.listen_address, port)], "routes": routes}
-            if port in tls_ports:
-                # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
-                # unknown SNI falls back to the first host's certificate so it still gets the 404
-                server["automatic_https"] = {"disable_redirects": True}
-                server["tls_connection_policies"] = [{"fallback_sni": entries[0][1]}]
-            else:
-                server["automatic_https"] = {"disable": True}
-            servers[server_name(port)] = server
+        for number in sorted(by_port):
+            ports[number], servers[server_name(number)] = self._server(number, by_port[number], buckets)
+        tls_hosts = {e.hostname for entries in by_port.values() for e in entries if e.tls}
+        config = {
+            "admin": admin_block(self.settings),
+            "storage": {"module": "file_system", "root": self.settings.storage_dir},
+            "apps": self._apps(servers, tls_hosts),
+        }
+        # all of the memory at once: a render that failed half-way leaves the last one whole
+        self._memo, self._buckets, self._given, self._ports, self._config = (memo, buckets, desired.ingresses, ports,
+                                                                             config)
+        return config
+
+    def _server(self, number: int, unsorted: list[_Entry], buckets: Buckets) -> tuple[_Port, dict[str, Any]]:
+        """The server of one port: one route per rule, or (above the threshold) bucketed; the 404 last."""
+        settings = self.settings
+        entries = sorted(unsorted, key=lambda e: (e.hostname, e.route_id))
+        placement: Placement | None = None
+        if len(entries) <= settings.bucket_threshold:
+            routes = [e.route if e.route is not None else _route(e.route_id, e.rule) for e in entries]
+        else:
+            placement = {}
+            routes = layout([(e.hostname, e.route) for e in entries], port=number, threshold=settings.bucket_threshold,
+                            members=[e.member for e in entries], previous=self._buckets, kept=buckets,
+                            placement=placement)
+        routes.append(fallback_route(number))
+        port = _Port(entries, {e.route_id: i for i, e in enumerate(entries)}, routes, placement,
+                     {i: k for k, (where, _) in (placement or {}).items() for i in where})
+        server: dict[str, Any] = {"listen": [_listen(settings.listen_address, number)], "routes": routes}
+        if any(e.tls for e in entries):
+            # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
+            # unknown SNI falls back to the first host's certificate so it still gets the 404
+            server["automatic_https"] = {"disable_redirects": True}
+            server["tls_connection_policies"] = [{"fallback_sni": entries[0].hostname}]
+        else:
+            server["automatic_https"] = {"disable": True}
+        return port, server
+
+    def _apps(self, servers: dict[str, Any], tls_hosts: set[str]) -> dict[str, Any]:
+        settings = self.settings
         apps: dict[str, Any] = {
             "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
         }
@@ -319,15 +339,7 @@ class Renderer:
             ]}}
             if settings.tls.issuer == "internal":
                 apps["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
-        config = {
-            "admin": admin_block(settings),
-            "storage": {"module": "file_system", "root": settings.storage_dir},
-            "apps": apps,
-        }
-        # all of the memory at once: a render that failed half-way leaves the last one whole
-        self._memo, self._buckets, self._given, self._ports, self._config = (memo, buckets, desired.ingresses, ports,
-                                                                             config)
-        return config
+        return apps
 
 
 def render(desired: Desired, settings: Settings) -> dict[str, Any]:

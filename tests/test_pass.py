@@ -7,7 +7,9 @@ a port in ``held`` the way Caddy does (400 naming the address), and can be made 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,10 @@ import httpx
 import pytest
 
 from reconciler.caddy.admin import AdminClient
+from reconciler.loop.daemon import Requeue, Tickets, requeue
 from reconciler.loop.reconcile import Reconciler
 from reconciler.loop.triggers import Burst
+from reconciler.model import Reason
 from reconciler.settings import Settings
 from reconciler.state.store import StateStore
 from reconciler.status import IngressStatus
@@ -272,3 +276,40 @@ def test_the_status_a_pass_publishes(world: World) -> None:
     # the same document is what status.json holds
     saved = json.loads(Path(world.settings.state_dir, "status.json").read_text())
     assert saved == json.loads(json.dumps(doc))
+
+
+# -- the outer loop's requeue policy and tickets -----------------------------------------------------------
+
+def test_requeue_backs_off_after_transient_failures_and_resets_after_a_success(world: World) -> None:
+    world.ingress("web")
+    world.caddy.down = True
+    failures = 0
+    for n in range(1, 6):
+        result = world.run("retry")
+        again = requeue(result, world.statuses, failures, rng=random.Random(n))
+        bound = min(30.0, 0.5 * 2 ** n)
+        assert again.failures == n and again.backoff and again.delay is not None
+        assert bound / 2 <= again.delay <= bound
+        failures = again.failures
+    world.caddy.down = False
+    result = world.run("retry")
+    assert requeue(result, world.statuses, failures) == Requeue(0, None)
+
+
+def test_requeue_looks_again_soon_while_a_certificate_is_pending(world: World) -> None:
+    world.ingress("web")
+    result = world.run("start")
+    pending = [dataclasses.replace(st, reason=Reason.CERTIFICATE_PENDING, ready=False) for st in world.statuses]
+    failing = [dataclasses.replace(st, reason=Reason.CERTIFICATE_FAILING, ready=False) for st in world.statuses]
+    assert requeue(result, pending, 3) == Requeue(0, 2.0)
+    assert requeue(result, failing, 0) == Requeue(0, 15.0)
+
+
+def test_a_ticket_is_released_by_its_pass_and_says_whether_it_converged() -> None:
+    tickets = Tickets()
+    assert tickets.wait(1, 0.01, lambda: False) is False  # not served yet: times out
+    tickets.done(1, converged=False)
+    assert tickets.wait(1, 1.0, lambda: False) is False  # served, not converged (Caddy down, say)
+    tickets.done(2, converged=True)
+    assert tickets.wait(1, 1.0, lambda: False) is True and tickets.wait(2, 1.0, lambda: False) is True
+    assert tickets.wait(3, 5.0, lambda: True) is False  # stopping: no wait

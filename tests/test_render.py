@@ -6,6 +6,8 @@ Golden files live in tests/golden/; regenerate them after an intended change wit
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import random
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from reconciler.model import Desired, Document, Origin, Problem, Source
 from reconciler.parse import parse_documents
-from reconciler.render import render, route_id, server_name, to_json
+from reconciler.render import Renderer, render, route_id, server_name, to_json
 from reconciler.settings import Settings, TLSSettings
 from reconciler.sources.inputs import ingress_reader, instance_reader
 from reconciler.validate import ingress_from_document, instance_from_document, resolve
@@ -380,3 +382,20 @@ def test_input_order_does_not_change_the_output(
         rng.shuffle(all_ings)
         rng.shuffle(insts)
         assert to_json(render(resolve(all_ings, insts, SETTINGS), SETTINGS)) == expected
+
+
+@pytest.mark.parametrize("threshold", [256, 2])  # flat, and bucketed
+def test_a_rendered_config_is_never_changed_by_a_later_render(threshold: int) -> None:
+    """The memo's invariant (reconciler/memo.py): what a render returned is shared with later renders --
+    the encoder and the daemon keep it by identity -- so no later render may change it, on the patch path
+    (a backend edited) or the full one (an ingress added)."""
+    settings = dataclasses.replace(SETTINGS, bucket_threshold=threshold)
+    renderer = Renderer(settings)
+    vms = "".join(f"---\nname: vm{i}\nip: 10.0.0.{i + 1}\n" for i in range(4))
+    files = {f"{i}.yaml": m(f"ing{i}", r(f"h{i}.test", 8080, f"vm{i}")) for i in range(4)}
+    first = renderer(desired_from([files], vms, settings))
+    frozen = copy.deepcopy(first)
+    patched = renderer(desired_from([{**files, "1.yaml": m("ing1", r("h1.test", 8080, "vm1", 9999))}], vms, settings))
+    assert patched is not first and "9999" in json.dumps(patched) and first == frozen
+    grown = renderer(desired_from([{**files, "5.yaml": m("ing5", r("h5.test", 8080, "vm2"))}], vms, settings))
+    assert "h5.test" in json.dumps(grown) and first == frozen
