@@ -8,6 +8,7 @@ a diff names the ingress rule that changed instead of a shifted index.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,45 +61,34 @@ def diff(live: Any, desired: Any, path: str = "") -> list[Change]:
     if live == desired and type(live) is type(desired):
         return []  # C-speed equality skips identical subtrees (almost all of them, in a big config)
     if isinstance(live, dict) and isinstance(desired, dict):
-        out: list[Change] = []
-        for key in sorted(set(live) | set(desired)):
-            p = _join(path, key)
-            if key not in desired:
-                out.append(Change("-", p, old=live[key]))
-            elif key not in live:
-                out.append(Change("+", p, new=desired[key]))
-            else:
-                out.extend(diff(live[key], desired[key], p))
-        return out
+        return _keyed(live, desired, lambda key: _join(path, key))
     if isinstance(live, list) and isinstance(desired, list):
         a, b = _ids(live), _ids(desired)
-        if a is not None and b is not None:
-            out = []
-            for key in sorted(set(a) | set(b)):
-                p = f"{path}[@id={key}]"
-                if key not in b:
-                    out.append(Change("-", p, old=a[key]))
-                elif key not in a:
-                    out.append(Change("+", p, new=b[key]))
-                else:
-                    out.extend(diff(a[key], b[key], p))
-            if not out and [i["@id"] for i in live] != [i["@id"] for i in desired]:
-                out.append(Change("~", f"{path} (order)", [i["@id"] for i in live], [i["@id"] for i in desired]))
-            return out
-        out = []
-        for i in range(max(len(live), len(desired))):
-            p = f"{path}[{i}]"
-            if i >= len(desired):
-                out.append(Change("-", p, old=live[i]))
-            elif i >= len(live):
-                out.append(Change("+", p, new=desired[i]))
-            else:
-                out.extend(diff(live[i], desired[i], p))
+        if a is None or b is None:  # plain lists: by position
+            n = max(len(live), len(desired))
+            return _keyed(dict(enumerate(live)), dict(enumerate(desired)), lambda i: f"{path}[{i}]", range(n))
+        out = _keyed(a, b, lambda key: f"{path}[@id={key}]")
+        order = [i["@id"] for i in live], [i["@id"] for i in desired]
+        if not out and order[0] != order[1]:
+            out.append(Change("~", f"{path} (order)", *order))
         return out
-    if live != desired or type(live) is not type(desired):
-        if live is None:
-            return [Change("+", path or "(root)", new=desired)]
-        if desired is None:
-            return [Change("-", path or "(root)", old=live)]
-        return [Change("~", path or "(root)", live, desired)]
-    return []
+    if live is None:
+        return [Change("+", path or "(root)", new=desired)]
+    if desired is None:
+        return [Change("-", path or "(root)", old=live)]
+    return [Change("~", path or "(root)", live, desired)]
+
+
+def _keyed(live: dict[Any, Any], desired: dict[Any, Any], where: Callable[[Any], str],
+           keys: Iterable[Any] | None = None) -> list[Change]:
+    """The changes of two mappings, key by key (sorted unless ``keys`` gives the order)."""
+    out: list[Change] = []
+    for key in keys if keys is not None else sorted(set(live) | set(desired)):
+        p = where(key)
+        if key not in desired:
+            out.append(Change("-", p, old=live[key]))
+        elif key not in live:
+            out.append(Change("+", p, new=desired[key]))
+        else:
+            out.extend(diff(live[key], desired[key], p))
+    return out

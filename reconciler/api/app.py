@@ -145,13 +145,32 @@ async def _body(request: Request, limit: int) -> Any:
         raise ApiError(400, "bad_request", "malformed JSON: nesting too deep") from None
 
 
-def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, wait: float = 10.0,
-               max_body: int = 64 * 1024) -> Starlette:
-    def with_status(found: Found) -> dict[str, Any]:
+def _handled(fn: Callable[[Any, Request], Awaitable[Response]]) -> Callable[[Any, Request], Awaitable[Response]]:
+    """Refusals and HTTP errors answered as ``{"code", "message"}``."""
+    async def wrapper(self: Any, request: Request) -> Response:
+        try:
+            return await fn(self, request)
+        except ApiError as exc:
+            return error(exc.status, exc.code, exc.message)
+        except Refused as exc:
+            return error(*answer(exc), exc.message)
+    return wrapper
+
+
+class _Endpoints:
+    """The handlers of :func:`create_app`: ``/ingresses`` onto the writer, the rest onto the daemon."""
+
+    def __init__(self, writer: ManifestWriter, backend: Backend, *, wait: float, max_body: int) -> None:
+        self.writer = writer
+        self.backend = backend
+        self.wait = wait
+        self.max_body = max_body
+
+    def with_status(self, found: Found) -> dict[str, Any]:
         body = ingress_body(found.ingress)
         body["source"] = found.path
         body["read_only"] = found.read_only
-        st = backend.ingress_status(found.ingress.name)
+        st = self.backend.ingress_status(found.ingress.name)
         if st is not None and st.get("file") and st["file"] != found.path:
             # status is kept per name: this one is about another ingress of the same name, which won
             st = {"ready": False, "reason": "NameConflict", "stale_since": None,
@@ -159,113 +178,106 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         body["status"] = _short_status(st)
         return body
 
-    def handle(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def wrapper(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except ApiError as exc:
-                return error(exc.status, exc.code, exc.message)
-            except Refused as exc:
-                return error(*answer(exc), exc.message)
-        return wrapper
+    async def ingresses(self, request: Request) -> Response:
+        return await (self.create if request.method == "POST" else self.list)(request)
 
-    @handle
-    async def list_ingresses(request: Request) -> Response:
-        found = await anyio.to_thread.run_sync(writer.all)
-        return JSONResponse([with_status(f) for f in found])
+    async def ingress(self, request: Request) -> Response:
+        return await (self.delete if request.method == "DELETE" else self.get)(request)
 
-    @handle
-    async def get_ingress(request: Request) -> Response:
-        found = await anyio.to_thread.run_sync(writer.find, request.path_params["ref"])
-        return JSONResponse(with_status(found))
+    @_handled
+    async def list(self, request: Request) -> Response:
+        found = await anyio.to_thread.run_sync(self.writer.all)
+        return JSONResponse([self.with_status(f) for f in found])
 
-    @handle
-    async def create_ingress(request: Request) -> Response:
-        body = await _body(request, max_body)
-        ingress = await anyio.to_thread.run_sync(writer.create, body)
-        ticket = backend.request_pass(os.path.abspath(ingress.origin.file))
+    @_handled
+    async def get(self, request: Request) -> Response:
+        found = await anyio.to_thread.run_sync(self.writer.find, request.path_params["ref"])
+        return JSONResponse(self.with_status(found))
+
+    @_handled
+    async def create(self, request: Request) -> Response:
+        body = await _body(request, self.max_body)
+        ingress = await anyio.to_thread.run_sync(self.writer.create, body)
+        ticket = self.backend.request_pass(os.path.abspath(ingress.origin.file))
         log.info("api.ingress_created", ingress=ingress.name, id=ingress.id)
-
-        # 201 once a pass that saw the new file has converged Caddy; when the bounded wait runs out or the
-        # pass could not converge (Caddy down), 202 with the current status (the manifest is written and
-        # the loop will converge: never a hang, never a 201 that is not live yet)
-        done = await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait)
-        found = Found(ingress, False, ingress.origin.file)
-        answer = with_status(found)
-        # 201 means live: its routes are in Caddy (answering, or 503 for a stopped instance, or waiting for
-        # a certificate); a pass that left it out (Caddy refused its port, say) answers 202 with why
-        live = done and answer["status"]["reason"] in ROUTED
+        # 201 means live: a pass that saw the new file put its routes into Caddy (answering, or 503 for a
+        # stopped instance, or waiting for a certificate). Else -- the bounded wait ran out, the pass could
+        # not converge (Caddy down), or it left the ingress out (Caddy refused its port, say) -- 202 with the
+        # current status: the manifest is written and the loop converges on its own; never a hang
+        done = await anyio.to_thread.run_sync(self.backend.wait_pass, ticket, self.wait)
+        shown = self.with_status(Found(ingress, False, ingress.origin.file))
+        live = done and shown["status"]["reason"] in ROUTED
         if not live:
-            log.warning("api.not_live_yet", ingress=ingress.name, operation="create", wait=wait,
-                        reason=answer["status"]["reason"])
-        return JSONResponse(answer, status_code=201 if live else 202)
+            log.warning("api.not_live_yet", ingress=ingress.name, operation="create", wait=self.wait,
+                        reason=shown["status"]["reason"])
+        return JSONResponse(shown, status_code=201 if live else 202)
 
-    @handle
-    async def delete_ingress(request: Request) -> Response:
-        found = await anyio.to_thread.run_sync(writer.delete, request.path_params["ref"])
-        ticket = backend.request_pass(os.path.abspath(found.path))
+    @_handled
+    async def delete(self, request: Request) -> Response:
+        found = await anyio.to_thread.run_sync(self.writer.delete, request.path_params["ref"])
+        ticket = self.backend.request_pass(os.path.abspath(found.path))
         log.info("api.ingress_deleted", ingress=found.ingress.name, id=found.ingress.id)
         # 204 once a pass without the file has converged Caddy (its routes are gone); when the wait runs out
         # or the pass could not converge, 202 with the ingress and its current status (the file is gone,
         # the routes may still serve)
-        if await anyio.to_thread.run_sync(backend.wait_pass, ticket, wait):
+        if await anyio.to_thread.run_sync(self.backend.wait_pass, ticket, self.wait):
             return Response(status_code=204)
-        log.warning("api.not_live_yet", ingress=found.ingress.name, operation="delete", wait=wait)
-        return JSONResponse(with_status(found), status_code=202)
+        log.warning("api.not_live_yet", ingress=found.ingress.name, operation="delete", wait=self.wait)
+        return JSONResponse(self.with_status(found), status_code=202)
 
-    @handle
-    async def bad_ref(request: Request) -> Response:
+    @_handled
+    async def bad_ref(self, request: Request) -> Response:
         check_ref(request.path_params.get("ref", ""))
         raise ApiError(404, "not_found", "no such endpoint")
 
-    async def status(request: Request) -> Response:
-        doc = dict(backend.status())
+    async def status(self, request: Request) -> Response:
+        doc = dict(self.backend.status())
         doc.setdefault("ingresses", [])  # before the first pass of a fresh data dir: none yet
         return JSONResponse(doc)
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
-        ok, why = backend.ready()
+    async def readyz(self, request: Request) -> Response:
+        ok, why = self.backend.ready()
         return JSONResponse({"ready": ok, "message": why}, status_code=200 if ok else 503)
 
-    async def metrics(request: Request) -> Response:
-        return Response(backend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.backend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def openapi(request: Request) -> Response:
+    async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return error(404, "not_found", f"no route for {request.method} {request.url.path}")
 
-    async def not_allowed(request: Request, exc: Exception) -> Response:
-        # RFC 9110: a 405 carries Allow (one Route per path below, so it lists every method of the path)
-        given = getattr(exc, "headers", None) or {}
-        allow = ", ".join(sorted(m.strip() for m in given.get("Allow", "").split(",") if m.strip()))
-        response = error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
-        if allow:
-            response.headers["Allow"] = allow
-        return response
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error(404, "not_found", f"no route for {request.method} {request.url.path}")
 
-    async def ingresses(request: Request) -> Response:
-        return await (create_ingress if request.method == "POST" else list_ingresses)(request)
 
-    async def ingress(request: Request) -> Response:
-        return await (delete_ingress if request.method == "DELETE" else get_ingress)(request)
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    # RFC 9110: a 405 carries Allow (one Route per path below, so it lists every method of the path)
+    given = getattr(exc, "headers", None) or {}
+    allow = ", ".join(sorted(m.strip() for m in given.get("Allow", "").split(",") if m.strip()))
+    response = error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
+    if allow:
+        response.headers["Allow"] = allow
+    return response
 
+
+def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, wait: float = 10.0,
+               max_body: int = 64 * 1024) -> Starlette:
+    e = _Endpoints(writer, backend, wait=wait, max_body=max_body)
     routes = [
-        Route("/ingresses", ingresses, methods=["GET", "POST"]),
-        Route("/ingresses/{ref}", ingress, methods=["GET", "DELETE"]),
-        Route("/ingresses/{ref:path}", bad_ref, methods=["GET", "DELETE"]),
-        Route("/status", status, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/ingresses", e.ingresses, methods=["GET", "POST"]),
+        Route("/ingresses/{ref}", e.ingress, methods=["GET", "DELETE"]),
+        Route("/ingresses/{ref:path}", e.bad_ref, methods=["GET", "DELETE"]),
+        Route("/status", e.status, methods=["GET"]),
+        Route("/healthz", e.healthz, methods=["GET"]),
+        Route("/readyz", e.readyz, methods=["GET"]),
+        Route("/metrics", e.metrics, methods=["GET"]),
+        Route("/openapi.json", e.openapi, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_Auth, token=token)],
-                     exception_handlers={404: not_found, 405: not_allowed})
+                     exception_handlers={404: _not_found, 405: _not_allowed})
 
 
 def _short_status(st: dict[str, Any] | None) -> dict[str, Any]:
