@@ -63,37 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("HYPEMAN_LOG_LEVEL", "info"),
                         choices=("debug", "info", "warning", "error"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _daemon_commands(sub)
+    _offline_commands(sub)
+    return parser
 
+
+def _daemon_commands(sub: Any) -> None:
+    """``run``, and the commands that ask the running daemon or its data dir (``status``, ``restore``)."""
     p = sub.add_parser("run", help="the daemon: supervise Caddy, watch manifests, reconcile, serve the API",
                        description="Run the reconciler: start or adopt Caddy, watch every manifest dir and the "
-                                   "instances dir, converge Caddy's config and serve the HTTP API. SIGTERM/SIGINT "
-                                   "stop it.")
+                                   "instances dir, converge Caddy's config and serve the HTTP API. SIGTERM, SIGINT "
+                                   "and SIGQUIT stop it; SIGHUP resyncs at once.")
     _common(p)
     _api(p)
     p.add_argument("--api-wait", metavar="SECONDS", type=float,
                    help="how long POST/DELETE wait for the pass that applies them before answering 202 with "
                         "the current status (env INGRESS_API_WAIT, default 10; 0 answers at once)")
-
-    p = sub.add_parser("validate", help="offline check of manifest files or dirs",
-                       description="Schema and semantic checks. Prints 'file:line: message' per problem; exit 0 "
-                                   "when everything is valid, 1 otherwise.")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="manifest files or dirs (default: the configured sources)")
-    _common(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="print problems only")
-
-    p = sub.add_parser("render", help="print the desired Caddy JSON (secrets redacted)",
-                       description="Render the Caddy JSON config the reconciler would load, from the manifests "
-                                   "and instances on disk. DNS API tokens and keys are shown as [REDACTED] "
-                                   "unless --show-secrets is given.")
-    _common(p)
-    p.add_argument("--show-secrets", action="store_true", help="print secrets instead of [REDACTED]")
-
-    p = sub.add_parser("diff", help="desired vs live Caddy config (exit 0 same, 1 differs, 2 error)",
-                       description="Compare the desired config with the config Caddy runs now. Exit 0 when "
-                                   "they are the same, 1 when they differ, 2 on error (like 'flux diff').")
-    _common(p)
-    p.add_argument("--unified", action="store_true", help="print a unified diff of the JSON instead")
-
     p = sub.add_parser("status", help="per-ingress state, revisions and Caddy state of the daemon",
                        description="Show every ingress (hosts, targets, ready, reason, source), the last applied "
                                    "and attempted revisions, Caddy's state, source health and files under the data "
@@ -102,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, instances=False)
     _api(p)
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
-
     p = sub.add_parser("restore", help="write back the API's manifests from their last good versions",
                        description="After {data}/ingresses was lost (removed, an unmounted volume), the daemon keeps "
                                    "its ingresses serving from their last good versions (kept in "
@@ -112,11 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, instances=False)
     p.add_argument("--dry-run", action="store_true", help="only print what would be written")
 
+
+def _offline_commands(sub: Any) -> None:
+    """The commands that read the manifests themselves: ``validate``, ``render``, ``diff``, ``apply``."""
+    p = sub.add_parser("validate", help="offline check of manifest files or dirs",
+                       description="Schema and semantic checks. Prints 'file:line: message' per problem; exit 0 "
+                                   "when everything is valid, 1 otherwise.")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="manifest files or dirs (default: the configured sources)")
+    _common(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="print problems only")
+    p = sub.add_parser("render", help="print the desired Caddy JSON (secrets redacted)",
+                       description="Render the Caddy JSON config the reconciler would load, from the manifests "
+                                   "and instances on disk. DNS API tokens and keys are shown as [REDACTED] "
+                                   "unless --show-secrets is given.")
+    _common(p)
+    p.add_argument("--show-secrets", action="store_true", help="print secrets instead of [REDACTED]")
+    p = sub.add_parser("diff", help="desired vs live Caddy config (exit 0 same, 1 differs, 2 error)",
+                       description="Compare the desired config with the config Caddy runs now. Exit 0 when "
+                                   "they are the same, 1 when they differ, 2 on error (like 'flux diff').")
+    _common(p)
+    p.add_argument("--unified", action="store_true", help="print a unified diff of the JSON instead")
     p = sub.add_parser("apply", help="one reconcile pass against the running Caddy, then exit",
                        description="Run one pass: render, compare with Caddy, load when different. Exit 0 when "
                                    "Caddy ends up converged, 1 otherwise.")
     _common(p)
-    return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -11,11 +11,11 @@ Third-party errors are mapped onto this tree in exactly one place per edge
     │   ├── CaddyRejected           400 from /load: the old config keeps serving
     │   ├── CaddyBinaryError        binary missing / not executable / wrong
     │   └── CaddyAdminInUse         another process holds Caddy's admin address
-    ├── SourceError                 a manifest source could not be read as a whole
     └── StorageError                a file under the data dir could not be written (full disk,
                                     read-only or vanished directory, permissions): names the file
 
-``StorageError`` is made from an ``OSError`` in exactly one place, :func:`reconciler.fsutil.atomic_write`.
+``StorageError`` is made from an ``OSError`` in exactly one place, :func:`reconciler.fsutil.storage_error`
+(by :func:`reconciler.fsutil.atomic_write` and the few other writers of the data dir).
 """
 
 from __future__ import annotations
@@ -54,10 +54,6 @@ class CaddyRejected(CaddyError):
 
 class CaddyBinaryError(CaddyError):
     """The Caddy binary could not be found, copied or executed."""
-
-
-class SourceError(ReconcilerError):
-    """A whole manifest source (directory) could not be read."""
 
 
 class CaddyAdminInUse(CaddyError):

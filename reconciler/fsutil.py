@@ -18,9 +18,35 @@ from typing import Any
 
 from reconciler.errors import StorageError
 
+#: files modified this recently are read again even when their stat signature is unchanged: a rewrite of the
+#: same size within the file system's timestamp granularity could hide behind an unchanged signature
+RACY_SECONDS = 2.0
+
 #: first and longest delay between two retries of a file that failed to be written
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
+
+
+def racy(st: os.stat_result, now: float) -> bool:
+    """``st`` is of a file modified so recently that its stat signature cannot be trusted (see
+    :data:`RACY_SECONDS`); ``now``: wall-clock time."""
+    return now - st.st_mtime_ns / 1e9 < RACY_SECONDS
+
+
+def pid_alive(pid: int) -> bool:
+    """A process ``pid`` exists and is not a zombie (someone else's counts; an impossible pid does not)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def storage_error(path: str, exc: OSError) -> StorageError:

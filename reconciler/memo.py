@@ -40,17 +40,9 @@ class IdentityMemo(Generic[K, V]):
         self._used[id(obj)] = hit
         return hit[2]
 
-    def peek(self, obj: K) -> V | None:
-        """The value for ``obj`` if there is one (not kept for the next round by this)."""
-        hit = self._entries.get(id(obj)) or self._used.get(id(obj))
-        return hit[2] if hit is not None and hit[0] is obj else None
-
     def round(self) -> None:
         """End a round: keep only what it used."""
         self._entries, self._used = self._used, {}
-
-    def forget(self) -> None:
-        self._entries, self._used = {}, {}
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,6 +1,6 @@
 """Render the desired state into Caddy JSON. PURE and deterministic.
 
-Layout (DESIGN §3): one server ``ingress-<port>`` per listening port on ``CADDY_LISTEN_ADDRESS``; per
+Layout: one server ``ingress-<port>`` per listening port on ``CADDY_LISTEN_ADDRESS``; per
 rule a host-matched route with ``@id`` ``ingress.<name>.rule-<index>``; the last route of every server
 answers 404 naming the unmatched host. Rules whose instance is missing or stopped answer 503 so their
 hostname never falls through. The ``admin`` block, ``http_port``/``https_port`` and the storage root are

@@ -102,7 +102,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _control_characters(data: Any) -> tuple[str | int, ...] | None:
+def control_character_path(data: Any) -> tuple[str | int, ...] | None:
     """Path of the first string (key or value) holding a control character, iteratively."""
     stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
     while stack:
@@ -130,7 +130,7 @@ def schema_errors(name: str, doc: ParsedDocument) -> list[tuple[int, str]]:
         if fast is None:
             return []
         # Python's `$` also matches before a trailing newline, ECMA/Rust's does not: trust the strict one
-        path = _control_characters(doc.data)
+        path = control_character_path(doc.data)
         if path is not None:
             return [(doc.line_of(path), f"{format_path(path) or 'document'}: control characters are not allowed")]
         return [(doc.line, "document: a value does not match its pattern")]

@@ -1,10 +1,10 @@
-"""Runtime settings with the seed's environment variable names and defaults. PURE."""
+"""Runtime settings, with hypeman's environment variable names and defaults. PURE."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from reconciler.errors import ConfigError
@@ -103,49 +103,70 @@ class TLSSettings:
             value = env.get(key, "").strip()
             return value or None
 
-        issuer = (get("TLS_ISSUER") or "").lower() or None
-        email = get("ACME_EMAIL")
-        if issuer is None and email:
-            issuer = "acme"
-        if issuer not in (None, "acme", "internal"):
-            raise ConfigError(f"TLS_ISSUER={issuer!r}: expected 'acme' or 'internal'")
-        if issuer == "acme" and not email:
-            raise ConfigError("TLS_ISSUER=acme needs ACME_EMAIL (the ACME account contact)")
-        provider = (get("ACME_DNS_PROVIDER") or "").lower() or None
-        if provider is not None and provider not in DNS_PROVIDERS:
-            raise ConfigError(f"ACME_DNS_PROVIDER={provider!r}: expected one of {', '.join(DNS_PROVIDERS)}")
-        if provider is not None and issuer != "acme":
-            raise ConfigError("ACME_DNS_PROVIDER only applies to ACME (set ACME_EMAIL, or unset ACME_DNS_PROVIDER "
-                              "when TLS_ISSUER=internal)")
-        if provider == "cloudflare" and not get("CLOUDFLARE_API_TOKEN"):
-            raise ConfigError("ACME_DNS_PROVIDER=cloudflare needs CLOUDFLARE_API_TOKEN")
-        if provider == "route53" and bool(get("AWS_ACCESS_KEY_ID")) != bool(get("AWS_SECRET_ACCESS_KEY")):
-            raise ConfigError("ACME_DNS_PROVIDER=route53: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                              "or neither (then the AWS default credential chain is used)")
-        challenges = tuple(c.strip().lower() for c in (get("ACME_CHALLENGES") or ",".join(CHALLENGES)).split(",")
-                           if c.strip())
-        bad = [c for c in challenges if c not in CHALLENGES]
-        if bad or not challenges:
-            raise ConfigError(f"ACME_CHALLENGES: expected a comma list of {', '.join(CHALLENGES)}")
-        for key in ("ACME_DNS_PROPAGATION_TIMEOUT", "ACME_DNS_PROPAGATION_DELAY"):
-            value = get(key)
-            if value is not None and value != "-1" and not _DURATION.match(value):
-                raise ConfigError(f"{key}={value!r} is not a duration (e.g. 2m, 30s)")
-        ca_root = get("ACME_CA_ROOT")
+        issuer, email = _issuer(get)
+        provider = _dns_provider(get, issuer)
         # unset: any hostname may use TLS; set, even to nothing: only those listed (none when empty)
         domains = env.get("TLS_ALLOWED_DOMAINS")
         return cls(
             issuer=issuer, acme_email=email, acme_ca=get("ACME_CA"),
-            acme_ca_root=ca_root, challenges=challenges,
+            acme_ca_root=get("ACME_CA_ROOT"), challenges=_challenges(get),
             dns_provider=provider, cloudflare_api_token=get("CLOUDFLARE_API_TOKEN"),
             aws_access_key_id=get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=get("AWS_SECRET_ACCESS_KEY"),
             aws_region=get("AWS_REGION") or "us-east-1", aws_hosted_zone_id=get("AWS_HOSTED_ZONE_ID"),
-            dns_propagation_timeout=get("ACME_DNS_PROPAGATION_TIMEOUT"),
-            dns_propagation_delay=get("ACME_DNS_PROPAGATION_DELAY"),
+            dns_propagation_timeout=_duration(get, "ACME_DNS_PROPAGATION_TIMEOUT"),
+            dns_propagation_delay=_duration(get, "ACME_DNS_PROPAGATION_DELAY"),
             dns_resolvers=tuple(r.strip() for r in (get("ACME_DNS_RESOLVERS") or "").split(",") if r.strip()),
             allowed_domains=(tuple(d.strip().lower() for d in domains.split(",") if d.strip())
                              if domains is not None else None),
         )
+
+
+Get = Callable[[str], "str | None"]
+
+
+def _issuer(get: Get) -> tuple[str | None, str | None]:
+    """(issuer, ACME contact): ``TLS_ISSUER``, or ACME when only ``ACME_EMAIL`` is set."""
+    issuer = (get("TLS_ISSUER") or "").lower() or None
+    email = get("ACME_EMAIL")
+    if issuer is None and email:
+        issuer = "acme"
+    if issuer not in (None, "acme", "internal"):
+        raise ConfigError(f"TLS_ISSUER={issuer!r}: expected 'acme' or 'internal'")
+    if issuer == "acme" and not email:
+        raise ConfigError("TLS_ISSUER=acme needs ACME_EMAIL (the ACME account contact)")
+    return issuer, email
+
+
+def _dns_provider(get: Get, issuer: str | None) -> str | None:
+    provider = (get("ACME_DNS_PROVIDER") or "").lower() or None
+    if provider is None:
+        return None
+    if provider not in DNS_PROVIDERS:
+        raise ConfigError(f"ACME_DNS_PROVIDER={provider!r}: expected one of {', '.join(DNS_PROVIDERS)}")
+    if issuer != "acme":
+        raise ConfigError("ACME_DNS_PROVIDER only applies to ACME (set ACME_EMAIL, or unset ACME_DNS_PROVIDER "
+                          "when TLS_ISSUER=internal)")
+    if provider == "cloudflare" and not get("CLOUDFLARE_API_TOKEN"):
+        raise ConfigError("ACME_DNS_PROVIDER=cloudflare needs CLOUDFLARE_API_TOKEN")
+    if provider == "route53" and bool(get("AWS_ACCESS_KEY_ID")) != bool(get("AWS_SECRET_ACCESS_KEY")):
+        raise ConfigError("ACME_DNS_PROVIDER=route53: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                          "or neither (then the AWS default credential chain is used)")
+    return provider
+
+
+def _challenges(get: Get) -> tuple[str, ...]:
+    challenges = tuple(c.strip().lower() for c in (get("ACME_CHALLENGES") or ",".join(CHALLENGES)).split(",")
+                       if c.strip())
+    if not challenges or any(c not in CHALLENGES for c in challenges):
+        raise ConfigError(f"ACME_CHALLENGES: expected a comma list of {', '.join(CHALLENGES)}")
+    return challenges
+
+
+def _duration(get: Get, key: str) -> str | None:
+    value = get(key)
+    if value is not None and value != "-1" and not _DURATION.match(value):
+        raise ConfigError(f"{key}={value!r} is not a duration (e.g. 2m, 30s)")
+    return value
 
 
 def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
@@ -195,7 +216,6 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     #: above this many routes on one port, hosts are bucketed (see reconciler.layout)
     bucket_threshold: int = 256
-    extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def admin_listen(self) -> str:
@@ -230,7 +250,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
-        """Read the seed's variables (``CADDY_*``) and ours (``HYPEMAN_*``); ``overrides`` win (flags)."""
+        """Read hypeman's variables (``CADDY_*``) and ours (``HYPEMAN_*``); ``overrides`` win (flags)."""
         values: dict[str, object] = {
             "data_dir": env.get("HYPEMAN_DATA_DIR") or DEFAULT_DATA_DIR,
             "listen_address": env.get("CADDY_LISTEN_ADDRESS") or "0.0.0.0",

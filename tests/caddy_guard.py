@@ -1,6 +1,6 @@
 """Suite-wide guard: no Caddy config the tests push may let Caddy reach a public ACME CA.
 
-Caddy's defaults are dangerous (DESIGN §3): an automation policy without ``issuers``, an ``acme`` issuer
+Caddy's defaults are dangerous (README, "TLS"): an automation policy without ``issuers``, an ``acme`` issuer
 without ``ca`` (Let's Encrypt production) or a server with host matchers whose automatic HTTPS is on and
 whose hosts no policy covers all end at Let's Encrypt or ZeroSSL. :func:`check_config` refuses a config
 unless every issuer it names is Caddy's ``internal`` CA or an ``acme`` CA on loopback, every host Caddy

@@ -255,7 +255,7 @@ def test_quick_deaths_back_off_and_flap_until_caddy_stays_up() -> None:
         sup.die()
         keeper._tick()  # sees the death
         assert keeper.phase == DOWN and keeper.failures == n
-        delay = keeper._retry_at - clock()
+        delay = keeper.record.retry_at - clock()
         delays.append(delay)
         assert min(30.0, 0.5 * 2 ** n) / 2 <= delay <= min(30.0, 0.5 * 2 ** n)
         keeper._tick()
@@ -274,7 +274,7 @@ def test_quick_deaths_back_off_and_flap_until_caddy_stays_up() -> None:
     clock.advance(100.0)
     sup.die()
     keeper._tick()
-    assert keeper.failures == 0 and keeper._retry_at == clock()
+    assert keeper.failures == 0 and keeper.record.retry_at == clock()
     keeper._tick()
     assert sup.starts == 7
 

@@ -40,10 +40,11 @@ import structlog
 import yaml
 
 from reconciler.errors import StorageError
-from reconciler.fsutil import atomic_write, storage_error
+from reconciler.fsutil import atomic_write, pid_alive, storage_error
 from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Problem, Source
 from reconciler.parse import ParsedDocument
 from reconciler.render import render, scrub
+from reconciler.schema import control_character_path, format_path
 from reconciler.settings import Settings
 from reconciler.sources.dirs import sources_for
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
@@ -53,7 +54,6 @@ from reconciler.validate import InstanceIndex, admit, ingress_from_document
 log = structlog.get_logger("hypeman.ingress.api")
 
 REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # use with fullmatch: "$" also matches before "\n"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: the temp files of :func:`reconciler.fsutil.atomic_write`: ``.{name}.{pid}.tmp``
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
 #: a temp file older than this is left over from a crash, whoever wrote it
@@ -101,7 +101,7 @@ class Found:
 
 
 def ingress_body(ing: Ingress) -> dict[str, Any]:
-    """The seed's ingress object."""
+    """The ingress object as hypeman's API has it."""
     rules = []
     for r in ing.rules:
         rule: dict[str, Any] = {"match": {"hostname": r.hostname, "port": r.port},
@@ -114,18 +114,8 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
     return {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError, ValueError):  # no such process (or no such pid at all)
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def remove_stale_temp_files(directory: str, *, wall: Callable[[], float] = time.time,
-                            alive: Callable[[int], bool] = _pid_alive) -> list[str]:
+                            alive: Callable[[int], bool] = pid_alive) -> list[str]:
     """Remove the temp files an atomic write left behind when its process was killed mid-write
     (``.{name}.{pid}.tmp``, regular files only, top level of ``directory``): those of a process that is
     gone, and any older than :data:`STALE_TEMP_SECONDS` (a pid may have been reused). Returns their names."""
@@ -345,21 +335,12 @@ class ManifestWriter:
 
 
 def _check_text(body: Any) -> None:
-    """No control characters in any key or string: they never belong in an ingress, and a trailing newline
-    slips through the schema's ``$``-anchored patterns (Python's ``$`` also matches before a final newline).
-    Iterative, so a deeply nested body cannot exhaust the stack."""
-    stack: list[tuple[Any, str]] = [(body, "")]
-    while stack:
-        node, where = stack.pop()
-        if isinstance(node, str):
-            if _CONTROL.search(node):
-                raise Refused(Refusal.BAD_REQUEST, f"{where or 'document'}: control characters are not allowed")
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                stack.append((k, where))
-                stack.append((v, f"{where}.{k}" if where else str(k)))
-        elif isinstance(node, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+    """No control characters in any key or string (the schema's own walk): they never belong in an
+    ingress, and a trailing newline slips through the schema's ``$``-anchored patterns (Python's ``$`` also
+    matches before a final newline)."""
+    path = control_character_path(body)
+    if path is not None:
+        raise Refused(Refusal.BAD_REQUEST, f"{format_path(path) or 'document'}: control characters are not allowed")
 
 
 def check_ref(ref: str) -> None:

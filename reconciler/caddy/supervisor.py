@@ -22,31 +22,16 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import binaries_root, install_binary
 from reconciler.caddy.configfile import FROM_BOOTSTRAP, ConfigFile, encode
 from reconciler.errors import CaddyAdminInUse, CaddyError, CaddyExited, CaddyUnavailable, StorageError
-from reconciler.fsutil import StorageHealth, atomic_write
+from reconciler.fsutil import StorageHealth, atomic_write, pid_alive
 from reconciler.render import admin_block, scrub
 from reconciler.settings import Settings
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def process_exe(pid: int) -> str | None:
@@ -121,15 +106,23 @@ class CaddySupervisor:
         self.started_at: float | None = None
         #: how the last process we watched ended: {"pid", "code", "uptime"} (code None: not our child)
         self.last_exit: dict[str, Any] | None = None
-        d = settings.caddy_dir
-        self.config_path = os.path.join(d, "config.json")
-        self.pid_path = os.path.join(d, "caddy.pid")
-        self.log_path = os.path.join(d, "caddy.log")
         self.config = config or ConfigFile(self.config_path, health=health, log=self._log)
         #: set to give up a start that is still waiting for Caddy's admin API (the daemon is stopping)
         self.cancel = threading.Event()
 
     # -- files ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.settings.caddy_dir, "config.json")
+
+    @property
+    def pid_path(self) -> str:
+        return os.path.join(self.settings.caddy_dir, "caddy.pid")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.settings.caddy_dir, "caddy.log")
+
     def prepare_dirs(self) -> None:
         """``{data}/caddy`` and its ``data`` (certificate storage, keys) and ``config`` dirs, private: created
         0700, and repaired at every start when something (an operator's chmod -R, a restore from a backup,
@@ -169,11 +162,6 @@ class CaddySupervisor:
                         refused.append(path)
             if refused:
                 self._log("caddy.storage_not_private", count=len(refused), examples=refused[:5])
-
-    def save_config(self, config: Mapping[str, Any] | bytes) -> None:
-        """Persist the config we applied (or its encoded body), so a restarted Caddy starts with it. Raises
-        :class:`StorageError`; the body is kept for restarts meanwhile and the write is retried."""
-        self.config.save(config if isinstance(config, bytes) else encode(dict(config)))
 
     def _read_pid(self) -> int | None:
         try:

@@ -128,8 +128,6 @@ class Applier:
         #: the config Caddy runs as far as this process knows (None: read it back), and its generation
         self.live: dict[str, Any] | None = None
         self.live_generation = 0
-        #: the last config applied (never forgotten: a restart of Caddy may start with it)
-        self.last_config: dict[str, Any] | None = None
         self.loads = 0
 
     def apply(self, plan: Plan, generation: int, meanwhile: Callable[[], None]) -> Applied:
@@ -146,7 +144,7 @@ class Applier:
         self.loads += applied.loads
         if applied.config is not None:
             applied = replace(applied, new=self.live != applied.config)
-            self.live, self.live_generation, self.last_config = applied.config, generation, applied.config
+            self.live, self.live_generation = applied.config, generation
         elif applied.outcome == Outcome.UNAVAILABLE:
             self.live = None  # Caddy may come back with anything: read it next time
         return self._scrubbed(applied)

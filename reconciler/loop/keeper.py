@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.caddy.supervisor import CaddySupervisor
@@ -40,6 +41,35 @@ def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.R
     return (rng or random).uniform(delay / 2, delay)
 
 
+@dataclass(slots=True)
+class Record:
+    """What the keeper knows of Caddy's lives (changed under the keeper's lock)."""
+
+    phase: str = STARTING
+    since: float = 0.0  # monotonic time the phase began
+    #: start attempts so far (see the module docstring)
+    generation: int = 0
+    #: successful starts after the first one
+    restarts: int = 0
+    #: failed starts and quick deaths in a row (restarts back off)
+    failures: int = 0
+    #: quick deaths in a row (a start that answered, then died within ``stable_after``; or a crash at start)
+    quick_deaths: int = 0
+    last_error: str | None = None
+    retry_at: float = 0.0  # monotonic time of the next attempt
+
+
+@dataclass(slots=True)
+class FirstStart:
+    """The handshake with whoever waits for the first start (see :meth:`CaddyKeeper.wait_first`)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False  # the first attempt ended (under the keeper's lock)
+    abandoned: bool = False  # its waiter gave up: the keeper announces its success itself
+    #: its error, when it was one a start cannot get past (another server on the admin address)
+    error: CaddyAdminInUse | None = None
+
+
 class CaddyKeeper:
     def __init__(self, supervisor: CaddySupervisor, *, on_started: Callable[[], None],
                  log: Callable[..., Any], stable_after: float = 30.0, interval: float = 0.2,
@@ -53,23 +83,29 @@ class CaddyKeeper:
         self._rng = rng
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._first_done = threading.Event()
-        self._first_finished = False  # the first attempt ended (under the lock)
-        self._first_abandoned = False  # its waiter gave up: the keeper announces its success itself
         self._thread: threading.Thread | None = None
-        #: start attempts so far (see the module docstring)
-        self.generation = 0
-        #: successful starts after the first one
-        self.restarts = 0
-        self.failures = 0
-        #: consecutive quick deaths (a start that answered, then died within ``stable_after``)
-        self.quick_deaths = 0
-        self.phase = STARTING
-        self.last_error: str | None = None
-        self._retry_at = 0.0
-        self._phase_since = clock()
-        #: the first attempt's error when it was one that a start cannot get past (another admin server)
-        self.first_error: CaddyAdminInUse | None = None
+        self._first = FirstStart()
+        self.record = Record(since=clock())
+
+    @property
+    def generation(self) -> int:
+        return self.record.generation
+
+    @property
+    def restarts(self) -> int:
+        return self.record.restarts
+
+    @property
+    def failures(self) -> int:
+        return self.record.failures
+
+    @property
+    def phase(self) -> str:
+        return self.record.phase
+
+    @property
+    def first_error(self) -> CaddyAdminInUse | None:
+        return self._first.error
 
     # -- thread ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -79,11 +115,11 @@ class CaddyKeeper:
     def wait_first(self, timeout: float) -> bool:
         """Wait for the first start attempt to end (at most ``timeout``). True when it did: the caller runs
         the first pass then; else the keeper announces the start when it comes (``on_started``)."""
-        self._first_done.wait(timeout)
+        self._first.done.wait(timeout)
         with self._lock:
-            if self._first_finished:
+            if self._first.finished:
                 return True
-            self._first_abandoned = True
+            self._first.abandoned = True
             return False
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -97,11 +133,11 @@ class CaddyKeeper:
             self._attempt(first=True)
         except Exception as exc:  # (logging itself failed): the ticks below go on trying
             with self._lock:
-                self._first_finished = True
-                self._set_phase(DOWN, self._clock())
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._first.finished = True
+                self._phase(DOWN, self._clock())
+                self.record.last_error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._first_done.set()
+            self._first.done.set()
         while not self._stop.wait(self.interval):
             try:
                 self._tick()
@@ -109,114 +145,118 @@ class CaddyKeeper:
                 self._log("caddy.keeper_error", error=f"{type(exc).__name__}: {exc}")
 
     def _tick(self) -> None:
-        sup = self.supervisor
+        sup, r = self.supervisor, self.record
         now = self._clock()
         if sup.pid is not None:
             if sup.alive():
                 started = sup.started_at
-                if self.failures and started is not None and now - started >= self.stable_after:
-                    self._log("caddy.stable", pid=sup.pid, after_failures=self.failures)
+                if r.failures and started is not None and now - started >= self.stable_after:
+                    self._log("caddy.stable", pid=sup.pid, after_failures=r.failures)
                     with self._lock:
-                        self.failures = self.quick_deaths = 0
-                        self.last_error = None
+                        r.failures = r.quick_deaths = 0
+                        r.last_error = None
                 return
             self._died(now)
-        if now >= self._retry_at and not self._stop.is_set():
+        if now >= r.retry_at and not self._stop.is_set():
             self._attempt()
 
     def _died(self, now: float) -> None:
-        sup = self.supervisor
+        sup, r = self.supervisor, self.record
         answered = sup.answered
         exit_ = sup.note_exit(now)
         uptime = exit_.get("uptime_seconds")
         quick = not answered or uptime is None or uptime < self.stable_after
         with self._lock:
             if quick:
-                self.failures += 1
-                self.quick_deaths += 1
+                r.failures += 1
+                r.quick_deaths += 1
             else:
-                self.failures = self.quick_deaths = 0
-            self._set_phase(DOWN, now)
+                r.failures = r.quick_deaths = 0
+            self._phase(DOWN, now)
             how = _how(exit_)
-            self.last_error = f"Caddy {how} after {uptime:.1f}s" if uptime is not None else f"Caddy {how}"
-            delay = backoff(self.failures, rng=self._rng) if self.failures else 0.0
-            self._retry_at = now + delay
+            r.last_error = f"Caddy {how} after {uptime:.1f}s" if uptime is not None else f"Caddy {how}"
+            delay = backoff(r.failures, rng=self._rng) if r.failures else 0.0
+            r.retry_at = now + delay
         self._log("caddy.died", pid=exit_["pid"], exit_code=exit_["code"], uptime_s=uptime,
-                  failures=self.failures, flapping=self.flapping, retry_in=round(delay, 2),
+                  failures=r.failures, flapping=self.flapping, retry_in=round(delay, 2),
                   log_tail=sup.log_tail(3))
 
     def _attempt(self, *, first: bool = False) -> None:
-        sup = self.supervisor
+        sup, r = self.supervisor, self.record
         with self._lock:
-            self.generation += 1
-            self._set_phase(STARTING, self._clock())
+            r.generation += 1
+            self._phase(STARTING, self._clock())
         try:
             started = sup.ensure_running()
         except Exception as exc:  # a hung or failing start, a missing binary, a full disk: retried
-            now = self._clock()
-            with self._lock:
-                self.failures += 1
-                if isinstance(exc, CaddyExited):  # a crash at start counts like a death soon after it
-                    self.quick_deaths += 1
-                self.last_error = str(exc)
-                delay = backoff(self.failures, rng=self._rng)
-                self._retry_at = now + delay
-                self._set_phase(DOWN, now)
-                if first:
-                    self._first_finished = True
-                    if isinstance(exc, CaddyAdminInUse):
-                        self.first_error = exc
-            self._log("caddy.start_failed" if first else "caddy.restart_failed", error=str(exc),
-                      failures=self.failures, flapping=self.flapping, retry_in=round(delay, 2))
+            self._failed(exc, first)
             return
         if not started:  # adopted: a config.json damaged meanwhile is noticed (and repaired by a pass)
             sup.config.check()
         with self._lock:
-            self._set_phase(RUNNING, self._clock())
+            self._phase(RUNNING, self._clock())
             if first:
-                self._first_finished = True
-                announce = self._first_abandoned
+                self._first.finished = True
+                announce = self._first.abandoned
             else:
-                self.restarts += 1
+                r.restarts += 1
                 announce = True
         if announce:
             self._on_started()
 
-    def _set_phase(self, phase: str, now: float) -> None:
-        if phase != self.phase:
-            self.phase, self._phase_since = phase, now
+    def _failed(self, exc: Exception, first: bool) -> None:
+        r = self.record
+        now = self._clock()
+        with self._lock:
+            r.failures += 1
+            if isinstance(exc, CaddyExited):  # a crash at start counts like a death soon after it
+                r.quick_deaths += 1
+            r.last_error = str(exc)
+            delay = backoff(r.failures, rng=self._rng)
+            r.retry_at = now + delay
+            self._phase(DOWN, now)
+            if first:
+                self._first.finished = True
+                if isinstance(exc, CaddyAdminInUse):
+                    self._first.error = exc
+        self._log("caddy.start_failed" if first else "caddy.restart_failed", error=str(exc),
+                  failures=r.failures, flapping=self.flapping, retry_in=round(delay, 2))
+
+    def _phase(self, phase: str, now: float) -> None:
+        if phase != self.record.phase:
+            self.record.phase, self.record.since = phase, now
 
     # -- what others read ------------------------------------------------------------------------
     @property
     def flapping(self) -> bool:
-        return self.quick_deaths >= FLAPPING_AFTER
+        return self.record.quick_deaths >= FLAPPING_AFTER
 
     def up(self) -> bool:
         """Caddy runs and its admin API answers (checked now, from any thread)."""
-        return self.phase == RUNNING and self.supervisor.running()
+        return self.record.phase == RUNNING and self.supervisor.running()
 
     def state(self) -> dict[str, Any]:
         sup = self.supervisor
         now = self._clock()
         with self._lock:
-            phase, failures, since, error = self.phase, self.failures, self._phase_since, self.last_error
-            retry_at, restarts, generation = self._retry_at, self.restarts, self.generation
-        running = phase == RUNNING and sup.running()
+            r = replace(self.record)
+        running = r.phase == RUNNING and sup.running()
+        phase = r.phase
         if phase == RUNNING and not running:  # seen now, before the keeper's next look
             phase = UNRESPONSIVE if sup.process_alive() else DOWN
         state = {**sup.state(), "running": running, "state": phase,
-                 "since_seconds": round(now - since, 1), "flapping": self.flapping, "failures": failures,
-                 "restarts": restarts, "generation": generation, "last_error": error,
+                 "since_seconds": round(now - r.since, 1), "flapping": self.flapping, "failures": r.failures,
+                 "restarts": r.restarts, "generation": r.generation, "last_error": r.last_error,
                  "last_exit": sup.last_exit, "config": sup.config_path}
         if phase == DOWN:
-            state["next_attempt_in"] = round(max(0.0, retry_at - now), 1)
+            state["next_attempt_in"] = round(max(0.0, r.retry_at - now), 1)
         return state
 
     def problem(self) -> str | None:
         """Why Caddy cannot be called up now, for ``/readyz`` (None when it is)."""
         st = self.state()
         if self.flapping:
-            return (f"Caddy is flapping: it died {self.quick_deaths} times in a row within "
+            return (f"Caddy is flapping: it died {self.record.quick_deaths} times in a row within "
                     f"{self.stable_after:g}s of starting ({st['last_error']})"
                     + (f"; next start in {st['next_attempt_in']}s" if "next_attempt_in" in st else ""))
         if st["running"]:

@@ -175,11 +175,6 @@ class Reconciler:
 
     # -- for others -----------------------------------------------------------------------------
     @property
-    def last_applied_config(self) -> dict[str, Any] | None:
-        """The last config a pass applied (a restart of Caddy may start with it)."""
-        return self.applier.last_config
-
-    @property
     def loads(self) -> int:
         return self.applier.loads
 

@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -74,6 +74,29 @@ class Burst:
         return bool(self.triggers & {Trigger.RESYNC, Trigger.SIGHUP})
 
 
+@dataclass(slots=True)
+class _Pending:
+    """The burst being gathered."""
+
+    reasons: set[Trigger] = field(default_factory=set)
+    #: paths changed; None = something without a path asked: read everything
+    paths: set[str] | None = field(default_factory=set)
+    first: float = 0.0  # when it is due at the latest is ``first + debounce_max``
+    first_event: float = 0.0  # when its first event came (for the pass's ``queued_ms``)
+    last: float = 0.0  # its last event (the quiet period counts from it)
+
+    def add(self, reason: Trigger, now: float, path: str | None, max_paths: int) -> None:
+        if not self.reasons:
+            self.first = self.first_event = now
+            self.paths = set()
+        self.reasons.add(Trigger(reason))
+        if path is None or self.paths is None or (path not in self.paths and len(self.paths) >= max_paths):
+            self.paths = None
+        else:
+            self.paths.add(path)
+        self.last = now
+
+
 class Triggers:
     def __init__(self, *, debounce: float, debounce_max: float, resync_interval: float,
                  clock: Callable[[], float] = time.monotonic, jitter: float = 0.1,
@@ -81,54 +104,44 @@ class Triggers:
                  quick_paths: int = 3) -> None:
         self.debounce = debounce
         self.debounce_max = max(debounce_max, debounce)
-        self.resync_interval = resync_interval
-        self.jitter = jitter
-        self._clock = clock
-        self._rng = rng or random.Random()
-        self._cond = threading.Condition()
-        self._reasons: set[Trigger] = set()
-        self.max_paths = max_paths
         #: the quiet period of a burst that so far touched at most ``quick_paths`` paths (one file saved)
         self.quick = debounce if quick is None else min(quick, debounce)
         self.quick_paths = quick_paths
-        #: paths changed in the pending burst; None = something without a path asked: read everything
-        self._paths: set[str] | None = set()
+        self.max_paths = max_paths
+        self._resync = (resync_interval, resync_interval * jitter, rng or random.Random())
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending = _Pending()
         #: bursts handed out by :meth:`wait` so far (a notification belongs to burst ``bursts + 1``)
         self.bursts = 0
-        self._first = 0.0
-        self._first_event = 0.0
-        self._last = 0.0
         self._retry_at: float | None = None
+        self._resync_at = self._clock() + self._next_resync()
         self._stopped = False
-        #: reasons raised by signal handlers, not yet merged (appended without the lock)
+        #: reasons raised by signal handlers, not yet merged (appended without the lock), and whether a
+        #: handler only asked to be looked at
         self._signalled: list[Trigger] = []
         self._woken = False
-        self._resync_at = self._clock() + self._next_resync()
 
     def _next_resync(self) -> float:
-        spread = self.resync_interval * self.jitter
-        return self.resync_interval + self._rng.uniform(-spread, spread)
+        interval, spread, rng = self._resync
+        return interval + rng.uniform(-spread, spread)
 
     def notify(self, reason: Trigger, *, immediate: bool = False, path: str | None = None) -> int:
         """Ask for a pass. ``immediate`` skips the quiet period (API writes, Caddy restarts); ``path`` is
         what changed (a pass asked for without one reads every input). Returns the number of the burst
         this belongs to: the pass that :meth:`wait` returns with :attr:`bursts` equal to it handles it."""
         with self._cond:
-            now = self._clock()
-            if not self._reasons:
-                self._first = self._first_event = now
-                self._paths = set()
-            self._reasons.add(Trigger(reason))
-            if path is None or self._paths is None or (path not in self._paths
-                                                       and len(self._paths) >= self.max_paths):
-                self._paths = None
-            else:
-                self._paths.add(path)
-            self._last = now - self.debounce if immediate else now
-            if immediate:
-                self._first = min(self._first, now - self.debounce_max)
+            self._add(reason, path, immediate)
             self._cond.notify_all()
             return self.bursts + 1
+
+    def _add(self, reason: Trigger, path: str | None, immediate: bool) -> None:
+        now = self._clock()
+        pending = self._pending
+        pending.add(reason, now, path, self.max_paths)
+        if immediate:
+            pending.last = now - self.debounce
+            pending.first = min(pending.first, now - self.debounce_max)
 
     def notify_from_signal(self, reason: Trigger) -> None:
         """:meth:`notify` (immediate, no path) for a signal handler: takes no lock that could be held."""
@@ -151,18 +164,6 @@ class Triggers:
                 self._cond.notify_all()
             finally:
                 self._cond.release()
-
-    def _merge_signalled(self) -> None:
-        """Fold the signal handlers' reasons into the pending burst (the lock held)."""
-        while self._signalled:
-            reason = self._signalled.pop(0)
-            now = self._clock()
-            if not self._reasons:
-                self._first = self._first_event = now
-            self._reasons.add(Trigger(reason))
-            self._paths = None
-            self._last = now - self.debounce
-            self._first = min(self._first, now - self.debounce_max)
 
     def retry_in(self, delay: float) -> None:
         with self._cond:
@@ -188,28 +189,15 @@ class Triggers:
         with self._cond:
             give_up = None if timeout is None else self._clock() + timeout
             while not self._stopped:
-                self._merge_signalled()
+                while self._signalled:  # a signal handler's reasons join the burst, due at once
+                    self._add(self._signalled.pop(0), None, True)
                 if self._woken:
                     self._woken = False
                     return None
                 now = self._clock()
-                if self._reasons:
-                    small = self._paths is not None and len(self._paths) <= self.quick_paths
-                    quiet = self.quick if small else self.debounce
-                    due = min(self._last + quiet, self._first + self.debounce_max)
-                    if now >= due:
-                        return self._take()
-                else:
-                    due = self._resync_at
-                    if self._retry_at is not None:
-                        due = min(due, self._retry_at)
-                    if now >= self._resync_at:
-                        self._resync_at = now + self._next_resync()
-                        self._retry_at = None
-                        return self._timer(Trigger.RESYNC)
-                    if self._retry_at is not None and now >= self._retry_at:
-                        self._retry_at = None
-                        return self._timer(Trigger.RETRY)
+                burst, due = self._due(now)
+                if burst is not None:
+                    return burst
                 if give_up is not None:
                     if now >= give_up:
                         return None
@@ -217,16 +205,32 @@ class Triggers:
                 self._cond.wait(max(0.0, due - now))
             return None
 
+    def _due(self, now: float) -> tuple[Burst | None, float]:
+        """The burst due now, if any, and else when the next one is."""
+        pending = self._pending
+        if pending.reasons:
+            small = pending.paths is not None and len(pending.paths) <= self.quick_paths
+            due = min(pending.last + (self.quick if small else self.debounce), pending.first + self.debounce_max)
+            return (self._take() if now >= due else None), due
+        if now >= self._resync_at:
+            self._resync_at = now + self._next_resync()
+            self._retry_at = None
+            return self._timer(Trigger.RESYNC), now
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            return self._timer(Trigger.RETRY), now
+        return None, min(self._resync_at, self._retry_at if self._retry_at is not None else self._resync_at)
+
     def _timer(self, trigger: Trigger) -> Burst:
         self.bursts += 1
         return Burst(frozenset({trigger}), None, self.bursts, None)
 
     def _take(self) -> Burst:
         self.bursts += 1
-        burst = Burst(frozenset(self._reasons), frozenset(self._paths) if self._paths is not None else None,
-                      self.bursts, self._first_event)
-        self._paths = set()
-        self._reasons.clear()
+        pending = self._pending
+        burst = Burst(frozenset(pending.reasons), frozenset(pending.paths) if pending.paths is not None else None,
+                      self.bursts, pending.first_event)
+        self._pending = _Pending()
         self._retry_at = None
         self._resync_at = self._clock() + self._next_resync()
         return burst

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from reconciler.fsutil import racy
 from reconciler.model import Document, GoodFile, Ingress, Instance, Problem, Reason, Record, Source
 from reconciler.parse import ParseError, decode
 from reconciler.sources.forked import ForkedHelper
@@ -54,8 +55,6 @@ T = TypeVar("T")
 #: results back costs about what it saves).
 HELPER_MIN_FILES = 400
 
-#: Files modified this recently are re-hashed even when their stat signature is unchanged ("racy" files).
-RACY_SECONDS = 2.0
 _HEX40 = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
 
 
@@ -215,8 +214,7 @@ class IncrementalReader(Generic[T]):
             except OSError as exc:
                 problem = Problem(entry.display, None, f"cannot stat: {exc.strerror}", self._reason)
                 return _Cached((), "", (), (problem,), None)
-            racy = self._wall() - st.st_mtime_ns / 1e9 < RACY_SECONDS
-            if cached.signature == _signature(st, source) and not racy:
+            if cached.signature == _signature(st, source) and not racy(st, self._wall()):
                 return cached
         try:
             raw, st = read_file_stat(entry, self.max_bytes)
@@ -509,10 +507,6 @@ class IncrementalReader(Generic[T]):
         if got is None:
             return [], [Problem(path, None, "cannot read: no such file", self._reason)]
         return list(got.items), list(got.problems)
-
-    def good_digests(self) -> dict[str, dict[str, str]]:
-        return {s: {r: g.digest for r, g in files.items()} for s, files in self.good.items()}
-
 
 def ingress_reader(**kwargs: object) -> IncrementalReader[Ingress]:
     return IncrementalReader(ingress_from_document, kind="manifests", **kwargs)  # type: ignore[arg-type]

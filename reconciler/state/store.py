@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from reconciler.fsutil import StorageHealth, atomic_write, storage_error
+from reconciler.fsutil import StorageHealth, atomic_write, racy, storage_error
 from reconciler.jsonutil import compact
 from reconciler.memo import IdentityMemo
 from reconciler.model import GoodFile
@@ -94,8 +94,6 @@ class LastGoodFollower:
     rewrite within the file system's timestamp granularity could hide behind an unchanged signature; then
     the bytes are hashed and parsed only if they differ."""
 
-    RACY_SECONDS = 2.0
-
     def __init__(self, state_dir: str, *, wall: Callable[[], float] = time.time) -> None:
         self.path = os.path.join(state_dir, LASTGOOD)
         self._wall = wall
@@ -112,8 +110,7 @@ class LastGoodFollower:
         except OSError:
             return self._good  # gone or unreadable for a moment: what it held last (the daemon never deletes it)
         signature = _signature_of(st)
-        racy = self._wall() - st.st_mtime_ns / 1e9 < self.RACY_SECONDS
-        if signature == self._signature and not racy:
+        if signature == self._signature and not racy(st, self._wall()):
             return self._good
         try:
             with open(self.path, "rb") as fh:
