@@ -23,7 +23,7 @@ from reconciler.caddy.modules import preflight
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import CaddyError, ConfigError, StorageError
 from reconciler.loop.reconcile import Reconciler
-from reconciler.model import Ingress, Problem, Source
+from reconciler.model import Ingress, Problem, Reason, Source
 from reconciler.render import REDACTED, redact, to_json
 from reconciler.settings import Settings, parse_listen
 from reconciler.sources.dirs import sources_for
@@ -75,7 +75,7 @@ def validate(args: argparse.Namespace, settings: Settings) -> int:
         try:
             preflight(settings, find_caddy())
         except (CaddyError, ConfigError) as exc:
-            all_problems.append(Problem("(settings)", None, str(exc), "InvalidSettings"))
+            all_problems.append(Problem("(settings)", None, str(exc), Reason.INVALID_SETTINGS))
     _print_problems(all_problems, sys.stdout)
     if not args.quiet:
         verdict = "invalid" if all_problems else "valid"

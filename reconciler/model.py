@@ -58,6 +58,8 @@ class Reason(StrEnum):
     INVALID_INSTANCE = "InvalidInstance"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
     STALE = "Stale"
+    INVALID_SETTINGS = "InvalidSettings"  # (validate: the TLS settings cannot work with this Caddy)
+    REMOVED = "Removed"  # (log events only: an ingress no longer defined)
 
 
 class CertificateState(StrEnum):
@@ -67,6 +69,22 @@ class CertificateState(StrEnum):
     ISSUED = "issued"
     FAILING = "failing"
     EXPIRED = "expired"
+
+
+class Outcome(StrEnum):
+    """How a pass ended."""
+
+    APPLIED = "applied"
+    UNCHANGED = "unchanged"
+    PARTIAL = "partial"  # applied without the ingresses Caddy rejected
+    REJECTED = "rejected"  # Caddy refused, and nothing could be applied
+    UNAVAILABLE = "unavailable"  # Caddy's admin API did not answer: transient
+    FAILED = "error"
+
+    @property
+    def converged(self) -> bool:
+        """Caddy runs exactly the config the pass wanted (culprits excluded)."""
+        return self in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.PARTIAL)
 
 
 @dataclass(frozen=True, slots=True)

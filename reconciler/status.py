@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.memo import IdentityMemo
-from reconciler.model import CertificateState, Desired, Problem, Reason, ResolvedIngress, Unavailable
+from reconciler.model import CertificateState, Desired, Outcome, Problem, Reason, ResolvedIngress, Unavailable
 
 #: every ``reason`` an ingress status can carry (README "Revisions and status"; the OpenAPI
 #: ``IngressReason`` enum lists exactly these)
@@ -211,7 +211,7 @@ def fold(history: tuple[PassRecord, ...], record: PassRecord) -> tuple[tuple[Pas
     """``history`` with ``record`` added (folded into the last one when both are the same idle pass), and
     the record as added; at most :data:`HISTORY` records are kept."""
     last = history[-1] if history else None
-    if (last is not None and record.outcome == "unchanged" and last.outcome == "unchanged"
+    if (last is not None and record.outcome == Outcome.UNCHANGED and last.outcome == Outcome.UNCHANGED
             and last.revision == record.revision and last.trigger == record.trigger):
         record = replace(record, repeats=last.repeats + 1, first_at=last.first_at if last.repeats > 1 else last.at)
         return (*history[:-1], record), record

@@ -173,7 +173,7 @@ class _Endpoints:
         st = self.backend.ingress_status(found.ingress.name)
         if st is not None and st.get("file") and st["file"] != found.path:
             # status is kept per name: this one is about another ingress of the same name, which won
-            st = {"ready": False, "reason": "NameConflict", "stale_since": None,
+            st = {"ready": False, "reason": Reason.NAME_CONFLICT, "stale_since": None,
                   "message": f"name {found.ingress.name!r} is already used by the ingress in {st['file']}"}
         body["status"] = _short_status(st)
         return body
@@ -282,5 +282,5 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
 
 def _short_status(st: dict[str, Any] | None) -> dict[str, Any]:
     if st is None:
-        return {"ready": False, "reason": "Pending", "message": "not seen by a reconcile pass yet"}
+        return {"ready": False, "reason": Reason.PENDING, "message": "not seen by a reconcile pass yet"}
     return {k: st.get(k) for k in ("ready", "reason", "message", "stale_since")}

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
 from reconciler import diff
@@ -25,25 +24,9 @@ from reconciler.caddy.admin import AdminClient
 from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.loop.triggers import Burst
-from reconciler.model import Desired, ResolvedIngress
+from reconciler.model import Desired, Outcome, ResolvedIngress
 from reconciler.render import Renderer, scrub
 from reconciler.settings import Settings
-
-
-class Outcome(StrEnum):
-    """How a pass ended."""
-
-    APPLIED = "applied"
-    UNCHANGED = "unchanged"
-    PARTIAL = "partial"  # applied without the ingresses Caddy rejected
-    REJECTED = "rejected"  # Caddy refused, and nothing could be applied
-    UNAVAILABLE = "unavailable"  # Caddy's admin API did not answer: transient
-    FAILED = "error"
-
-    @property
-    def converged(self) -> bool:
-        """Caddy runs exactly the config the pass wanted (culprits excluded)."""
-        return self in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.PARTIAL)
 
 
 def fingerprint(ri: ResolvedIngress) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from reconciler.loop.reconcile import PassResult
+from reconciler.model import Reason
 from reconciler.state.metrics import Metrics
 from reconciler.status import IngressStatus
 
@@ -99,13 +100,13 @@ class ChangeLog:
         if len(events) > STATE_EVENTS_MAX:
             # a first start or a mass change of thousands of ingresses: a summary, not thousands of lines
             # (every state is in status.json and GET /status)
-            by_reason = Tally("Removed" if st is None else st.reason for _, _, st in events)
+            by_reason = Tally(Reason.REMOVED if st is None else st.reason for _, _, st in events)
             log.info("ingress.states", changed=len(events), reasons=dict(sorted(by_reason.items())),
                      examples=[name for name, _, _ in events[:5]])
             return
         for name, previous, st in events:
             if st is None:
-                log.info("ingress.state", ingress=name, ready=False, reason="Removed",
+                log.info("ingress.state", ingress=name, ready=False, reason=Reason.REMOVED,
                          previous_reason=previous, message="no longer defined")
                 continue
             (log.info if st.ready else log.warning)(

@@ -19,11 +19,11 @@ from typing import Any
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.configfile import ConfigFile
-from reconciler.loop.apply import Applied, Applier, Culprits, Outcome, Plan, plan
+from reconciler.loop.apply import Applied, Applier, Culprits, Plan, plan
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.report import Certificates, Job, Reporter
 from reconciler.loop.triggers import Burst
-from reconciler.model import Problem
+from reconciler.model import Outcome, Problem
 from reconciler.render import ConfigEncoder, Renderer
 from reconciler.settings import Settings
 from reconciler.state.store import GoodMap, StateStore
