@@ -39,7 +39,7 @@ from reconciler.loop.signals import SignalPolicy
 from reconciler.loop.triggers import Trigger, Triggers
 from reconciler.settings import Settings
 from reconciler.sources.dirs import api_dir_ready, sources_for
-from reconciler.sources.inputs import detach_helper, fork_helper
+from reconciler.sources.inputs import detach_helper, drop_helper, fork_helper
 from reconciler.sources.watcher import Watcher
 from reconciler.state.metrics import Metrics
 from reconciler.state.store import StateStore
@@ -148,6 +148,7 @@ class Daemon:
         self.loop: Loop | None = None
         self.service: Service | None = None
         self._stoppable: list[Callable[[], None]] = []  # the API server, the watcher... (in reverse order)
+        self._reader: InputReader | None = None
         self.background: Background | None = None
 
     def stop(self) -> None:
@@ -163,6 +164,8 @@ class Daemon:
         s = self.settings
         store = StateStore(s.state_dir, health=self.storage)
         reader = InputReader(s, good=store.load_lastgood())
+        good_before = reader.good()  # (copied before the first read starts updating the reader's maps)
+        self._reader = reader
         self._api_dir_ready(reader)
         if threading.active_count() == 1:  # the parse helper: a copy of this process, forked before any thread
             fork_helper(reader.manifests, reader.instances)
@@ -181,7 +184,8 @@ class Daemon:
                 settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
                 validate=lambda config: caddy_validate(binary, config), health=lambda: health(keeper, self.storage),
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
-                certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()})
+                certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
+                good_before=good_before)
             metrics = Metrics()
             self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
                              changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
@@ -255,6 +259,8 @@ class Daemon:
         for stop in reversed(self._stoppable):
             stop()
         self._stoppable.clear()
+        if self._reader is not None:  # a setup that failed before the first read could end the helper
+            drop_helper(self._reader.manifests, self._reader.instances)
         if self.background is not None:
             self.background.resume()
             self.background.close()  # the last pass's status files and log lines land before we exit

@@ -1,6 +1,10 @@
-"""One identity-keyed memory, shared by the parts that keep per-object results from pass to pass (the
-renderer's entries, the resolver's resolved ingresses, the statuses, the encoded JSON of routes and state
-file entries). PURE.
+"""One identity-keyed memory for per-object results kept from pass to pass: the statuses
+(:class:`reconciler.status.StatusMemo`), the encoded JSON of routes (:class:`reconciler.render.ConfigEncoder`)
+and of state file entries (:mod:`reconciler.state.store`). PURE.
+
+The renderer, the resolver and the readers keep per-object results too, under the same invariant, in
+memories of their own: the renderer patches last pass's entries in place of a round, the resolver reuses
+last pass's verdicts wholesale, the readers key by path -- each says so where it keeps them.
 
 The invariant every user relies on, stated once: **an entry holds the object it was made for.** The object
 therefore stays alive as long as its entry exists, so its ``id()`` cannot be given to another object

@@ -179,7 +179,8 @@ def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool]]:
 class Renderer:
     """:func:`render` with a memory between passes (the output is the same as a fresh call's).
 
-    What a :class:`ResolvedIngress` renders to depends on it alone, so it is kept by object identity:
+    What a :class:`ResolvedIngress` renders to depends on it alone, so it is kept by object identity (the
+    invariant of :mod:`reconciler.memo`: each entry holds its object):
     unchanged ingresses (the very same objects, see :class:`reconciler.validate.Resolver`) are not
     rendered again, and buckets whose members did not change are reused (shared, read-only dicts). The
     memory holds what the last render used, nothing older.

@@ -200,10 +200,10 @@ class PassRecord:
     def from_dict(cls, data: Any) -> PassRecord | None:
         """A record as a status file holds it; None when it is not one."""
         try:
-            return cls(float(data["at"]), str(data["trigger"]), str(data["revision"]), str(data["outcome"]),
-                       int(data["changes"]), float(data["duration_ms"]), data.get("error"),
+            return cls(data["at"], str(data["trigger"]), str(data["revision"]), str(data["outcome"]),
+                       data.get("changes", 0), data.get("duration_ms", 0.0), data.get("error"),
                        int(data.get("repeats", 1)), data.get("first_at"))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError):  # not a record at all (a foreign file)
             return None
 
 

@@ -234,7 +234,8 @@ class Resolver:
     """:func:`resolve` with a memory between passes (the result is the same as a fresh call's).
 
     Unchanged files yield the very same :class:`Ingress` objects pass after pass, so what depends on an
-    ingress alone (its claims, its own problems) is kept by object identity, and its resolved targets are
+    ingress alone (its claims, its own problems) is kept by object identity (the invariant of
+    :mod:`reconciler.memo`: each entry holds its object), and its resolved targets are
     kept too while the instances are the very same objects. A pass where one file changed then costs a
     walk over dictionaries instead of re-deriving 10k ingresses.
 
@@ -348,6 +349,11 @@ class Resolver:
         return verdicts, taken
 
 
+class PortMode(NamedTuple):
+    tls: bool  # whether the port serves TLS
+    owner: Ingress  # the first ingress that made it so
+
+
 @dataclass(slots=True)
 class Taken:
     """What the ingresses accepted so far in a walk hold: names, ids, ``(hostname, port)`` claims, and
@@ -356,7 +362,7 @@ class Taken:
     names: dict[str, Ingress] = field(default_factory=dict)
     ids: dict[str, Ingress] = field(default_factory=dict)
     claims: dict[tuple[str, int], Ingress] = field(default_factory=dict)
-    port_mode: dict[int, tuple[bool, Ingress]] = field(default_factory=dict)
+    port_mode: dict[int, PortMode] = field(default_factory=dict)
 
     def take(self, ing: Ingress, own: _Own) -> None:
         self.names[ing.name] = ing
@@ -364,7 +370,7 @@ class Taken:
         for h, p, tls, _ in own.claims:
             self.claims[(h, p)] = ing
             if p not in self.port_mode:
-                self.port_mode[p] = (tls, ing)
+                self.port_mode[p] = PortMode(tls, ing)
 
     def problem(self, ing: Ingress, own: _Own) -> Problem | None:
         """Why ``ing`` loses to an ingress already taken or cannot be served (None: it is fine)."""
@@ -397,10 +403,10 @@ class Taken:
         modes: dict[int, bool] = {}
         for _, p, tls, _ in own.claims:
             mode = self.port_mode.get(p)
-            if mode is not None and mode[0] != tls:
-                return (f"port {p} serves {'TLS' if mode[0] else 'plain HTTP'} for ingress {mode[1].name!r} in "
-                        f"{mode[1].origin.describe()}; a port cannot mix TLS and plain HTTP", Reason.PORT_CONFLICT,
-                        mode[1].name)
+            if mode is not None and mode.tls != tls:
+                return (f"port {p} serves {'TLS' if mode.tls else 'plain HTTP'} for ingress {mode.owner.name!r} in "
+                        f"{mode.owner.origin.describe()}; a port cannot mix TLS and plain HTTP", Reason.PORT_CONFLICT,
+                        mode.owner.name)
             if p in modes and modes[p] != tls:
                 return (f"port {p} is used with and without TLS by this ingress; a port cannot mix them",
                         Reason.PORT_CONFLICT, None)
@@ -427,11 +433,19 @@ def admit(candidate: Ingress, ingresses: Iterable[Ingress], instances: Iterable[
     """Whether ``candidate`` may join ``ingresses``, by the very rules and walk the loop resolves with: the
     existing ingresses are walked as the loop walks them, then the candidate is checked against what they
     took -- as if it came last, so it can never take anything from an ingress that holds it (conflicts are
-    symmetric: admitted anywhere means admitted at its own place). ``problems`` holds its problem, if any;
-    ``desired`` (with the candidate, when admitted) is what ``caddy validate`` then checks."""
+    symmetric, and the rules only get stricter as more ingresses are accepted: admitted last means
+    admitted at its own place, displacing nobody). One rule is the API's own: names and ids of every
+    defined ingress count, accepted or not. ``problems`` holds its problem, if any; ``desired`` (with the
+    candidate, when admitted) is what ``caddy validate`` then checks."""
     resolver = Resolver(settings)
     existing = list(ingresses)
     _, taken = resolver.walk(existing)
+    # the API's own rule, stricter than the walk: a name or id any defined ingress uses is taken, even by
+    # one that is refused for now (it would win it back once fixed, and take the new one offline)
+    for other in existing:
+        if other.name == candidate.name or other.id == candidate.id:
+            taken.names.setdefault(other.name, other)
+            taken.ids.setdefault(other.id, other)
     problem = taken.problem(candidate, resolver._own_of(candidate))
     if problem is not None:
         return Admission((problem,), resolver(existing, instances))

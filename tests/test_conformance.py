@@ -1,4 +1,4 @@
-"""Where we behave as hypeman's own ingress manager does (its ``lib/ingress`` tests, translated): an empty
+"""Where we behave as hypeman's own ingress manager does: an empty
 ``TLS_ALLOWED_DOMAINS``, ``tls: true`` without an issuer through the API, ``match.port: 0``, the lookup
 order of ``/ingresses/{ref}``, and "201 means live" against a real process holding the port."""
 
@@ -99,3 +99,18 @@ def test_a_create_whose_port_is_held_by_another_process_is_not_201(
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: routed_to(held, "blocked.test", "a"), timeout=15, message="blocked.test live once freed")
     assert status_of(free, "ok.test") == 200
+
+
+def test_a_name_held_by_an_ingress_refused_for_now_is_still_taken(tmp_path: Path) -> None:
+    """A read-only source's ``web`` loses its hostname to another ingress (refused for now): its name is
+    still taken for the API -- once fixed it would win it back and take the API's ``web`` offline."""
+    git = tmp_path / "git"
+    rule = "  - match: {{hostname: {h}, port: 8001}}\n    target: {{instance: vm, port: 80}}\n"
+    (git).mkdir()
+    (git / "a.yaml").write_text("name: first\nrules:\n" + rule.format(h="taken.test"))
+    (git / "b.yaml").write_text("name: web\nrules:\n" + rule.format(h="taken.test"))  # loses the host to a.yaml
+    writer = ManifestWriter(writer_settings(tmp_path, (git,)), validate_config=lambda c: None)
+    with pytest.raises(Refused) as info:
+        writer.create({"name": "web", "rules": [{"match": {"hostname": "free.test", "port": 8001},
+                                                  "target": {"instance": "vm", "port": 80}}]})
+    assert answer(info.value) == (409, "already_exists") and str(git / "b.yaml") in info.value.message

@@ -18,11 +18,15 @@ import httpx
 import pytest
 
 from reconciler.caddy.admin import AdminClient
-from reconciler.loop.daemon import Requeue, Tickets, requeue
+from reconciler.fsutil import StorageHealth
+from reconciler.loop.background import Background
+from reconciler.loop.changes import ChangeLog
+from reconciler.loop.daemon import Housekeeping, Loop, Requeue, Tickets, requeue
 from reconciler.loop.reconcile import Reconciler
-from reconciler.loop.triggers import Burst
+from reconciler.loop.triggers import Burst, Trigger, Triggers
 from reconciler.model import Reason
 from reconciler.settings import Settings
+from reconciler.state.metrics import Metrics
 from reconciler.state.store import StateStore
 from reconciler.status import IngressStatus
 from tests.helpers import ingress_yaml, instance_yaml, write
@@ -313,3 +317,68 @@ def test_a_ticket_is_released_by_its_pass_and_says_whether_it_converged() -> Non
     tickets.done(2, converged=True)
     assert tickets.wait(1, 1.0, lambda: False) is True and tickets.wait(2, 1.0, lambda: False) is True
     assert tickets.wait(3, 5.0, lambda: True) is False  # stopping: no wait
+
+
+# -- the outer loop in process ------------------------------------------------------------------------------
+
+class _Keeper:
+    generation = 1
+
+
+class _Watcher:
+    def refresh(self) -> bool:
+        return False
+
+
+def loop_of(world: World, prefetched: tuple[Any, float] | None) -> tuple[Loop, Background]:
+    triggers = Triggers(debounce=0.01, debounce_max=0.1, resync_interval=3600)
+    background = Background()
+    first = [prefetched]
+    loop = Loop(reconciler=world.rec, triggers=triggers, keeper=_Keeper(), watcher=_Watcher(),  # type: ignore[arg-type]
+                changes=ChangeLog(Metrics(), {}), background=background,
+                housekeeping=Housekeeping(storage=StorageHealth(), background=background, reconciler=world.rec),
+                prefetched=lambda: first.pop() if first else None)
+    return loop, background
+
+
+def test_the_first_read_serves_the_first_pass_only_when_nothing_changed_since(world: World) -> None:
+    """The daemon reads its inputs while Caddy starts; a file event (or an API write) that joins the first
+    burst means those inputs are old: the pass must read them again, or the change waits for a resync."""
+    world.ingress("web")
+    stale = world.rec.reader.read()  # the first read ...
+    changed = world.ingress("web", target=9001)  # ... then a change before the first pass
+    loop, background = loop_of(world, (stale, 0.01))
+    loop.triggers.notify(Trigger.WATCH, path=str(changed))
+    loop.triggers.notify(Trigger.START, immediate=True)
+    burst = loop.triggers.wait(timeout=5)
+    assert burst is not None and burst.triggers == {Trigger.START, Trigger.WATCH}
+    loop._turn(burst)
+    background.close()
+    assert "9001" in json.dumps(world.caddy.config)  # read again, not the old inputs
+    assert loop.tickets.wait(burst.number, 1.0, lambda: False)  # its tickets released, converged
+
+
+def test_the_first_read_is_used_when_only_start_asked(world: World) -> None:
+    world.ingress("web")
+    first = world.rec.reader.read()
+    loop, background = loop_of(world, (first, 0.25))
+    loop.triggers.notify(Trigger.START, immediate=True)
+    burst = loop.triggers.wait(timeout=5)
+    assert burst is not None
+    loop._turn(burst)
+    background.close()
+    assert loop.passes[-1].phases[0] == ("read", 0.25)  # the prefetched read's time: it was used
+
+
+def test_a_transient_failure_asks_for_a_retry_with_backoff(world: World) -> None:
+    world.ingress("web")
+    world.caddy.down = True
+    loop, background = loop_of(world, None)
+    loop.triggers.notify(Trigger.START, immediate=True)
+    burst = loop.triggers.wait(timeout=5)
+    assert burst is not None
+    loop._turn(burst)
+    background.close()
+    assert loop.passes[-1].outcome == "unavailable" and loop._requeue.failures == 1
+    assert loop.triggers._retry_at is not None  # a retry is due (within backoff(1) <= 1 s)
+    assert not loop.tickets.wait(burst.number, 1.0, lambda: False)  # released, not converged

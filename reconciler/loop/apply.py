@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from reconciler import diff
 from reconciler.caddy.admin import AdminClient
@@ -25,7 +25,7 @@ from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.loop.triggers import Burst
 from reconciler.model import Desired, Outcome, ResolvedIngress
-from reconciler.render import Renderer, scrub
+from reconciler.render import ConfigEncoder, Renderer, scrub
 from reconciler.settings import Settings
 
 
@@ -35,12 +35,17 @@ def fingerprint(ri: ResolvedIngress) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class Culprit(NamedTuple):
+    fingerprint: str  # of its inputs when Caddy refused it
+    message: str  # Caddy's
+
+
 class Culprits:
     """Ingresses Caddy rejected: left out of later passes until their inputs change or a resync retries
     them, so one bad ingress costs one refused load, not one per pass."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[str, str]] = {}  # name -> (fingerprint, Caddy's message)
+        self._memo: dict[str, Culprit] = {}  # by ingress name
 
     def still_bad(self, desired: Desired, *, retry: bool) -> dict[str, str]:
         """name -> message of the remembered culprits whose inputs did not change (none when ``retry``)."""
@@ -49,13 +54,13 @@ class Culprits:
         out: dict[str, str] = {}
         for ri in desired.ingresses:
             memo = self._memo.get(ri.ingress.name)
-            if memo is not None and memo[0] == fingerprint(ri):
-                out[ri.ingress.name] = memo[1]
+            if memo is not None and memo.fingerprint == fingerprint(ri):
+                out[ri.ingress.name] = memo.message
         return out
 
     def remember(self, desired: Desired, rejected: Mapping[str, str]) -> None:
         by_name = {ri.ingress.name: ri for ri in desired.ingresses}
-        self._memo = {n: (fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
+        self._memo = {n: Culprit(fingerprint(by_name[n]), m) for n, m in rejected.items() if n in by_name}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +104,13 @@ class Applier:
 
     def __init__(self, settings: Settings, client: AdminClient, *,
                  validate: Callable[[dict[str, Any]], str | None],
-                 encode: Callable[[dict[str, Any]], bytes],
                  on_load: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.client = client
         self._validate = validate
-        self._encode = encode
+        self._encoder = ConfigEncoder()
+        self._body: tuple[dict[str, Any], bytes] | None = None
         self._on_load = on_load
         self._clock = clock
         #: the config Caddy runs as far as this process knows (None: read it back), and its generation
@@ -138,18 +143,37 @@ class Applier:
             return Applied(Outcome.PARTIAL if known_bad else Outcome.UNCHANGED, config, rejected=known_bad)
         started = self._clock()
         try:
-            self._load_overlapped(self._encode(config), meanwhile)
+            self._load_overlapped(self.encoded(config), meanwhile)
         except CaddyRejected as exc:
-            iso = isolate(plan.target, self.settings, exc.message, load=self.client.load, validate=self._validate)
-            rejected = {**known_bad, **iso.rejected}
-            if iso.config is None:
-                return Applied(Outcome.REJECTED, error=iso.error or f"Caddy rejected the config: {exc.message}",
-                               rejected=rejected, loads=1 + iso.loads)
-            return Applied(Outcome.PARTIAL, iso.config, rejected=rejected, loads=1 + iso.loads,
-                           changes=len(diff.diff(live, iso.config)), load_time=self._clock() - started)
+            return self._isolated(plan, live, exc.message)
+        except CaddyUnavailable as exc:  # the load was tried: it counts
+            return Applied(Outcome.UNAVAILABLE, error=str(exc), rejected=known_bad, loads=1)
         load_time = self._clock() - started
         return Applied(Outcome.PARTIAL if known_bad else Outcome.APPLIED, config, rejected=known_bad, loads=1,
                        changes=len(diff.diff(live, config)), load_time=load_time)
+
+    def _isolated(self, plan: Plan, live: Any, message: str) -> Applied:
+        """Caddy refused the whole config: find the culprits and load the rest."""
+        try:
+            iso = isolate(plan.target, self.settings, message, load=self.client.load, validate=self._validate)
+        except CaddyUnavailable as exc:
+            return Applied(Outcome.UNAVAILABLE, error=str(exc), rejected=plan.known_bad, loads=1)
+        rejected = {**plan.known_bad, **iso.rejected}
+        if iso.config is None:
+            return Applied(Outcome.REJECTED, error=iso.error or f"Caddy rejected the config: {message}",
+                           rejected=rejected, loads=1 + iso.loads)
+        return Applied(Outcome.PARTIAL, iso.config, rejected=rejected, loads=1 + iso.loads,
+                       changes=len(diff.diff(live, iso.config)))
+
+    def encoded(self, config: dict[str, Any]) -> bytes:
+        """The config as Caddy's body, encoded once per config (the load and ``config.json`` share it)."""
+        if self._body is None or self._body[0] is not config:
+            self._body = (config, self._encoder(config))
+        return self._body[1]
+
+    def forget_body(self) -> None:
+        """Megabytes at 10k routes: dropped after each pass (the encoder keeps what the next can reuse)."""
+        self._body = None
 
     def _load_overlapped(self, body: bytes, meanwhile: Callable[[], None]) -> None:
         """``POST /load`` on a helper thread while ``meanwhile`` runs here (seconds at 10k routes, the GIL

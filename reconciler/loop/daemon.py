@@ -132,8 +132,6 @@ class Loop:
         self._requeue = Requeue(0, None)
         #: the last pass, when it raised (None after a pass that did not)
         self.crash: PassResult | None = None
-        #: the Caddy generation the last converged pass ran under (-1: none yet)
-        self.converged_generation = -1
 
     def run(self, *, max_passes: int | None = None) -> int:
         """Until stopped (or ``max_passes`` passes, for tests)."""
@@ -153,9 +151,11 @@ class Loop:
 
     def _turn(self, burst: Burst) -> None:
         """One pass for ``burst`` and its bookkeeping."""
-        generation = self.keeper.generation
         queued = time.monotonic() - burst.first_event if burst.first_event is not None else None
-        prefetched = self._prefetched() if Trigger.START in burst.triggers else None
+        # the first read serves the first pass -- unless something changed since (a file event or an API write
+        # joined the burst: those must be read now); taken once either way
+        first = self._prefetched() if Trigger.START in burst.triggers else None
+        prefetched = first if burst.triggers <= {Trigger.START, Trigger.CADDY_RESTART} else None
         result: PassResult | None = None
         try:
             try:
@@ -171,7 +171,7 @@ class Loop:
             except Exception as exc:
                 self._crashed(burst, exc)
                 return
-            self._record(result, generation, queued)
+            self._record(result, queued)
         finally:
             self.tickets.done(burst.number, result is not None and result.converged)
         if burst.paths is None:
@@ -183,7 +183,7 @@ class Loop:
         if self.watcher.refresh():
             self.triggers.notify(Trigger.WATCH)
 
-    def _record(self, result: PassResult, generation: int, queued: float | None) -> None:
+    def _record(self, result: PassResult, queued: float | None) -> None:
         """What the loop needs of a pass at once (retries, readiness); its log lines and metrics go to the
         report thread, after the pass's state files (in the order they happened)."""
         self.crash = None
@@ -193,8 +193,6 @@ class Loop:
         self._requeue = requeue(result, statuses, self._requeue.failures)
         if self._requeue.delay is not None:
             self.triggers.retry_in(self._requeue.delay)
-        if result.converged:
-            self.converged_generation = generation
         retry_in = self._requeue.delay if self._requeue.backoff else None
         changes = self.changes
         self.background.submit(lambda: changes.report(result, statuses, retry_in=retry_in, queued=queued))

@@ -24,7 +24,7 @@ from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.report import Certificates, Job, Reporter
 from reconciler.loop.triggers import Burst
 from reconciler.model import Outcome, Problem
-from reconciler.render import ConfigEncoder, Renderer
+from reconciler.render import Renderer
 from reconciler.settings import Settings
 from reconciler.state.store import GoodMap, StateStore
 from reconciler.status import IngressStatus, PassRecord, StatusDocument
@@ -91,23 +91,22 @@ class Reconciler:
                  generation: Callable[[], int] | None = None, certs: Certificates | None = None,
                  defer: Callable[[Job], None] | None = None, on_load: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 include_api: bool = True) -> None:
+                 include_api: bool = True, good_before: tuple[GoodMap, GoodMap] | None = None) -> None:
         if reader is None:  # (the daemon's composition root reads the last good versions itself)
             good = store.load_lastgood() if store is not None else ({}, {})
             reader = InputReader(settings, good=good, wall=wall, include_api=include_api)
         self.reader = reader
-        #: the last good versions the previous run left (what the API counts with before the first pass)
-        self._good_before = self.reader.good()
+        #: the last good versions the previous run left (what the API counts with before the first pass);
+        #: given when the reader may be at work on another thread meanwhile (the daemon's first read)
+        self._good_before = good_before if good_before is not None else self.reader.good()
         self.render = Renderer(settings)
-        self._encode = ConfigEncoder()
         self.culprits = Culprits()
-        self.applier = Applier(settings, client, validate=validate or (lambda config: None), encode=self._encoded,
-                               on_load=on_load, clock=clock)
+        self.applier = Applier(settings, client, validate=validate or (lambda config: None), on_load=on_load,
+                               clock=clock)
         self.reporter = Reporter(store=store, config_file=config_file, certs=certs, defer=defer, health=health)
         #: how many times Caddy was (re)started: what a pass trusts about Caddy holds for one generation
         self._generation = generation or (lambda: 0)
         self._clock, self._wall = clock, wall
-        self._body: tuple[dict[str, Any], bytes] | None = None
         #: what the last pass published (None before the first)
         self.snapshot: PassSnapshot | None = None
 
@@ -133,7 +132,7 @@ class Reconciler:
         result = self._report(burst, inputs, planned, applied, statuses, generation,
                               (start, started_at, phases))
         result = replace(result, phases=(*phases, ("status", self._clock() - apply_done)))
-        self._body = None  # megabytes at 10k routes; the encoder keeps what the next pass can reuse
+        self.applier.forget_body()
         return result
 
     def _statuses(self, inputs: Inputs, planned: Plan, applied: Applied,
@@ -162,16 +161,11 @@ class Reconciler:
                                      certificates=certificates, statuses=statuses)
         good = self.reader.good()
         config = applied.config
-        self.reporter.persist(applied, lambda: self._encoded(config) if config is not None else b"", good, doc,
+        applier = self.applier
+        self.reporter.persist(applied, lambda: applier.encoded(config) if config is not None else b"", good, doc,
                               statuses)
         self.snapshot = PassSnapshot(result, tuple(statuses), {s.name: s for s in statuses}, doc, generation, good)
         return result
-
-    def _encoded(self, config: dict[str, Any]) -> bytes:
-        """The config as Caddy's body, encoded once per config (the load and ``config.json`` share it)."""
-        if self._body is None or self._body[0] is not config:
-            self._body = (config, self._encode(config))
-        return self._body[1]
 
     # -- for others -----------------------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ from reconciler.loop.read import Inputs
 from reconciler.model import Desired
 from reconciler.state.store import GoodMap, StateStore
 from reconciler.status import (
+    HISTORY,
     IngressStatus,
     PassRecord,
     StatusDocument,
@@ -42,7 +43,9 @@ class Reporter:
         previous = store.load_status() if store is not None else None
         #: the status persisted by the previous run of the daemon (empty on a fresh data dir)
         self.before: dict[str, Any] = previous or {}
-        history = tuple(r for r in map(PassRecord.from_dict, self.before.get("history", [])) if r is not None)
+        records = self.before.get("history", [])
+        history = tuple(r for r in map(PassRecord.from_dict, records if isinstance(records, list) else [])
+                        if r is not None)[-HISTORY:]
         self._previous: tuple[tuple[PassRecord, ...], Mapping[str, Any] | None] = (
             history, self.before.get("last_applied"))
 

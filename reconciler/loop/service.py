@@ -73,7 +73,7 @@ class Service:
         last = snap.result
         if not last.converged:
             return False, f"last pass {last.outcome}: {last.error}"
-        if self.loop.converged_generation != self.keeper.generation:
+        if snap.generation != self.keeper.generation:  # (the pass ran before Caddy's last (re)start)
             return False, "Caddy was restarted; waiting for a pass to converge it"
         if not self.client.ping():
             return False, "Caddy's admin API does not answer"
