@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 
 from reconciler.caddy.binary import find_caddy
+from reconciler.loop.triggers import Burst, Triggers
 from tests.caddy_guard import check_config, check_config_file, check_env, check_log
 
 T = TypeVar("T")
@@ -70,6 +71,28 @@ def wait_for(check: Callable[[], T], *, timeout: float = 10.0, interval: float =
             raise AssertionError(f"timed out after {timeout}s waiting for {message}"
                                  + (f" (last error: {last_exc!r})" if last_exc else ""))
         time.sleep(interval)
+
+
+_LAST_BURST: dict[int, Burst] = {}
+
+
+def poll(t: Triggers) -> str | None:
+    """What ``t`` has due right now, by its name (never blocks: the timeout is 0); :func:`paths` is its
+    paths."""
+    burst = t.wait(timeout=0)
+    if burst is None:
+        return None
+    _LAST_BURST[id(t)] = burst
+    return burst.name
+
+
+def paths(t: Triggers) -> frozenset[str] | None:
+    """The paths of the burst :func:`poll` last took from ``t``."""
+    return _LAST_BURST[id(t)].paths
+
+
+def last_burst(t: Triggers) -> Burst:
+    return _LAST_BURST[id(t)]
 
 
 class Backend:

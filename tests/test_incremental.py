@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
-from reconciler.loop.triggers import Burst, Triggers
+from reconciler.loop.triggers import Triggers
 from reconciler.model import (
     Desired,
     GoodFile,
@@ -48,7 +48,7 @@ from reconciler.sources.watcher import Watcher
 from reconciler.state.store import LASTGOOD, STATUS, StateStore
 from reconciler.status import IngressStatus, StatusMemo, ingress_statuses, with_certificates
 from reconciler.validate import Resolver, resolve
-from tests.helpers import FakeClock, ingress_yaml, instance_yaml, wait_for, write
+from tests.helpers import FakeClock, ingress_yaml, instance_yaml, paths, poll, wait_for, write
 
 # =====================================================================================================
 # helpers: files
@@ -734,21 +734,6 @@ def triggers(clock: FakeClock, *, debounce: float = 0.125, debounce_max: float =
              quick_paths: int = 3, max_paths: int = 1024, resync: float = 30.0) -> Triggers:
     return Triggers(debounce=debounce, debounce_max=debounce_max, resync_interval=resync, clock=clock,
                     jitter=0.0, rng=random.Random(3), max_paths=max_paths, quick=quick, quick_paths=quick_paths)
-
-
-_LAST: dict[int, Burst] = {}
-
-
-def poll(t: Triggers) -> str | None:
-    burst = t.wait(timeout=0)
-    if burst is None:
-        return None
-    _LAST[id(t)] = burst
-    return burst.name
-
-
-def paths(t: Triggers) -> frozenset[str] | None:
-    return _LAST[id(t)].paths
 
 
 def test_take_paths_is_the_burst_paths() -> None:

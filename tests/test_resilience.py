@@ -24,6 +24,7 @@ from reconciler.loop.reconcile import Reconciler
 from reconciler.loop.triggers import Burst, Trigger, Triggers
 from reconciler.settings import Settings
 from tests.helpers import FakeClock, ingress_yaml, instance_yaml, write
+from tests.test_pass import FakeCaddy
 
 # -- StorageHealth ------------------------------------------------------------------------------------------
 
@@ -324,30 +325,17 @@ def test_the_first_start_is_announced_only_when_its_waiter_gave_up() -> None:
 
 # -- a pass trusts Caddy's config only within one Caddy generation -----------------------------------------
 
-class FakeCaddy:
-    """Caddy's admin API as an httpx.MockTransport: GET /config/ returns what was loaded."""
-
-    def __init__(self) -> None:
-        self.config: Any = None
-        self.requests: list[str] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(f"{request.method} {request.url.path}")
-        if request.method == "GET" and request.url.path == "/config/":
-            return httpx.Response(200, content=json.dumps(self.config).encode(),
-                                  headers={"content-type": "application/json"})
-        if request.method == "POST" and request.url.path == "/load":
-            self.config = json.loads(request.content)
-            return httpx.Response(200)
-        return httpx.Response(404)
+def one_ingress(tmp: Path) -> tuple[Path, Settings]:
+    """A manifest dir with ``web.test`` -> vm:9000, and settings reading it."""
+    manifests, instances = tmp / "manifests", tmp / "instances"
+    write(instances / "vms.yaml", instance_yaml("vm"))
+    write(manifests / "web.yaml", ingress_yaml("web", "web.test", 8080, "vm", 9000))
+    return manifests, Settings(data_dir=str(tmp / "data"), manifest_dirs=(str(manifests),),
+                               instances_dir=str(instances), http_port=18080, https_port=18443, admin_port=12019)
 
 
 def test_a_pass_reads_caddy_back_after_a_restart_whatever_its_trigger(tmp_path: Path) -> None:
-    manifests, instances = tmp_path / "manifests", tmp_path / "instances"
-    write(instances / "vms.yaml", instance_yaml("vm"))
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", 8080, "vm", 9000))
-    settings = Settings(data_dir=str(tmp_path / "data"), manifest_dirs=(str(manifests),),
-                        instances_dir=str(instances), http_port=18080, https_port=18443, admin_port=12019)
+    manifests, settings = one_ingress(tmp_path)
     caddy = FakeCaddy()
     generation = [1]
     rec = Reconciler(settings=settings, client=AdminClient("http://caddy", transport=httpx.MockTransport(caddy)),
@@ -369,11 +357,7 @@ def test_a_pass_reads_caddy_back_after_a_restart_whatever_its_trigger(tmp_path: 
 
 
 def test_a_config_json_that_could_not_be_saved_is_saved_by_the_next_pass(tmp_path: Path) -> None:
-    manifests, instances = tmp_path / "manifests", tmp_path / "instances"
-    write(instances / "vms.yaml", instance_yaml("vm"))
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", 8080, "vm", 9000))
-    settings = Settings(data_dir=str(tmp_path / "data"), manifest_dirs=(str(manifests),),
-                        instances_dir=str(instances), http_port=18080, https_port=18443, admin_port=12019)
+    _, settings = one_ingress(tmp_path)
     blocker = tmp_path / "data"
     blocker.write_text("a file where the data dir goes")
     config_file = ConfigFile(str(blocker / "caddy" / "config.json"), health=StorageHealth())

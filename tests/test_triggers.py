@@ -11,30 +11,14 @@ import random
 import threading
 import time
 
-from reconciler.loop.triggers import Burst, Triggers
-from tests.helpers import FakeClock, wait_for
+from reconciler.loop.triggers import Triggers
+from tests.helpers import FakeClock, last_burst, paths, poll, wait_for
 
 
 def make(clock: FakeClock, *, debounce: float = 0.1, debounce_max: float = 1.0,
          resync: float = 30.0, jitter: float = 0.0) -> Triggers:
     return Triggers(debounce=debounce, debounce_max=debounce_max, resync_interval=resync,
                     clock=clock, jitter=jitter, rng=random.Random(7))
-
-
-_LAST: dict[int, Burst] = {}
-
-
-def poll(t: Triggers) -> str | None:
-    """What is due right now, by its name (never blocks: the timeout is 0); :func:`paths` is its paths."""
-    burst = t.wait(timeout=0)
-    if burst is None:
-        return None
-    _LAST[id(t)] = burst
-    return burst.name
-
-
-def paths(t: Triggers) -> frozenset[str] | None:
-    return _LAST[id(t)].paths
 
 
 def test_nothing_due_returns_none() -> None:
@@ -253,4 +237,4 @@ def test_notify_names_the_burst_whose_pass_handles_it() -> None:
     assert (t.bursts, paths(t)) == (2, {"/m/c.yaml"})
     clock.advance(40)  # a timer pass has a number too (no ticket waits for it)
     assert poll(t) == "resync"
-    assert t.bursts == 3 and _LAST[id(t)].number == 3 and paths(t) is None
+    assert t.bursts == 3 and last_burst(t).number == 3 and paths(t) is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +19,9 @@ class AdminContact:
 
     ok: bool | None = None
     error: str | None = None
-    at: float = 0.0  # monotonic
 
     def record(self, error: str | None) -> None:
-        self.ok, self.error, self.at = error is None, error, time.monotonic()
+        self.ok, self.error = error is None, error
 
 
 class AdminClient:

@@ -116,7 +116,6 @@ class Applier:
         #: the config Caddy runs as far as this process knows (None: read it back), and its generation
         self.live: dict[str, Any] | None = None
         self.live_generation = 0
-        self.loads = 0
 
     def apply(self, plan: Plan, generation: int, meanwhile: Callable[[], None]) -> Applied:
         """Converge Caddy to ``plan``; ``meanwhile`` runs while Caddy loads (a head start on the report)."""
@@ -129,7 +128,6 @@ class Applier:
             applied = Applied(Outcome.FAILED, error=str(exc), rejected=plan.known_bad)
         except CaddyRejected as exc:  # GET /config/ refused: an error of this pass
             applied = Applied(Outcome.FAILED, error=exc.message, rejected=plan.known_bad)
-        self.loads += applied.loads
         if applied.config is not None:
             applied = replace(applied, new=self.live != applied.config)
             self.live, self.live_generation = applied.config, generation

@@ -168,10 +168,6 @@ class Reconciler:
         return result
 
     # -- for others -----------------------------------------------------------------------------
-    @property
-    def loads(self) -> int:
-        return self.applier.loads
-
     def good_versions(self) -> tuple[GoodMap, GoodMap]:
         """The last good file versions the loop serves, as of its last pass (before the first: as the
         previous run left them); never changed afterwards, so any thread may read them."""
