@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import scenarios
+from bench import churn, loadcost, scenarios
 from bench.figures import Figure
 from reconciler.caddy.admin import AdminClient
 from reconciler.loop.reconcile import Reconciler
@@ -115,6 +115,9 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "burst-idle": lambda a: scenarios.scenario_burst_and_idle(),
     "request-50k": lambda a: scenarios.scenario_request_latency(a.big),
     "vs-caddyfile": lambda a: scenarios.scenario_vs_caddyfile(),
+    "churn": lambda a: churn.scenario_churn(a.big),
+    "restarts": lambda a: churn.scenario_restarts(),
+    "load-cost": lambda a: loadcost.scenario_load_cost(),
 }
 
 

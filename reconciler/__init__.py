@@ -9,9 +9,9 @@ is PURE: no logging, networking, processes or clock reading::
     7  app                                          the composition root: builds, runs and stops the daemon
     6  api                                          the HTTP API: a thin writer onto {data}/ingresses
     5  loop                                         the outer loop, the pass's stages, Caddy's keeper
-    4  sources caddy state                          I/O edges: readers, watcher | Caddy | state files
+    4  sources caddy responder state                I/O edges: readers, watcher | Caddy | DNS responder | state
     3  validate* render* diff* status* statustable*  rules, Caddy JSON, diff, statuses, the status table
-    2  model* schema* layout*                       dataclasses, the JSON Schema, the routing layout
+    2  model* schema* layout* zone*                 dataclasses, the JSON Schema, the routing layout, DNS names
     1  settings* parse* memo* jsonutil* fsutil      values, YAML/JSON parsing, memo, JSON | file writes
     0  errors*                                      the error tree
 """

@@ -31,12 +31,14 @@ from reconciler.fsutil import StorageHealth
 from reconciler.loop.background import Background
 from reconciler.loop.changes import ChangeLog
 from reconciler.loop.daemon import Housekeeping, Loop
-from reconciler.loop.keeper import CaddyKeeper
+from reconciler.loop.keeper import Keeper
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.reconcile import Reconciler
 from reconciler.loop.service import Service, health
 from reconciler.loop.signals import SignalPolicy
 from reconciler.loop.triggers import Trigger, Triggers
+from reconciler.responder.client import Publisher
+from reconciler.responder.supervisor import ResponderSupervisor
 from reconciler.settings import Settings
 from reconciler.sources.dirs import api_dir_ready, sources_for
 from reconciler.sources.inputs import detach_helper, drop_helper, fork_helper
@@ -144,7 +146,10 @@ class Daemon:
         self.signals = SignalPolicy(self.triggers)
         self._contact = AdminContact()
         self.client = AdminClient(settings.admin_url, contact=self._contact)
-        self.keeper: CaddyKeeper | None = None
+        self.keeper: Keeper | None = None
+        self.responder: Keeper | None = None
+        self.caddy: CaddySupervisor | None = None
+        self.responder_supervisor: ResponderSupervisor | None = None
         self.loop: Loop | None = None
         self.service: Service | None = None
         self._stoppable: list[Callable[[], None]] = []  # the API server, the watcher... (in reverse order)
@@ -159,6 +164,18 @@ class Daemon:
 
     def _caddy_started(self) -> None:
         self.triggers.notify(Trigger.CADDY_RESTART, immediate=True)
+
+    def _responder(self, reader: InputReader) -> Keeper:
+        """The DNS responder's supervisor and keeper -- started: it starts (or is adopted) on its thread and
+        answers from its snapshot until the first read publishes the records."""
+        s = self.settings
+        publisher = Publisher(s.dns_dir)
+        supervisor = self.responder_supervisor = ResponderSupervisor(s, publisher, log=log_event, health=self.storage)
+        keeper = self.responder = Keeper(supervisor, log=log_event, stable_after=s.caddy_stable_after,
+                                         on_started=publisher.resync)
+        reader.publish = publisher.publish
+        keeper.start()
+        return keeper
 
     def setup(self) -> None:
         s = self.settings
@@ -175,6 +192,7 @@ class Daemon:
         watcher = Watcher([src.path for src in sources_for(s)] + [s.instances_path], self._changed)
         watcher.start()
         self._stoppable.append(watcher.stop)
+        responder = self._responder(reader)
         first = FirstRead(reader, background)
         first.start()
         try:
@@ -182,7 +200,8 @@ class Daemon:
             tracker = CertificateTracker(s.storage_dir, supervisor.log_path, issuer_key=issuer_storage_key(s.tls))
             reconciler = Reconciler(
                 settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
-                validate=lambda config: caddy_validate(binary, config), health=lambda: health(keeper, self.storage),
+                validate=lambda config: caddy_validate(binary, config),
+                health=lambda: health(keeper, self.storage, responder),
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
                 certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
                 good_before=good_before)
@@ -192,7 +211,8 @@ class Daemon:
                              housekeeping=Housekeeping(storage=self.storage, background=background,
                                                        reconciler=reconciler, signals=self.signals),
                              prefetched=first.take)
-            self.service = Service(loop=self.loop, storage=self.storage, metrics=metrics, client=self.client)
+            self.service = Service(loop=self.loop, storage=self.storage, metrics=metrics, client=self.client,
+                                   responder=responder)
             if s.api_listen:  # imported here: it loads while the first read runs
                 from reconciler.api.server import serve
 
@@ -205,7 +225,7 @@ class Daemon:
         if keeper.first_error is not None:
             raise keeper.first_error
 
-    def _caddy(self) -> tuple[CaddyKeeper, CaddySupervisor, str]:
+    def _caddy(self) -> tuple[Keeper, CaddySupervisor, str]:
         """The binary (installed into the data dir, or run from its source when it cannot be copied), the
         supervisor, and the keeper -- started: Caddy starts on its thread."""
         s = self.settings
@@ -220,8 +240,9 @@ class Daemon:
         supervisor = CaddySupervisor(s, binary, client=AdminClient(s.admin_url, contact=self._contact),
                                      log=log_event, ready_timeout=s.caddy_start_timeout, health=self.storage,
                                      source=source, config=config_file)
-        keeper = self.keeper = CaddyKeeper(supervisor, log=log_event, stable_after=s.caddy_stable_after,
-                                           on_started=self._caddy_started)
+        self.caddy = supervisor
+        keeper = self.keeper = Keeper(supervisor, log=log_event, stable_after=s.caddy_stable_after,
+                                      on_started=self._caddy_started)
         keeper.start()
         return keeper, supervisor, binary
 
@@ -254,8 +275,9 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.signals.log_received()
-        if self.keeper is not None:
-            self.keeper.stop()  # no restart of Caddy while we stop (nor a start left waiting)
+        for keeper in (self.keeper, self.responder):
+            if keeper is not None:
+                keeper.stop()  # no restart of Caddy or the responder while we stop (nor a start left waiting)
         for stop in reversed(self._stoppable):
             stop()
         self._stoppable.clear()
@@ -264,9 +286,11 @@ class Daemon:
         if self.background is not None:
             self.background.resume()
             self.background.close()  # the last pass's status files and log lines land before we exit
-        if self.settings.stop_caddy_on_shutdown and self.keeper is not None:
-            self.keeper.supervisor.stop()
+        if self.settings.stop_caddy_on_shutdown:
+            for sup in (self.caddy, self.responder_supervisor):
+                if sup is not None:
+                    sup.stop()
         self.client.close()
-        if self.keeper is not None:
-            self.keeper.supervisor.client.close()
+        if self.caddy is not None:
+            self.caddy.client.close()
         log.info("daemon.stopped", caddy_stopped=self.settings.stop_caddy_on_shutdown)

@@ -21,10 +21,12 @@ from reconciler.caddy.binary import find_caddy
 from reconciler.caddy.configfile import ConfigFile
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.validate import caddy_validate
-from reconciler.errors import CaddyError, ConfigError, StorageError
+from reconciler.errors import CaddyError, ConfigError, ResponderError, StorageError
 from reconciler.loop.reconcile import Reconciler
 from reconciler.model import Ingress, Problem, Reason, Source
 from reconciler.render import REDACTED, redact, to_json
+from reconciler.responder.client import Publisher
+from reconciler.responder.supervisor import ResponderSupervisor
 from reconciler.settings import Settings, parse_listen
 from reconciler.sources.dirs import sources_for
 from reconciler.sources.inputs import ingress_reader
@@ -129,10 +131,22 @@ def apply(args: argparse.Namespace, settings: Settings) -> int:
     config_file = ConfigFile(config_path) if os.path.isdir(settings.caddy_dir) else None
     store = StateStore(settings.state_dir) if os.path.isdir(settings.data_dir) else None
     binary = find_caddy()
+    # the data plane's other half: the routes dial instance names the DNS responder answers (adopted when
+    # it runs -- a daemon's, or one an earlier apply started --, else started detached)
+    publisher = Publisher(settings.dns_dir)
+    try:
+        ResponderSupervisor(settings, publisher).ensure_running()
+    except ResponderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     with AdminClient(settings.admin_url) as client:
         reconciler = Reconciler(settings=settings, client=client, store=store, config_file=config_file,
                                 validate=lambda config: caddy_validate(binary, config), include_api=False)
+        reconciler.reader.publish = publisher.publish
         result = reconciler.run_pass("apply")
+    if not publisher.delivered():
+        print(f"error: the DNS responder did not take the instances' addresses: {publisher.error}", file=sys.stderr)
+        return 1
     _print_problems(result.problems, sys.stderr)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)

@@ -64,10 +64,15 @@ def diff(live: Any, desired: Any, path: str = "") -> list[Change]:
         return _keyed(live, desired, lambda key: _join(path, key))
     if isinstance(live, list) and isinstance(desired, list):
         a, b = _ids(live), _ids(desired)
+        if not live and b is not None:  # (a list of rules added whole: one line per rule)
+            a = {}
+        elif not desired and a is not None:
+            b = {}
         if a is None or b is None:  # plain lists: by position
             n = max(len(live), len(desired))
-            return _keyed(dict(enumerate(live)), dict(enumerate(desired)), lambda i: f"{path}[{i}]", range(n))
-        out = _keyed(a, b, lambda key: f"{path}[@id={key}]")
+            return _keyed(dict(enumerate(live)), dict(enumerate(desired)), lambda i: f"{path}[{i}]", range(n),
+                          whole=True)
+        out = _keyed(a, b, lambda key: f"{path}[@id={key}]", whole=True)
         order = [i["@id"] for i in live], [i["@id"] for i in desired]
         if not out and order[0] != order[1]:
             out.append(Change("~", f"{path} (order)", *order))
@@ -79,16 +84,35 @@ def diff(live: Any, desired: Any, path: str = "") -> list[Change]:
     return [Change("~", path or "(root)", live, desired)]
 
 
+def _holds_ids(value: Any) -> bool:
+    """``value`` (a dict or list) holds an object with an ``@id`` somewhere."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "@id" in node:
+                return True
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return False
+
+
 def _keyed(live: dict[Any, Any], desired: dict[Any, Any], where: Callable[[Any], str],
-           keys: Iterable[Any] | None = None) -> list[Change]:
-    """The changes of two mappings, key by key (sorted unless ``keys`` gives the order)."""
+           keys: Iterable[Any] | None = None, *, whole: bool = False) -> list[Change]:
+    """The changes of two mappings, key by key (sorted unless ``keys`` gives the order). A member only
+    one side has is one change when ``whole`` (list items: a rule added or removed); an object of a
+    mapping that holds rules (objects with an ``@id``) is opened up, so the rules inside a server added or
+    removed are named one by one."""
     out: list[Change] = []
     for key in keys if keys is not None else sorted(set(live) | set(desired)):
         p = where(key)
         if key not in desired:
-            out.append(Change("-", p, old=live[key]))
+            old = live[key]
+            out.extend(diff(old, type(old)(), p) if not whole and _holds_ids(old) else [Change("-", p, old=old)])
         elif key not in live:
-            out.append(Change("+", p, new=desired[key]))
+            new = desired[key]
+            out.extend(diff(type(new)(), new, p) if not whole and _holds_ids(new) else [Change("+", p, new=new)])
         else:
             out.extend(diff(live[key], desired[key], p))
     return out

@@ -11,6 +11,8 @@ Third-party errors are mapped onto this tree in exactly one place per edge
     │   ├── CaddyRejected           400 from /load: the old config keeps serving
     │   ├── CaddyBinaryError        binary missing / not executable / wrong
     │   └── CaddyAdminInUse         another process holds Caddy's admin address
+    ├── ResponderError              the DNS responder could not be started or did not answer
+    │   └── ResponderExited         a started responder exited before its control socket answered
     └── StorageError                a file under the data dir could not be written (full disk,
                                     read-only or vanished directory, permissions): names the file
 
@@ -73,3 +75,11 @@ class StorageError(ReconcilerError):
     def no_space(self) -> bool:
         """The file system is full (or a quota is exhausted)."""
         return self.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class ResponderError(ReconcilerError):
+    """The DNS responder could not be started, or its control socket did not answer."""
+
+
+class ResponderExited(ResponderError):
+    """A started DNS responder exited before its control socket answered."""

@@ -6,7 +6,8 @@ last of 50k hosts ~25 ms slower than the first, and provisioning 50k ``reverse_p
 stable hash of the hostname. Each bucket is one route whose host matcher lists the bucket's hosts (Caddy
 binary-searches large host lists), with a subroute holding:
 
-1. a ``map`` from the exact host to its upstream and one ``reverse_proxy`` dialling that placeholder;
+1. a ``map`` from the exact host to its upstream (an instance name in the responder's zone) and the
+   instance's name, and one ``reverse_proxy`` dialling that placeholder;
 2. the bucket's other routes (503 for unavailable instances, redirects) as they are.
 
 Hostnames are case-insensitive, and Caddy's host matchers treat them so, but a ``map`` compares exact
@@ -31,22 +32,42 @@ import zlib
 from typing import Any
 
 UPSTREAM = "{hypeman.upstream}"
+INSTANCE = "{hypeman.instance}"
+#: the request variable naming the instance a request is proxied to (Caddy's error routes quote it)
+INSTANCE_VAR = "instance"
 
 
-def _simple_dial(route: dict[str, Any]) -> str | None:
-    """The upstream of a route that only proxies to one fixed upstream, else None."""
+def literal(text: str) -> str:
+    """Escape Caddy placeholders: manifest/instance text quoted in a value Caddy expands (an unescaped
+    ``{env.SECRET}`` would be expanded by Caddy)."""
+    return text.replace("{", "\\{").replace("}", "\\}")
+
+
+def proxy_handlers(instance: str, dial: str, proxy: dict[str, Any]) -> list[dict[str, Any]]:
+    """Name the instance for the error routes, then proxy to ``dial`` (``proxy``: the reverse_proxy
+    handler's common fields -- transport, hold). ``instance`` is a Caddy value (escaped or placeholders)."""
+    return [{"handler": "vars", INSTANCE_VAR: instance}, {**proxy, "upstreams": [{"dial": dial}]}]
+
+
+def _simple(route: dict[str, Any], proxy: dict[str, Any]) -> tuple[str, str] | None:
+    """(dial, instance) of a route that only proxies to one fixed upstream with the common handler, else None."""
     handle = route.get("handle")
-    if not isinstance(handle, list) or len(handle) != 1:
+    if not isinstance(handle, list) or len(handle) != 2:
         return None
-    h = handle[0]
-    if h.get("handler") != "reverse_proxy" or set(h) != {"handler", "upstreams"} or len(h["upstreams"]) != 1:
+    var, h = handle
+    if set(var) != {"handler", INSTANCE_VAR} or var["handler"] != "vars":
         return None
-    dial = h["upstreams"][0].get("dial")
-    return dial if isinstance(dial, str) and "{" not in dial else None
+    ups = h.get("upstreams")
+    if not isinstance(ups, list) or len(ups) != 1 or {**h, "upstreams": None} != {**proxy, "upstreams": None}:
+        return None
+    dial, instance = ups[0].get("dial"), var[INSTANCE_VAR]
+    if not isinstance(dial, str) or "{" in dial or not isinstance(instance, str):
+        return None
+    return dial, instance
 
 
-def _exact(host: str, dial: str) -> dict[str, Any]:
-    return {"input": host, "outputs": [dial]}
+def _exact(host: str, dial: str, instance: str) -> dict[str, Any]:
+    return {"input": host, "outputs": [dial, instance]}
 
 
 def lowercase_host_route(port: int) -> dict[str, Any]:
@@ -57,9 +78,9 @@ def lowercase_host_route(port: int) -> dict[str, Any]:
                 {"search": c, "replace": c.lower()} for c in string.ascii_uppercase]}}}]}
 
 
-def _proxy_if(var: str) -> dict[str, Any]:
-    return {"match": [{"not": [{"vars": {var: [""]}}]}],
-            "handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": var}]}], "terminal": True}
+def _proxy_if(proxy: dict[str, Any]) -> dict[str, Any]:
+    return {"match": [{"not": [{"vars": {UPSTREAM: [""]}}]}],
+            "handle": proxy_handlers(INSTANCE, UPSTREAM, proxy), "terminal": True}
 
 
 def bucket_count(n: int) -> int:
@@ -71,14 +92,17 @@ def bucket_of(hostname: str, buckets: int) -> int:
     return zlib.crc32(hostname.encode()) % buckets
 
 
-Member = tuple[str, str | None, str | None]
+#: (host, upstream, instance, None) for a plain proxy, (host, None, None, route as JSON) for the others
+Member = tuple[str, str | None, str | None, str | None]
 
 
-def member(hostname: str, route: dict[str, Any]) -> Member:
-    """What a bucket needs of one route: (host, upstream) -- or the whole route as JSON, for the rare
-    others. A bucket is a function of its members, so an unchanged bucket is reused from the last render."""
-    dial = _simple_dial(route)
-    return (hostname, dial, None if dial is not None else json.dumps(route, sort_keys=True))
+def member(hostname: str, route: dict[str, Any], proxy: dict[str, Any]) -> Member:
+    """What a bucket needs of one route: (host, upstream, instance) -- or the whole route as JSON, for the
+    rare others. A bucket is a function of its members, so an unchanged bucket is reused from the last render."""
+    simple = _simple(route, proxy)
+    if simple is not None:
+        return (hostname, simple[0], simple[1], None)
+    return (hostname, None, None, json.dumps(route, sort_keys=True))
 
 
 #: (port, bucket index) -> (its members, its route): the buckets of the previous layout, for reuse
@@ -89,7 +113,7 @@ Buckets = dict[tuple[int, int], tuple[tuple[Member, ...], dict[str, Any]]]
 Placement = dict[int, tuple[list[int], int]]
 
 
-def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, threshold: int,
+def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, threshold: int, proxy: dict[str, Any],
            members: list[Member] | None = None, previous: Buckets | None = None,
            kept: Buckets | None = None, placement: Placement | None = None) -> list[dict[str, Any]]:
     """Routes for ``entries`` (hostname, route), already sorted; unique hostnames. ``members``: the
@@ -102,7 +126,7 @@ def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, thres
         assert all(r is not None for r in out), "flat layouts need every route"
         return out  # type: ignore[return-value]
     if members is None:
-        members = [member(h, r) for h, r in entries if r is not None]
+        members = [member(h, r, proxy) for h, r in entries if r is not None]
     n = bucket_count(len(entries))
     groups: list[list[Member]] = [[] for _ in range(n)]
     where: list[list[int]] = [[] for _ in range(n)]
@@ -116,7 +140,7 @@ def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, thres
             continue
         mine = tuple(group)
         hit = previous.get((port, k)) if previous is not None else None
-        bucket = hit[1] if hit is not None and hit[0] == mine else bucket_route(port, k, mine)
+        bucket = hit[1] if hit is not None and hit[0] == mine else bucket_route(port, k, mine, proxy)
         if kept is not None:
             kept[(port, k)] = (mine, bucket)
         if placement is not None:
@@ -125,17 +149,17 @@ def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, thres
     return routes
 
 
-def bucket_route(port: int, k: int, members: tuple[Member, ...]) -> dict[str, Any]:
-    """The route of bucket ``k`` of ``port`` holding ``members`` (a function of them alone)."""
-    simple = [(h, d) for h, d, _ in members if d is not None]
-    others = [json.loads(r) for _, d, r in members if d is None and r is not None]
+def bucket_route(port: int, k: int, members: tuple[Member, ...], proxy: dict[str, Any]) -> dict[str, Any]:
+    """The route of bucket ``k`` of ``port`` holding ``members`` (a function of them and ``proxy``)."""
+    simple = [(h, d, i) for h, d, i, _ in members if d is not None and i is not None]
+    others = [json.loads(r) for _, d, _, r in members if d is None and r is not None]
     sub: list[dict[str, Any]] = []
     if simple:
         sub += [
-            {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM],
-                         "mappings": [_exact(h, d) for h, d in simple], "defaults": [""]}]},
-            _proxy_if(UPSTREAM),
+            {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM, INSTANCE],
+                         "mappings": [_exact(h, d, i) for h, d, i in simple], "defaults": ["", ""]}]},
+            _proxy_if(proxy),
         ]
     sub += others
-    return {"@id": f"bucket.{port}.{k}", "match": [{"host": [h for h, _, _ in members]}],
+    return {"@id": f"bucket.{port}.{k}", "match": [{"host": [m[0] for m in members]}],
             "handle": [{"handler": "subroute", "routes": sub}]}

@@ -163,6 +163,13 @@ class Rule(Record):
     target_port: int
     tls: bool = False
     redirect_http: bool = False
+    #: (duration, interval) a request waits for an unreachable instance; None: the settings' default
+    hold: tuple[str, str] | None = None
+
+    @property
+    def pattern(self) -> bool:
+        """The hostname is a pattern (``{instance}.example.com``, see :mod:`reconciler.zone`)."""
+        return "{" in self.hostname
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,18 @@
 """Render the desired state into Caddy JSON. PURE and deterministic.
 
 Layout: one server ``ingress-<port>`` per listening port on ``CADDY_LISTEN_ADDRESS``; per
-rule a host-matched route with ``@id`` ``ingress.<name>.rule-<index>``; the last route of every server
-answers 404 naming the unmatched host. Rules whose instance is missing or stopped answer 503 so their
-hostname never falls through. The ``admin`` block, ``http_port``/``https_port`` and the storage root are
-always explicit; plain-HTTP servers disable automatic HTTPS so Caddy never reaches for a public CA.
+rule a host-matched route with ``@id`` ``ingress.<name>.rule-<index>``; exact hosts first, then hostname
+patterns (``{instance}.example.com``: fewer captures first), and last a route answering 404 naming the
+unmatched host. The ``admin`` block, ``http_port``/``https_port`` and the storage root are always
+explicit; plain-HTTP servers disable automatic HTTPS so Caddy never reaches for a public CA.
+
+Shape, not data: a rule's upstream is its instance's *name* in the DNS responder's zone
+(``<label>.hypeman.internal:<port>``, see :mod:`reconciler.zone`), resolved by Caddy through the
+responder at each new upstream connection, so the config depends on the manifests and the settings only
+-- never on where an instance is or whether it runs. A request whose instance has no address (stopped,
+unknown) or does not accept connections (restarting) is held: Caddy tries the dial again every
+``hold_interval`` for ``hold`` (per rule: ``hold``), then the server's error routes answer 503/504
+naming the instance.
 
 TLS (``tls: true``): the rule's server keeps automatic HTTPS (certificates) but not Caddy's implicit
 redirects; every TLS hostname is a subject of one explicit automation policy whose issuer comes from the
@@ -20,10 +28,21 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from reconciler.jsonutil import compact, compact_bytes
-from reconciler.layout import Buckets, Member, Placement, bucket_route, layout, member
+from reconciler.layout import (
+    INSTANCE_VAR,
+    Buckets,
+    Member,
+    Placement,
+    bucket_route,
+    layout,
+    literal,
+    member,
+    proxy_handlers,
+)
 from reconciler.memo import IdentityMemo
-from reconciler.model import Desired, ResolvedIngress, ResolvedRule, Unavailable, Upstream
-from reconciler.settings import Settings, TLSSettings
+from reconciler.model import Desired, Ingress, Rule
+from reconciler.settings import Settings, TLSSettings, hold_seconds, parse_listen
+from reconciler.zone import is_pattern, label, parse_pattern, template
 
 _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}
 
@@ -42,28 +61,73 @@ def _listen(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
-def _literal(text: str) -> str:
-    """Escape Caddy placeholders: the message quotes manifest/instance text, and an unescaped
-    ``{env.SECRET}`` in a response body would be expanded by Caddy."""
-    return text.replace("{", "\\{").replace("}", "\\}")
+def proxy_template(settings: Settings, hold: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The reverse_proxy fields every upstream shares: dial through the responder, hold while it fails."""
+    duration, interval = (hold[0] or settings.hold, hold[1] or settings.hold_interval) if hold else (
+        settings.hold, settings.hold_interval)
+    transport: dict[str, Any] = {"protocol": "http", "dial_timeout": settings.dial_timeout,
+                                 "resolver": {"addresses": [f"udp/{settings.dns_listen}"]}}
+    if not settings.upstream_keepalive:
+        # every request dials (and so resolves) anew: a stopped or moved instance gets no request on a
+        # connection opened to its old address
+        transport["keep_alive"] = {"enabled": False}
+    proxy: dict[str, Any] = {"handler": "reverse_proxy", "transport": transport}
+    if hold_seconds(duration):
+        proxy["load_balancing"] = {"try_duration": duration, "try_interval": interval}
+    return proxy
 
 
-def _handler(rule: ResolvedRule) -> dict[str, Any]:
-    backend = rule.backend
-    if isinstance(backend, Upstream):
-        return {"handler": "reverse_proxy", "upstreams": [{"dial": backend.dial}]}
-    assert isinstance(backend, Unavailable)
-    return {
-        "handler": "static_response",
-        "status_code": 503,
-        "headers": _TEXT,
-        "body": f"503 Service Unavailable: {_literal(backend.message)}\n",
-    }
+def matcher_host(hostname: str) -> str:
+    """What Caddy's host matcher holds for a rule's hostname (a pattern's captures become ``*``)."""
+    if not is_pattern(hostname):
+        return hostname
+    parsed = parse_pattern(hostname)
+    assert not isinstance(parsed, str), parsed  # validated before
+    return parsed.wildcard
 
 
-def _route(rid: str, rule: ResolvedRule) -> dict[str, Any]:
+def upstream(rule: Rule, zone: str) -> tuple[str, str]:
+    """(dial, instance as a Caddy value) of a rule: the instance's name in the zone, or for a pattern the
+    name Caddy builds per request from the captured labels."""
+    if is_pattern(rule.hostname):
+        parsed = parse_pattern(rule.hostname)
+        assert not isinstance(parsed, str), parsed
+        name = template(rule.instance, parsed)
+        assert name is not None, rule.instance
+        return f"{name}.{zone}:{rule.target_port}", name
+    return f"{label(rule.instance)}.{zone}:{rule.target_port}", literal(rule.instance)
+
+
+def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     """One host-matched route."""
-    return {"@id": rid, "match": [{"host": [rule.rule.hostname]}], "handle": [_handler(rule)], "terminal": True}
+    dial, instance = upstream(rule, settings.dns_zone)
+    return {"@id": rid, "match": [{"host": [matcher_host(rule.hostname)]}],
+            "handle": proxy_handlers(instance, dial, proxy_template(settings, rule.hold)), "terminal": True}
+
+
+def error_routes() -> list[dict[str, Any]]:
+    """A server's error routes: what a request gets when its instance could not be reached (after the
+    hold), naming the instance (set by the route, see :func:`reconciler.layout.proxy_handlers`)."""
+    var = f"{{http.vars.{INSTANCE_VAR}}}"
+    message = "{http.error.message}"
+
+    def answer(status: int | str, body: str, *match: dict[str, Any]) -> dict[str, Any]:
+        route: dict[str, Any] = {"handle": [{"handler": "static_response", "status_code": status, "headers": _TEXT,
+                                             "body": body + "\n"}], "terminal": True}
+        if match:
+            route["match"] = [{k: v for m in match for k, v in m.items()}]
+        return route
+
+    return [
+        answer("{http.error.status_code}", "{http.error.status_code} {http.error.status_text}", {"vars": {var: [""]}}),
+        answer(503, f'503 Service Unavailable: instance "{var}" is not running or not known',
+               {"vars_regexp": {message: {"pattern": "no such host|server misbehaving"}}}),
+        answer(504, f'504 Gateway Timeout: instance "{var}" did not answer in time',
+               {"vars_regexp": {message: {"pattern": "i/o timeout|deadline exceeded|timeout awaiting"}}}),
+        answer(503, f'503 Service Unavailable: instance "{var}" does not accept connections on port '
+               "{http.reverse_proxy.upstream.port}", {"vars_regexp": {message: {"pattern": "^dial "}}}),
+        answer("{http.error.status_code}", f'{{http.error.status_code}} {{http.error.status_text}}: instance "{var}"'),
+    ]
 
 
 def fallback_route(port: int) -> dict[str, Any]:
@@ -153,63 +217,76 @@ class _Entry(NamedTuple):
     port: int
     hostname: str
     route_id: str
-    rule: ResolvedRule
+    rule: Rule
     #: its route; None for a plain proxy to an upstream (built only if its port is laid out flat)
     route: dict[str, Any] | None
     member: Member
     tls: bool
+    #: the place of a hostname pattern among a server's routes (None: an exact host), see :func:`_order`
+    pattern: tuple[int, int, str] | None
 
 
 @dataclass(slots=True)
 class _Port:
     """What the last render laid out on one port, to patch it when only routes' contents changed."""
 
-    entries: list[_Entry]  # sorted by (hostname, route id)
+    entries: list[_Entry]  # sorted by _order: exact hosts, then patterns
     at: dict[str, int]  # route id -> index in entries
     routes: list[dict[str, Any]]  # the server's routes (the 404 fallback last)
     placement: Placement | None  # bucketed layouts: bucket -> (entry indices, route index)
     bucket: dict[int, int] = field(default_factory=dict)  # entry index -> its bucket (bucketed layouts)
 
 
-def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool]]:
-    """What decides where an ingress's routes go: port, hostname, route id, TLS."""
-    return [(e.port, e.hostname, e.route_id, e.tls) for e in entries]
+def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool]]:
+    """What decides where an ingress's routes go: port, hostname, route id, TLS, pattern."""
+    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None) for e in entries]
+
+
+def _order(e: _Entry) -> tuple[int, int, int, str, str]:
+    """Routes of a server: exact hosts first (by name), then patterns -- fewer captures first, then more
+    labels (more specific), then by name; never by file order."""
+    if e.pattern is None:
+        return (0, 0, 0, e.hostname, e.route_id)
+    stars, labels, wildcard = e.pattern
+    return (1, stars, -labels, wildcard, e.route_id)
 
 
 class Renderer:
     """:func:`render` with a memory between passes (the output is the same as a fresh call's).
 
-    What a :class:`ResolvedIngress` renders to depends on it alone, so it is kept by object identity (the
-    invariant of :mod:`reconciler.memo`: each entry holds its object):
-    unchanged ingresses (the very same objects, see :class:`reconciler.validate.Resolver`) are not
-    rendered again, and buckets whose members did not change are reused (shared, read-only dicts). The
-    memory holds what the last render used, nothing older.
+    What an accepted ingress renders to depends on its :class:`Ingress` alone (never on instances: they
+    are data, answered by the responder), so it is kept by object identity (the invariant of
+    :mod:`reconciler.memo`: each entry holds its object): unchanged ingresses (the very same objects, see
+    :class:`reconciler.sources.inputs`) are not rendered again, and buckets whose members did not change are
+    reused (shared, read-only dicts). The memory holds what the last render used, nothing older. An
+    instance that moves, stops or starts gives the very same config object back.
 
     When the ingresses are last render's, position by position, except some whose routes go to the same
-    ports, hostnames and ids (a changed backend, an instance that stopped), the last config is patched:
+    ports, hostnames and ids (a changed target port or instance), the last config is patched:
     only the routes (flat ports) or buckets of those change, in new lists and dicts -- the last config
     stays as it was.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
+        self._memo: dict[int, tuple[Ingress, list[_Entry]]] = {}
         self._buckets: Buckets = {}
-        self._given: tuple[ResolvedIngress, ...] = ()
+        self._given: tuple[Ingress, ...] = ()
+        self._proxy = proxy_template(settings)
         self._ports: dict[int, _Port] = {}
         self._config: dict[str, Any] | None = None
 
     def _patch(self, desired: Desired) -> dict[str, Any] | None:
         """The last config with the changed ingresses' routes swapped in; None when a full render is needed."""
-        config, given = self._config, desired.ingresses
+        config, given = self._config, tuple(r.ingress for r in desired.ingresses)
         if config is None or len(given) != len(self._given):
             return None
-        swaps: list[tuple[ResolvedIngress, ResolvedIngress, list[_Entry]]] = []
+        swaps: list[tuple[Ingress, Ingress, list[_Entry]]] = []
         for new, old in zip(given, self._given, strict=True):
             if new is old:
                 continue
             entries = self._memo_of(new)[1]
-            if _shape(entries) != _shape(self._memo[id(old)][1]):
+            if _shape(entries) != _shape(self._memo[id(old)][1]) or any(e.pattern for e in entries):
                 return None
             swaps.append((old, new, entries))
         if not swaps:
@@ -230,13 +307,14 @@ class Renderer:
             if port.placement is None:
                 for i in changed:
                     e = port.entries[i]
-                    routes[i] = e.route if e.route is not None else _route(e.route_id, e.rule)
+                    routes[i] = e.route if e.route is not None else _route(e.route_id, e.rule, self.settings)
             else:
                 for k in {port.bucket[i] for i in changed}:
                     where, r = port.placement[k]
                     members = tuple(port.entries[i].member for i in where)
                     hit = self._buckets.get((number, k))
-                    routes[r] = hit[1] if hit is not None and hit[0] == members else bucket_route(number, k, members)
+                    routes[r] = (hit[1] if hit is not None and hit[0] == members
+                                 else bucket_route(number, k, members, self._proxy))
                     self._buckets[(number, k)] = (members, routes[r])
             port.routes = routes
             name = server_name(number)
@@ -247,38 +325,40 @@ class Renderer:
         self._config = config
         return config
 
-    def _memo_of(self, resolved: ResolvedIngress) -> tuple[ResolvedIngress, list[_Entry]]:
-        hit = self._memo.get(id(resolved))
-        if hit is None or hit[0] is not resolved:
-            hit = (resolved, self._entries(resolved))
+    def _memo_of(self, ingress: Ingress) -> tuple[Ingress, list[_Entry]]:
+        hit = self._memo.get(id(ingress))
+        if hit is None or hit[0] is not ingress:
+            hit = (ingress, self._entries(ingress))
         return hit
 
-    def _entries(self, resolved: ResolvedIngress) -> list[_Entry]:
-        name = resolved.ingress.name
+    def _entries(self, ingress: Ingress) -> list[_Entry]:
+        name, zone, proxy = ingress.name, self.settings.dns_zone, self._proxy
         out: list[_Entry] = []
-        for rule in resolved.rules:
-            r = rule.rule
-            rid = route_id(name, rule.index)
-            backend = rule.backend
-            if isinstance(backend, Upstream) and "{" not in backend.dial:
-                out.append(_Entry(r.port, r.hostname, rid, rule, None, (r.hostname, backend.dial, None), r.tls))
+        for index, r in enumerate(ingress.rules):
+            rid = route_id(name, index)
+            host = matcher_host(r.hostname)
+            pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
+            if pattern is None and r.hold is None:
+                dial, instance = upstream(r, zone)
+                out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None))
             else:
-                route = _route(rid, rule)
-                out.append(_Entry(r.port, r.hostname, rid, rule, route, member(r.hostname, route), r.tls))
+                route = _route(rid, r, self.settings)
+                out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern))
             if r.tls and r.redirect_http:
-                redirect = _redirect_route(name, rule.index, r.hostname, r.port)
-                out.append(_Entry(self.settings.http_port, r.hostname, redirect["@id"], rule, redirect,
-                                  member(r.hostname, redirect), False))
+                redirect = _redirect_route(name, index, host, r.port)
+                out.append(_Entry(self.settings.http_port, host, redirect["@id"], r, redirect,
+                                  member(host, redirect, proxy), False, pattern))
         return out
 
     def __call__(self, desired: Desired) -> dict[str, Any]:
         patched = self._patch(desired)
         if patched is not None:
             return patched
-        memo: dict[int, tuple[ResolvedIngress, list[_Entry]]] = {}
+        memo: dict[int, tuple[Ingress, list[_Entry]]] = {}
         by_port: dict[int, list[_Entry]] = {}
         for resolved in desired.ingresses:
-            hit = memo[id(resolved)] = self._memo_of(resolved)
+            ingress = resolved.ingress
+            hit = memo[id(ingress)] = self._memo_of(ingress)
             for entry in hit[1]:
                 by_port.setdefault(entry.port, []).append(entry)
         servers: dict[str, Any] = {}
@@ -286,29 +366,32 @@ class Renderer:
         ports: dict[int, _Port] = {}
         for number in sorted(by_port):
             ports[number], servers[server_name(number)] = self._server(number, by_port[number], buckets)
-        tls_hosts = {e.hostname for entries in by_port.values() for e in entries if e.tls}
+        tls_hosts = {e.hostname for entries in by_port.values() for e in entries if e.tls and e.pattern is None}
+        tls_patterns = {e.hostname for entries in by_port.values() for e in entries if e.tls and e.pattern}
         config = {
             "admin": admin_block(self.settings),
             "storage": {"module": "file_system", "root": self.settings.storage_dir},
-            "apps": self._apps(servers, tls_hosts),
+            "apps": self._apps(servers, tls_hosts, tls_patterns),
         }
         # all of the memory at once: a render that failed half-way leaves the last one whole
-        self._memo, self._buckets, self._given, self._ports, self._config = (memo, buckets, desired.ingresses, ports,
-                                                                             config)
+        given = tuple(r.ingress for r in desired.ingresses)
+        self._memo, self._buckets, self._given, self._ports, self._config = memo, buckets, given, ports, config
         return config
 
     def _server(self, number: int, unsorted: list[_Entry], buckets: Buckets) -> tuple[_Port, dict[str, Any]]:
         """The server of one port: one route per rule, or (above the threshold) bucketed; the 404 last."""
         settings = self.settings
-        entries = sorted(unsorted, key=lambda e: (e.hostname, e.route_id))
+        entries = sorted(unsorted, key=_order)
+        exact = [e for e in entries if e.pattern is None]
         placement: Placement | None = None
-        if len(entries) <= settings.bucket_threshold:
-            routes = [e.route if e.route is not None else _route(e.route_id, e.rule) for e in entries]
+        if len(exact) <= settings.bucket_threshold:
+            routes = [e.route if e.route is not None else _route(e.route_id, e.rule, settings) for e in exact]
         else:
             placement = {}
-            routes = layout([(e.hostname, e.route) for e in entries], port=number, threshold=settings.bucket_threshold,
-                            members=[e.member for e in entries], previous=self._buckets, kept=buckets,
-                            placement=placement)
+            routes = layout([(e.hostname, e.route) for e in exact], port=number, threshold=settings.bucket_threshold,
+                            proxy=self._proxy, members=[e.member for e in exact], previous=self._buckets,
+                            kept=buckets, placement=placement)
+        routes += [e.route for e in entries[len(exact):] if e.route is not None]  # patterns: after every exact host
         routes.append(fallback_route(number))
         port = _Port(entries, {e.route_id: i for i, e in enumerate(entries)}, routes, placement,
                      {i: k for k, (where, _) in (placement or {}).items() for i in where})
@@ -317,30 +400,64 @@ class Renderer:
             # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
             # unknown SNI falls back to the first host's certificate so it still gets the 404
             server["automatic_https"] = {"disable_redirects": True}
-            server["tls_connection_policies"] = [{"fallback_sni": entries[0].hostname}]
+            if exact:
+                server["tls_connection_policies"] = [{"fallback_sni": exact[0].hostname}]
+            else:
+                server["tls_connection_policies"] = [{}]
+            patterns = sorted({e.hostname for e in entries if e.tls and e.pattern is not None})
+            if patterns:  # issued on demand, name by name (see _apps); never a wildcard order at start
+                server["automatic_https"]["skip_certificates"] = patterns
         else:
             server["automatic_https"] = {"disable": True}
+        server["errors"] = {"routes": error_routes()}
         return port, server
 
-    def _apps(self, servers: dict[str, Any], tls_hosts: set[str]) -> dict[str, Any]:
+    def _apps(self, servers: dict[str, Any], tls_hosts: set[str], tls_patterns: set[str]) -> dict[str, Any]:
         settings = self.settings
         apps: dict[str, Any] = {
             "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
         }
-        if tls_hosts:
+        if tls_hosts or tls_patterns:
             the_issuer = issuer(settings.tls)
             wildcard = settings.listen_address in ("", "0.0.0.0", "::", "[::]")
             if the_issuer["module"] == "acme" and settings.tls.dns_provider is None and not wildcard:
                 # Caddy's own HTTP-01/TLS-ALPN-01 solver listeners bind where our servers listen, not everywhere
                 the_issuer = {**the_issuer, "challenges": {**the_issuer.get("challenges", {}),
                                                            "bind_host": settings.listen_address}}
-            apps["tls"] = {"automation": {"policies": [
-                {"subjects": sorted(tls_hosts), "issuers": [the_issuer]},
-                {"issuers": [the_issuer]},  # catch-all: nothing ever falls back to Caddy's default public CAs
-            ]}}
+            policies: list[dict[str, Any]] = []
+            if tls_hosts:
+                policies.append({"subjects": sorted(tls_hosts), "issuers": [the_issuer]})
+            automation: dict[str, Any] = {"policies": policies}
+            endpoint = permission_endpoint(settings)
+            if tls_patterns and endpoint is not None:
+                # a pattern's hosts get certificates on demand, each name only when the reconciler says its
+                # instance exists and TLS_ALLOWED_DOMAINS allows it (validation refuses patterns without it)
+                policies.append({"subjects": sorted(tls_patterns), "issuers": [the_issuer], "on_demand": True})
+                automation["on_demand"] = {"permission": {"module": "http", "endpoint": endpoint}}
+            # catch-all: nothing ever falls back to Caddy's default public CAs
+            policies.append({"issuers": [the_issuer]})
+            apps["tls"] = {"automation": automation}
             if settings.tls.issuer == "internal":
                 apps["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
         return apps
+
+
+#: the API's path Caddy asks before it obtains a certificate for a host of a TLS pattern
+PERMISSION_PATH = "/internal/tls/permission"
+
+
+def permission_endpoint(settings: Settings) -> str | None:
+    """The URL Caddy asks for on-demand certificates (the API's listener; None when the API is off)."""
+    if settings.api_listen is None:
+        return None
+    host, port = parse_listen(settings.api_listen)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}{PERMISSION_PATH}"
 
 
 def render(desired: Desired, settings: Settings) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from reconciler.errors import ConfigError
 
 DEFAULT_DATA_DIR = "/var/lib/hypeman"
+#: the DNS zone of instance names (see reconciler.zone)
+DEFAULT_ZONE = "hypeman.internal"
 DEFAULT_API_LISTEN = "127.0.0.1:8190"
 
 
@@ -66,6 +68,10 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
 
 
 _DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h|d))+$")
+#: a hold / dial duration: one number and a unit (Caddy's ``time.ParseDuration`` reads it as is)
+HOLD_DURATION = re.compile(r"^(\d{1,6}(\.\d{1,3})?)(ms|s|m)$")
+#: the longest hold a rule or the settings may ask for
+HOLD_MAX_SECONDS = 600.0
 DNS_PROVIDERS = ("cloudflare", "route53")
 CHALLENGES = ("http-01", "tls-alpn-01")
 
@@ -169,6 +175,34 @@ def _duration(get: Get, key: str) -> str | None:
     return value
 
 
+def hold_seconds(text: str) -> float | None:
+    """Seconds of a hold duration (``"5s"``, ``"250ms"``, ``"1.5m"``), None when it is not one or is longer
+    than :data:`HOLD_MAX_SECONDS`."""
+    m = HOLD_DURATION.match(text)
+    if m is None:
+        return None
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(3)]
+    return value if value <= HOLD_MAX_SECONDS else None
+
+
+def _hold(env: Mapping[str, str], key: str, default: str) -> str:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if hold_seconds(raw) is None:
+        raise ConfigError(f"{key}={raw!r} is not a duration of at most {HOLD_MAX_SECONDS:g}s "
+                          "(a number and ms, s or m: 5s, 250ms)")
+    return raw
+
+
+def _zone(env: Mapping[str, str]) -> str:
+    raw = (env.get("HYPEMAN_DNS_ZONE") or DEFAULT_ZONE).lower().rstrip(".")
+    labels = raw.split(".")
+    if len(raw) > 200 or not all(re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", x) for x in labels):
+        raise ConfigError(f"HYPEMAN_DNS_ZONE={raw!r} is not a DNS name (e.g. hypeman.internal)")
+    return raw
+
+
 def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
     """``TLS_ALLOWED_DOMAINS``: exact names, ``*.example.com`` = exactly one label, ``*`` = any; unset
     (None) allows every hostname, set but empty allows none (as hypeman)."""
@@ -216,6 +250,19 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     #: above this many routes on one port, hosts are bucketed (see reconciler.layout)
     bucket_threshold: int = 256
+    #: the DNS responder (see reconciler.responder): where it answers and the zone of instance names
+    dns_address: str = "127.0.0.1"
+    dns_port: int = 5354
+    dns_zone: str = DEFAULT_ZONE
+    #: how long a request waits for an instance that does not answer (restarting) before its 503, and how
+    #: often the dial is tried meanwhile (Caddy's load_balancing try_duration / try_interval); per rule: hold
+    hold: str = "5s"
+    hold_interval: str = "250ms"
+    #: Caddy's dial timeout towards instances, DNS lookup included (a hung responder costs at most this)
+    dial_timeout: str = "2s"
+    #: keep upstream connections open between requests (faster, but a pooled connection keeps the address
+    #: it was opened to: an instance that stops or moves still gets requests on it until it breaks)
+    upstream_keepalive: bool = False
 
     @property
     def admin_listen(self) -> str:
@@ -245,6 +292,17 @@ class Settings:
         return os.path.join(self.data_dir, "state")
 
     @property
+    def dns_dir(self) -> str:
+        return os.path.join(self.data_dir, "dns")
+
+    @property
+    def dns_listen(self) -> str:
+        host = self.dns_address
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.dns_port}"
+
+    @property
     def instances_path(self) -> str:
         return self.instances_dir or os.path.join(self.data_dir, "instances")
 
@@ -265,6 +323,13 @@ class Settings:
             "tls": TLSSettings.from_env(env),
             "bucket_threshold": _int(env, "HYPEMAN_BUCKET_THRESHOLD", 256, 0, 10_000_000),
             "api_wait": _seconds(env, "INGRESS_API_WAIT", 10.0, 0.0, 600.0),
+            "dns_address": env.get("HYPEMAN_DNS_ADDRESS") or "127.0.0.1",
+            "dns_port": _int(env, "HYPEMAN_DNS_PORT", 5354),
+            "dns_zone": _zone(env),
+            "hold": _hold(env, "HYPEMAN_HOLD", "5s"),
+            "hold_interval": _hold(env, "HYPEMAN_HOLD_INTERVAL", "250ms"),
+            "dial_timeout": _hold(env, "HYPEMAN_DIAL_TIMEOUT", "2s"),
+            "upstream_keepalive": _bool(env, "HYPEMAN_UPSTREAM_KEEPALIVE", False),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

@@ -31,7 +31,8 @@ from reconciler.model import (
     derive_ingress_id,
 )
 from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
-from reconciler.settings import Settings, domain_allowed
+from reconciler.settings import HOLD_MAX_SECONDS, Settings, domain_allowed, hold_seconds
+from reconciler.zone import CAPTURE, is_pattern, parse_pattern, records, unknown_capture
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -39,7 +40,8 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 def hostname_error(hostname: str) -> str | None:
     """Why ``hostname`` (already lower-cased) is not an RFC 1123 name, or None."""
     if "*" in hostname:
-        return f"hostname {hostname!r}: wildcard hostnames are not supported yet"
+        return (f"hostname {hostname!r}: wildcard hostnames are not supported, use pattern syntax like "
+                "{instance}.example.com")
     if len(hostname) > 253:
         return f"hostname {hostname[:40]!r}...: longer than 253 characters"
     if hostname.endswith("."):
@@ -51,6 +53,48 @@ def hostname_error(hostname: str) -> str | None:
                 "or '-', not starting or ending with '-')"
             )
     return None
+
+
+def pattern_error(hostname: str, instance: str) -> str | None:
+    """Why a rule's hostname pattern (or its ``target.instance`` reference to it) is refused, or None
+    (hypeman's wording; ``instance`` is the rule's ``target.instance``)."""
+    if not is_pattern(hostname):
+        if is_pattern(instance):
+            m = CAPTURE.search(instance)
+            assert m is not None
+            return f"target.instance references unknown capture {{{m.group(1)}}} (match.hostname is not a pattern)"
+        return None
+    parsed = parse_pattern(hostname)
+    if isinstance(parsed, str):
+        return f"match.hostname: {parsed}"
+    literal = [x for x in parsed.wildcard.split(".") if x != "*"]
+    bad = hostname_error(".".join(literal)) if literal else None
+    if bad is not None:
+        return f"match.{bad}"
+    unknown = unknown_capture(instance, parsed)
+    if unknown is not None:
+        return f"target.instance references unknown capture {{{unknown}}}"
+    if not is_pattern(instance):
+        return "pattern hostname requires target.instance to reference a capture (e.g., {instance})"
+    filled = CAPTURE.sub("a", instance)
+    if not _LABEL.fullmatch(filled) or filled[2:4] == "--":
+        return (f"target.instance {instance!r}: around its captures only lower-case letters, digits and '-' "
+                "(it names an instance in DNS, one label)")
+    return None
+
+
+def hold_of(raw: dict[str, Any], settings_default: tuple[str, str] | None = None) -> tuple[str, str] | str | None:
+    """A rule's ``hold`` as (duration, interval), None when it has none, or why it is refused."""
+    hold = raw.get("hold")
+    if hold is None:
+        return settings_default
+    duration, interval = hold.get("duration"), hold.get("interval")
+    for key, value in (("duration", duration), ("interval", interval)):
+        if value is not None and hold_seconds(value) is None:
+            return f"hold.{key}: {value!r} is longer than {HOLD_MAX_SECONDS:g}s"
+    if interval is not None and hold_seconds(interval) == 0:
+        return "hold.interval: must be more than 0"
+    return (duration or "", interval or "")
 
 
 def _problem(doc: Document, line: int | None, message: str, reason: str = Reason.INVALID_MANIFEST,
@@ -72,10 +116,23 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
     for i, raw in enumerate(data["rules"]):
         where = f"rules[{i}]"
         hostname = raw["match"]["hostname"].lower()
-        err = hostname_error(hostname)
-        if err:
-            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
-                                     f"{where}.match.{err}", ingress=name))
+        instance = raw["target"]["instance"]
+        if is_pattern(hostname) or is_pattern(instance):
+            err = pattern_error(hostname, instance)
+            if err:
+                field = ("target", "instance") if err.startswith("target") else ("match", "hostname")
+                problems.append(_problem(doc, doc.parsed.line_of(("rules", i, *field)), f"{where}.{err}",
+                                         ingress=name))
+                continue
+        else:
+            err = hostname_error(hostname)
+            if err:
+                problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
+                                         f"{where}.match.{err}", ingress=name))
+                continue
+        hold = hold_of(raw)
+        if isinstance(hold, str):
+            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "hold")), f"{where}.{hold}", ingress=name))
             continue
         tls = bool(raw.get("tls", False))
         redirect = bool(raw.get("redirect_http", False))
@@ -86,14 +143,14 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         # int(): JSON Schema counts 8080.0 as an integer; Caddy would get "8080.0" in listen/dial. An explicit
         # 0 means the default port, as in hypeman.
         port = int(raw["match"].get("port") or (443 if tls else 80))
-        key = (hostname, port)
+        key = (host_key(hostname), port)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
                                      f"{where}: {hostname}:{port} is already matched by rules[{seen[key]}]",
                                      ingress=name))
             continue
         seen[key] = i
-        rules.append(Rule(hostname, port, raw["target"]["instance"], int(raw["target"]["port"]), tls, redirect))
+        rules.append(Rule(hostname, port, instance, int(raw["target"]["port"]), tls, redirect, hold))
     if problems:
         return None, problems
     valid_name: str = data["name"]
@@ -156,6 +213,8 @@ class InstanceIndex:
         return self.by_name.get(ref) or self.by_id.get(ref)
 
     def backend(self, rule: Rule) -> Upstream | Unavailable:
+        if rule.pattern:  # each request names its instance: resolved by the responder, per request
+            return Upstream(rule.instance)
         inst = self.lookup(rule.instance)
         if inst is None:
             return Unavailable(Reason.INSTANCE_NOT_FOUND, f"instance {rule.instance!r} not found")
@@ -163,6 +222,13 @@ class InstanceIndex:
             return Unavailable(Reason.INSTANCE_NOT_RUNNING,
                                f"instance {rule.instance!r} is not running (state: {inst.state})")
         return Upstream(dial_address(inst.ip, rule.target_port))
+
+
+def zone_records(instances: Iterable[Instance]) -> dict[str, str]:
+    """The DNS responder's records: label -> address of each reference to a running instance, decided
+    as :meth:`InstanceIndex.lookup` decides (see :func:`reconciler.zone.records`)."""
+    index = InstanceIndex(instances)
+    return records(index.by_name, index.by_id)
 
 
 class Why(NamedTuple):
@@ -180,7 +246,10 @@ def _tls_problem(ing: Ingress, settings: Settings) -> Why | None:
         if r.tls and tls.issuer is None:
             return Why(f"{where}: tls: true needs a certificate issuer; set ACME_EMAIL (ACME, with ACME_CA for a "
                        "staging or private CA) or TLS_ISSUER=internal (Caddy's local CA)", Reason.TLS_NOT_CONFIGURED)
-        if r.tls and not domain_allowed(r.hostname, tls.allowed_domains):
+        if r.tls and r.pattern and settings.api_listen is None:
+            return Why(f"{where}: TLS for a hostname pattern needs the API (HYPEMAN_API_LISTEN): it answers Caddy's "
+                       "on-demand permission for each host", Reason.TLS_NOT_CONFIGURED)
+        if r.tls and not domain_allowed(host_key(r.hostname), tls.allowed_domains):
             allowed = ",".join(tls.allowed_domains or ())
             return Why(f"{where}: hostname {r.hostname!r} may not use TLS "
                        + (f"(TLS_ALLOWED_DOMAINS={allowed})" if allowed else
@@ -193,10 +262,19 @@ def _tls_problem(ing: Ingress, settings: Settings) -> Why | None:
     return None
 
 
+def host_key(hostname: str) -> str:
+    """What a rule's hostname claims: itself, or for a pattern the hosts it matches (``*.example.com``:
+    ``{instance}.example.com`` and ``{name}.example.com`` claim the same hosts)."""
+    if "{" not in hostname:
+        return hostname
+    parsed = parse_pattern(hostname)
+    return parsed if isinstance(parsed, str) else parsed.wildcard
+
+
 def claims_of(ing: Ingress, settings: Settings) -> list[tuple[str, int, bool, int]]:
     """Every (hostname, port, tls, rule index) an ingress occupies; a redirect also occupies the HTTP port."""
-    out = [(r.hostname, r.port, r.tls, i) for i, r in enumerate(ing.rules)]
-    out += [(r.hostname, settings.http_port, False, i) for i, r in enumerate(ing.rules) if r.redirect_http]
+    out = [(host_key(r.hostname), r.port, r.tls, i) for i, r in enumerate(ing.rules)]
+    out += [(host_key(r.hostname), settings.http_port, False, i) for i, r in enumerate(ing.rules) if r.redirect_http]
     return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.helpers import Backend, CaddyProcess, Daemon
+from tests.helpers import Backend, CaddyProcess, Daemon, Responder
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,13 @@ def backends() -> Iterator[Callable[[str], Backend]]:
 @pytest.fixture
 def caddy(tmp_path: Path) -> Iterator[CaddyProcess]:
     proc = CaddyProcess(tmp_path / "caddy")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def responder(tmp_path: Path) -> Iterator[Responder]:
+    proc = Responder(tmp_path / "dns")
     yield proc
     proc.stop()
 

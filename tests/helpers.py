@@ -42,6 +42,17 @@ def free_port() -> int:
             return port
 
 
+def free_udp_port() -> int:
+    """A UDP port free on 127.0.0.1 right now (see :func:`free_port`)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
 class FakeClock:
     """An injectable clock (monotonic or wall) that moves only when told to."""
 
@@ -107,8 +118,15 @@ class Backend:
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms ACK delay
 
+            def do_POST(self) -> None:
+                sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer(f" posted={sent.decode(errors='replace')}")
+
             def do_GET(self) -> None:
-                body = f"backend={backend.name} host={self.headers.get('Host')} path={self.path}".encode()
+                self._answer("")
+
+            def _answer(self, extra: str) -> None:
+                body = f"backend={backend.name} host={self.headers.get('Host')} path={self.path}{extra}".encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))
@@ -242,6 +260,41 @@ class CaddyProcess:
         check_log(self.log_path, "CaddyProcess.stop")
 
 
+class Responder:
+    """The DNS responder process (``python -m reconciler.responder``) on a free loopback UDP port, fed
+    through its control socket like the daemon feeds it; for tests that load rendered configs into a bare
+    Caddy (their upstreams dial instance names through it)."""
+
+    def __init__(self, workdir: Path, zone: str = "hypeman.internal") -> None:
+        self.dir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_udp_port()
+        self.log = open(workdir / "responder.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.responder", "--dir", str(workdir),
+                                      "--listen", f"127.0.0.1:{self.port}", "--zone", zone],
+                                     stdout=self.log, stderr=self.log, cwd=str(ROOT), start_new_session=True)
+        from reconciler.responder.client import Publisher
+
+        self.publisher = Publisher(str(workdir))
+        wait_for(lambda: self.publisher.ping() is not None, timeout=10, message="responder control socket")
+
+    def publish(self, records: dict[str, str]) -> None:
+        assert self.publisher.publish(records), self.publisher.error
+
+    def publish_instances(self, instances: Any) -> None:
+        """The records of ``instances`` (model Instances), as the daemon computes them."""
+        from reconciler.validate import zone_records
+
+        self.publish(zone_records(instances))
+
+    def stop(self) -> None:
+        self.publisher.forget()
+        kill_pid(self.proc.pid)
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        self.log.close()
+
+
 def count_loads(log_path: Path) -> int:
     """Number of ``POST /load`` requests Caddy's admin API received, from its log."""
     if not log_path.exists():
@@ -275,7 +328,9 @@ class Daemon:
         self.env = {**scrubbed_environ(), "CADDY_ADMIN_PORT": str(self.admin_port),
                     "CADDY_LISTEN_ADDRESS": "127.0.0.1",
                     "CADDY_HTTP_PORT": str(free_port()), "CADDY_HTTPS_PORT": str(free_port()),
-                    "HYPEMAN_RESYNC_SECONDS": str(resync),
+                    "HYPEMAN_RESYNC_SECONDS": str(resync), "HYPEMAN_DNS_PORT": str(free_udp_port()),
+                    # requests to an unreachable instance answer at once unless a test asks for a hold
+                    "HYPEMAN_HOLD": "0s",
                     "HYPEMAN_API_LISTEN": f"127.0.0.1:{self.api_port}", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = tmp / "daemon.log"
@@ -288,6 +343,14 @@ class Daemon:
     def caddy_pid(self) -> int | None:
         try:
             pid = int((self.data_dir / "caddy" / "caddy.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        self.caddy_pids.add(pid)
+        return pid
+
+    def responder_pid(self) -> int | None:
+        try:
+            pid = int((self.data_dir / "dns" / "responder.pid").read_text().strip())
         except (OSError, ValueError):
             return None
         self.caddy_pids.add(pid)
@@ -306,6 +369,7 @@ class Daemon:
         if wait_ready:
             wait_for(lambda: self.passes() > before, timeout=30, message="first reconcile pass")
         self.caddy_pid()
+        self.responder_pid()
         return self
 
     def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
@@ -339,6 +403,7 @@ class Daemon:
     def cleanup(self) -> None:
         self.stop()
         self.caddy_pid()
+        self.responder_pid()
         for pid in self.caddy_pids:
             kill_pid(pid)
         check_config_file(self.data_dir / "caddy" / "config.json", "Daemon.cleanup")

@@ -757,7 +757,8 @@ def test_sigkill_during_a_burst_of_posts_leaves_only_complete_manifests(
     n = d1.passes()
     d2 = daemon_factory(instances=instances, data_dir=d1.data_dir, admin_port=d1.admin_port,
                         env={"CADDY_HTTP_PORT": d1.env["CADDY_HTTP_PORT"],
-                             "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"]})
+                             "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"],
+                             "HYPEMAN_DNS_PORT": d1.env["HYPEMAN_DNS_PORT"]})
     d2.start(wait_ready=False)
     wait_for(lambda: d2.passes() > n, timeout=30, message="first pass after the restart")
     assert [e for e in os.listdir(api_dir) if e.startswith(".")] == []

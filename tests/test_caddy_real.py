@@ -24,7 +24,7 @@ from reconciler.parse import parse_documents
 from reconciler.render import render, to_json
 from reconciler.settings import Settings
 from reconciler.validate import ingress_from_document, instance_from_document, resolve
-from tests.helpers import Backend, CaddyProcess, free_port, get, routed_to, status_of, wait_for
+from tests.helpers import Backend, CaddyProcess, Responder, free_port, get, routed_to, status_of, wait_for
 
 pytestmark = pytest.mark.caddy
 
@@ -143,24 +143,30 @@ def instance(name: str, ip: str = "127.0.0.1", state: str = "Running", id: str |
     return json.dumps({"name": name, "ip": ip, "state": state, **({"id": id} if id else {})})
 
 
+Routed = tuple[CaddyProcess, Settings, int, int, Backend, Backend, Responder]
+
+
 @pytest.fixture
-def routed(tmp_path: Path, caddy: CaddyProcess, backends: Callable[[str], Backend]
-           ) -> Iterator[tuple[CaddyProcess, Settings, int, int, Backend, Backend]]:
+def routed(tmp_path: Path, caddy: CaddyProcess, responder: Responder, backends: Callable[[str], Backend]
+           ) -> Iterator[Routed]:
     settings_ = Settings(data_dir=str(tmp_path / "data"), admin_port=caddy.admin_port, listen_address="127.0.0.1",
-                         http_port=free_port(), https_port=free_port())
-    yield caddy, settings_, free_port(), free_port(), backends("A"), backends("B")
+                         http_port=free_port(), https_port=free_port(), dns_port=responder.port, hold="0s")
+    yield caddy, settings_, free_port(), free_port(), backends("A"), backends("B"), responder
 
 
-def load(caddy: CaddyProcess, manifests: list[str], instances: list[str], settings_: Settings) -> dict[str, Any]:
-    config = render(desired_from(manifests, instances, settings_), settings_)
+def load(routed: Routed, manifests: list[str], instances: list[str]) -> dict[str, Any]:
+    """Render and load the config, and publish the instances' records to the responder, as the daemon does."""
+    caddy, settings_, *_, responder = routed
+    desired = desired_from(manifests, instances, settings_)
+    responder.publish_instances(desired.instances.values())
+    config = render(desired, settings_)
     response = caddy.load(config)
     assert response.status_code == 200, response.text
     return config
 
 
-def test_requests_are_routed_by_host_and_port(
-        routed: tuple[CaddyProcess, Settings, int, int, Backend, Backend]) -> None:
-    caddy, settings_, p1, p2, a, b = routed
+def test_requests_are_routed_by_host_and_port(routed: Routed) -> None:
+    caddy, _settings, p1, p2, a, b, _ = routed
     manifests = [
         ingress("site-a", ("a.test", p1, "vm-a", a.port), ("a.test", p2, "inst-b", b.port)),
         ingress("site-b", ("b.test", p1, "inst-b", b.port)),
@@ -168,7 +174,7 @@ def test_requests_are_routed_by_host_and_port(
                 ("inject.test", p1, "{env.HOME}", 80)),
     ]
     instances = [instance("vm-a"), instance("vm-b", id="inst-b"), instance("vm-stopped", state="Stopped")]
-    load(caddy, manifests, instances, settings_)
+    load(routed, manifests, instances)
 
     wait_for(lambda: routed_to(p1, "a.test", "A"), message="a.test on the first port -> A")
     assert routed_to(p1, "b.test", "B")  # target by instance id
@@ -184,41 +190,40 @@ def test_requests_are_routed_by_host_and_port(
 
     missing = get(p1, "missing.test")
     assert missing.status_code == 503
-    assert "instance 'ghost' not found" in missing.text
+    assert missing.text == '503 Service Unavailable: instance "ghost" is not running or not known\n'
     stopped = get(p1, "stopped.test")
     assert stopped.status_code == 503
-    assert "'vm-stopped'" in stopped.text and "Stopped" in stopped.text
+    assert '"vm-stopped" is not running' in stopped.text
 
     injected = get(p1, "inject.test")
     assert injected.status_code == 503
-    assert "instance '{env.HOME}' not found" in injected.text  # the placeholder is not expanded
+    assert 'instance "{env.HOME}" is not running' in injected.text  # the placeholder is not expanded
     assert str(caddy.workdir) not in injected.text
 
 
-def test_reload_follows_instance_state(routed: tuple[CaddyProcess, Settings, int, int, Backend, Backend]) -> None:
-    caddy, settings_, p1, _, a, b = routed
+def test_routing_follows_instance_state(routed: Routed) -> None:
+    *_, p1, _, a, b, _ = routed
     manifests = [ingress("app", ("app.test", p1, "vm", a.port))]
-    load(caddy, manifests, [instance("vm")], settings_)
+    config = load(routed, manifests, [instance("vm")])
     wait_for(lambda: routed_to(p1, "app.test", "A"), message="app.test -> A")
 
-    load(caddy, manifests, [instance("vm", state="Stopped")], settings_)
+    assert load(routed, manifests, [instance("vm", state="Stopped")]) == config  # the same config: data only
     wait_for(lambda: status_of(p1, "app.test") == 503, message="app.test -> 503 once the VM stops")
 
-    load(caddy, [ingress("app", ("app.test", p1, "vm", b.port))], [instance("vm")], settings_)
+    load(routed, [ingress("app", ("app.test", p1, "vm", b.port))], [instance("vm")])
     wait_for(lambda: routed_to(p1, "app.test", "B"), message="app.test -> B after the target port changes")
 
-    load(caddy, [], [instance("vm")], settings_)
+    load(routed, [], [instance("vm")])
     wait_for(lambda: status_of(p1, "app.test") is None, message="listener closed when nothing routes there")
 
 
-def test_conflicting_manifests_route_to_the_winner(
-        routed: tuple[CaddyProcess, Settings, int, int, Backend, Backend]) -> None:
-    caddy, settings_, p1, _, a, b = routed
+def test_conflicting_manifests_route_to_the_winner(routed: Routed) -> None:
+    _caddy, settings_, p1, _, a, b, _ = routed
     # file 000.yaml wins the (hostname, port) claim whatever the order of the list
     manifests = [ingress("first", ("shared.test", p1, "vm-a", a.port)),
                  ingress("second", ("shared.test", p1, "vm-a", b.port), ("other.test", p1, "vm-a", b.port))]
     desired = desired_from(manifests, [instance("vm-a")], settings_)
     assert [p.reason for p in desired.problems] == ["HostnameConflict"]
-    load(caddy, manifests, [instance("vm-a")], settings_)
+    load(routed, manifests, [instance("vm-a")])
     wait_for(lambda: routed_to(p1, "shared.test", "A"), message="shared.test -> winner A")
     assert status_of(p1, "other.test") == 404  # the loser is rejected as a whole

@@ -140,7 +140,8 @@ def test_manifest_drop_edit_delete_and_instance_ip_change(
     write(instances / "vms.yaml", instance_yaml("vm", "127.0.0.2"))
     wait_for(lambda: routed_to(port, "web.test", "c"), timeout=2.0, message="re-routed by instance IP")
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in manifests.iterdir()} == before
-    assert status_of(port, "keep.test") == 502  # keep -> 127.0.0.2:<a.port>: nothing listens there
+    refused = get(port, "keep.test")  # keep -> 127.0.0.2:<a.port>: nothing listens there
+    assert refused.status_code == 503 and '"vm" does not accept connections' in refused.text, refused.text
     assert c.port == b.port
 
     # deleted: 404 (the fallback names the unmatched host); the other ingress is still routed
@@ -327,7 +328,8 @@ def test_caddy_restart_when_its_last_config_cannot_start(
         d2 = daemon_factory(manifests=[manifests], instances=instances, data_dir=d1.data_dir,
                             admin_port=d1.admin_port,
                             env={"CADDY_HTTP_PORT": d1.env["CADDY_HTTP_PORT"],
-                                 "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"]})
+                                 "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"],
+                                 "HYPEMAN_DNS_PORT": d1.env["HYPEMAN_DNS_PORT"]})
         d2.start(wait_ready=False)
         wait_for(lambda: d2.passes() > n, timeout=30, message="first pass of the new reconciler")
         new = d2.caddy_pid()
@@ -403,7 +405,8 @@ def test_restarted_reconciler_adopts_running_caddy_without_reloading(
     d2 = daemon_factory(manifests=[manifests], instances=instances, data_dir=d1.data_dir,
                         admin_port=d1.admin_port, resync=1,
                         env={"CADDY_HTTP_PORT": d1.env["CADDY_HTTP_PORT"],
-                             "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"]})
+                             "CADDY_HTTPS_PORT": d1.env["CADDY_HTTPS_PORT"],
+                             "HYPEMAN_DNS_PORT": d1.env["HYPEMAN_DNS_PORT"]})
     d2.start(wait_ready=False)
     # the first pass of the new daemon plus two resyncs
     wait_for(lambda: d2.passes() >= n + 3, timeout=15, message="passes of the restarted reconciler")
@@ -516,8 +519,9 @@ def test_cold_start_shares_parsing_with_a_helper_that_then_exits(tmp_path: Path,
     assert done["peak_rss_mb"] > 1
     assert all(routed_to(port, f"h{i}.cold.test", "a") for i in (0, n // 2, n - 1))
     assert d.proc is not None
-    # the helper is gone once the first read is done: only Caddy is left as a child
-    wait_for(lambda: all("caddy" in c for c in _children(d.proc.pid)), timeout=10, message="helper exited")
+    # the helper is gone once the first read is done: only Caddy and the DNS responder are left as children
+    wait_for(lambda: all("caddy" in c or "reconciler.responder" in c for c in _children(d.proc.pid)), timeout=10,
+             message="helper exited")
     assert d.caddy_pid() is not None
 
 

@@ -237,48 +237,68 @@ def test_ids_are_unique_in_every_config() -> None:
         assert len(ids) == len(set(ids))
 
 
-def handler_for(config: dict[str, Any], host: str) -> dict[str, Any]:
+def handlers_for(config: dict[str, Any], host: str) -> list[dict[str, Any]]:
     for srv in servers(config).values():
         for rt in srv["routes"][:-1]:
             if host in rt["match"][0]["host"]:
-                (h,) = rt["handle"]
-                return h  # type: ignore[no-any-return]
+                return rt["handle"]  # type: ignore[no-any-return]
     raise AssertionError(f"no route for {host}")
 
 
-def test_upstreams() -> None:
+def handler_for(config: dict[str, Any], host: str) -> dict[str, Any]:
+    """The route's reverse_proxy handler (after the vars handler naming its instance)."""
+    var, proxy = handlers_for(config, host)
+    assert var["handler"] == "vars" and set(var) == {"handler", "instance"}
+    return proxy
+
+
+def test_upstreams_dial_instance_names_through_the_responder() -> None:
     config, _, _ = all_cases()[list(CASES).index("multi")]
-    assert handler_for(config, "www.shop.example") == {"handler": "reverse_proxy",
-                                                       "upstreams": [{"dial": "10.0.0.5:8080"}]}
-    assert handler_for(config, "shop.example")["upstreams"] == [{"dial": "10.0.0.5:80"}]  # by id, lower-cased
-    assert handler_for(config, "v6.example.com")["upstreams"] == [{"dial": "[fd00::1:2]:443"}]
-    assert handler_for(config, "local.example.com")["upstreams"] == [{"dial": "[::1]:3000"}]
+    proxy = handler_for(config, "www.shop.example")
+    assert proxy["upstreams"] == [{"dial": "web.hypeman.internal:8080"}]
+    assert proxy["transport"] == {"protocol": "http", "dial_timeout": "2s", "keep_alive": {"enabled": False},
+                                  "resolver": {"addresses": ["udp/127.0.0.1:5354"]}}
+    assert proxy["load_balancing"] == {"try_duration": "5s", "try_interval": "250ms"}
+    # by id, lower-cased host; a reference that is not a DNS label is hashed
+    assert handler_for(config, "shop.example")["upstreams"] == [{"dial": "inst-web-01.hypeman.internal:80"}]
+    assert handler_for(config, "v6.example.com")["upstreams"] == [{"dial": "v6.hypeman.internal:443"}]
+    assert handlers_for(config, "www.shop.example")[0] == {"handler": "vars", "instance": "web"}
+    unavailable, _, _ = all_cases()[list(CASES).index("unavailable")]
+    hashed = handler_for(unavailable, "inject.example.com")["upstreams"][0]["dial"]
+    assert hashed.startswith("xh--") and hashed.endswith(".hypeman.internal:8080")
 
 
-def test_missing_and_stopped_instances_answer_503() -> None:
+def test_instance_state_is_not_in_the_config() -> None:
+    """Shape, not data: a missing, stopped or moved instance renders exactly the same config."""
+    sources, instances, settings_ = CASES["unavailable"]
+    before = render(desired_from(sources, instances, settings_), settings_)
+    moved = instances.replace("10.0.0.5", "10.9.9.9").replace("state: Stopped", "state: Running")
+    assert render(desired_from(sources, moved + "---\nname: ghost\nip: 10.0.0.8\n", settings_), settings_) == before
+    assert render(desired_from(sources, "", settings_), settings_) == before
+    assert handler_for(before, "missing.example.com")["upstreams"] == [{"dial": "ghost.hypeman.internal:8080"}]
+
+
+def test_error_routes_name_the_instance() -> None:
     config, _, _ = all_cases()[list(CASES).index("unavailable")]
-    missing = handler_for(config, "missing.example.com")
-    assert missing["handler"] == "static_response"
-    assert missing["status_code"] == 503
-    assert "instance 'ghost' not found" in missing["body"]
-    stopped = handler_for(config, "stopped.example.com")
-    assert stopped["status_code"] == 503
-    assert "'sleepy'" in stopped["body"] and "Stopped" in stopped["body"]
-    assert handler_for(config, "ok.example.com")["handler"] == "reverse_proxy"
+    errors = servers(config)["ingress-80"]["errors"]["routes"]
+    bodies = [rt["handle"][0]["body"] for rt in errors]
+    assert any('503 Service Unavailable: instance "{http.vars.instance}" is not running' in b for b in bodies)
+    assert any("504 Gateway Timeout" in b for b in bodies)
+    assert errors[0]["match"] == [{"vars": {"{http.vars.instance}": [""]}}]  # not a proxy error: Caddy's own
 
 
-def test_503_body_escapes_caddy_placeholders() -> None:
+def test_instance_names_escape_caddy_placeholders() -> None:
     config, _, _ = all_cases()[list(CASES).index("unavailable")]
-    body = handler_for(config, "inject.example.com")["body"]
-    assert "\\{env.HOME\\}" in body
-    assert body.replace("\\{", "").replace("\\}", "").count("{") == 0
+    var, proxy = handlers_for(config, "inject.example.com")
+    assert var["instance"] == "\\{env.HOME\\}"
+    assert "{" not in proxy["upstreams"][0]["dial"]
 
 
 def test_conflict_losers_are_not_rendered_and_tls_rules_get_their_server() -> None:
     config, _, desired = all_cases()[list(CASES).index("unavailable")]
     text = to_json(config)
     assert "loser" not in text
-    assert handler_for(config, "ok.example.com")["upstreams"] == [{"dial": "10.0.0.5:8080"}]
+    assert handler_for(config, "ok.example.com")["upstreams"] == [{"dial": "web.hypeman.internal:8080"}]
     assert {p.reason for p in desired.problems} == {"HostnameConflict"}
     tls_server = servers(config)["ingress-443"]
     assert tls_server["routes"][0]["match"] == [{"host": ["tls.example.com"]}]

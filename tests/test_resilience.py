@@ -19,7 +19,7 @@ from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.configfile import FROM_BOOTSTRAP, FROM_FILE, FROM_MEMORY, FROM_PENDING, ConfigFile
 from reconciler.errors import CaddyAdminInUse, CaddyUnavailable, StorageError
 from reconciler.fsutil import StorageHealth, atomic_write
-from reconciler.loop.keeper import DOWN, RUNNING, CaddyKeeper
+from reconciler.loop.keeper import DOWN, RUNNING, Keeper
 from reconciler.loop.reconcile import Reconciler
 from reconciler.loop.triggers import Burst, Trigger, Triggers
 from reconciler.settings import Settings
@@ -188,7 +188,11 @@ def test_a_signalled_reason_becomes_an_immediate_full_pass() -> None:
 # -- the keeper's restart policy ---------------------------------------------------------------------------
 
 class StubSupervisor:
-    """Just enough of CaddySupervisor for the keeper's policy: processes that live until told to die."""
+    """Just enough of a supervisor for the keeper's policy: processes that live until told to die."""
+
+    label = "Caddy"
+    event = "caddy"
+    readiness = "admin API"
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
@@ -234,13 +238,21 @@ class StubSupervisor:
     def log_tail(self, lines: int = 5) -> str:
         return ""
 
+    def unresponsive(self) -> str:
+        return "does not answer"
 
-def keeper_with(clock: FakeClock, sup: StubSupervisor) -> tuple[CaddyKeeper, list[str], list[dict[str, Any]]]:
+    def adopted_check(self) -> None:
+        pass
+
+    def tend(self) -> None:
+        pass
+
+
+def keeper_with(clock: FakeClock, sup: StubSupervisor) -> tuple[Keeper, list[str], list[dict[str, Any]]]:
     started: list[str] = []
     events: list[dict[str, Any]] = []
-    keeper = CaddyKeeper(sup, on_started=lambda: started.append("x"),  # type: ignore[arg-type]
-                         log=lambda event, **kw: events.append({"event": event, **kw}),
-                         stable_after=30.0, clock=clock)
+    keeper = Keeper(sup, on_started=lambda: started.append("x"),
+                    log=lambda event, **kw: events.append({"event": event, **kw}), stable_after=30.0, clock=clock)
     return keeper, started, events
 
 

@@ -85,6 +85,10 @@ class CaddySupervisor:
     """Owns one Caddy process for one data dir. Not thread-safe: one thread (the keeper) starts, stops and
     reaps; :meth:`process_alive` and :meth:`state` may be called from any thread."""
 
+    label = "Caddy"
+    event = "caddy"
+    readiness = "admin API"
+
     def __init__(self, settings: Settings, binary: str, *, client: AdminClient | None = None,
                  log: Callable[..., Any] | None = None, ready_timeout: float = 30.0,
                  health: StorageHealth | None = None, source: str | None = None,
@@ -207,7 +211,17 @@ class CaddySupervisor:
     def state(self) -> dict[str, Any]:
         """What status shows about Caddy's process (the keeper adds its view)."""
         return {"pid": self.pid, "running": self.running(), "adopted": self.adopted, "binary": self.binary,
-                "admin": self.settings.admin_url}
+                "admin": self.settings.admin_url, "last_exit": self.last_exit, "config": self.config_path}
+
+    def unresponsive(self) -> str:
+        return f"does not answer on its admin API {self.settings.admin_url}: {self.client.contact.error}"
+
+    def tend(self) -> None:
+        """(Nothing to do at the keeper's look at a running Caddy: the loop converges it.)"""
+
+    def adopted_check(self) -> None:
+        """An adopted Caddy: a config.json damaged meanwhile is noticed (and repaired by a pass)."""
+        self.config.check()
 
     def process_alive(self) -> bool:
         """The current process exists and is not a zombie (any thread; never reaps)."""

@@ -21,7 +21,7 @@ import structlog
 from reconciler.fsutil import StorageHealth
 from reconciler.loop.background import Background
 from reconciler.loop.changes import ChangeLog
-from reconciler.loop.keeper import CaddyKeeper, backoff
+from reconciler.loop.keeper import Keeper, backoff
 from reconciler.loop.read import Inputs
 from reconciler.loop.reconcile import FAILED, PassResult, Reconciler
 from reconciler.loop.signals import SignalPolicy
@@ -114,7 +114,7 @@ class Housekeeping:
 class Loop:
     """``prefetched``: the first pass's inputs, read while Caddy started (taken once)."""
 
-    def __init__(self, *, reconciler: Reconciler, triggers: Triggers, keeper: CaddyKeeper, watcher: Watcher,
+    def __init__(self, *, reconciler: Reconciler, triggers: Triggers, keeper: Keeper, watcher: Watcher,
                  changes: ChangeLog, background: Background, housekeeping: Housekeeping,
                  prefetched: Callable[[], tuple[Inputs, float] | None] = lambda: None,
                  health_interval: float = 0.5) -> None:

@@ -1,7 +1,9 @@
-"""Keeps Caddy running, on a thread of its own: the loop never waits on a Caddy start.
+"""Keeps a data-plane process running -- Caddy, the DNS responder -- on a thread of its own: the loop
+never waits on a start.
 
-The keeper starts (or adopts) Caddy, notices when it dies and starts it again, and publishes what it
-knows for status, readiness and metrics:
+The keeper starts (or adopts) the process through its supervisor, notices when it dies and starts it
+again, and publishes what it knows for status, readiness and metrics (Caddy's words below; the
+responder's keeper is the same with its control socket for the admin API):
 
 * A Caddy that ran for ``stable_after`` seconds and then died is restarted at once. One that died sooner
   (or exited before its admin API answered) counts as a *failure*: restarts then wait with capped
@@ -21,10 +23,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
-from reconciler.caddy.supervisor import CaddySupervisor
-from reconciler.errors import CaddyAdminInUse, CaddyExited
+from reconciler.errors import CaddyAdminInUse, CaddyExited, ResponderExited
 
 STARTING = "starting"
 RUNNING = "running"
@@ -61,7 +62,7 @@ class Record:
 
 @dataclass(slots=True)
 class FirstStart:
-    """The handshake with whoever waits for the first start (see :meth:`CaddyKeeper.wait_first`)."""
+    """The handshake with whoever waits for the first start (see :meth:`Keeper.wait_first`)."""
 
     done: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # the first attempt ended (under the keeper's lock)
@@ -70,8 +71,32 @@ class FirstStart:
     error: CaddyAdminInUse | None = None
 
 
-class CaddyKeeper:
-    def __init__(self, supervisor: CaddySupervisor, *, on_started: Callable[[], None],
+class Supervised(Protocol):
+    """What a keeper needs of a supervisor (:class:`reconciler.caddy.supervisor.CaddySupervisor`,
+    :class:`reconciler.responder.supervisor.ResponderSupervisor`)."""
+
+    label: str  # "Caddy"
+    event: str  # prefix of log events: "caddy"
+    readiness: str  # what answers when it is up: "admin API"
+    pid: int | None
+    answered: bool
+    started_at: float | None
+    cancel: threading.Event
+
+    def ensure_running(self) -> bool: ...
+    def adopted_check(self) -> None: ...
+    def tend(self) -> None: ...
+    def alive(self) -> bool: ...
+    def process_alive(self) -> bool: ...
+    def running(self) -> bool: ...
+    def note_exit(self, now: float) -> dict[str, Any]: ...
+    def log_tail(self, lines: int = 5) -> str: ...
+    def state(self) -> dict[str, Any]: ...
+    def unresponsive(self) -> str: ...
+
+
+class Keeper:
+    def __init__(self, supervisor: Supervised, *, on_started: Callable[[], object],
                  log: Callable[..., Any], stable_after: float = 30.0, interval: float = 0.2,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
         self.supervisor = supervisor
@@ -109,7 +134,7 @@ class CaddyKeeper:
 
     # -- thread ----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="caddy-keeper", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.supervisor.event}-keeper", daemon=True)
         self._thread.start()
 
     def wait_first(self, timeout: float) -> bool:
@@ -142,16 +167,17 @@ class CaddyKeeper:
             try:
                 self._tick()
             except Exception as exc:  # never let supervision end: log and look again at the next tick
-                self._log("caddy.keeper_error", error=f"{type(exc).__name__}: {exc}")
+                self._log(f"{self.supervisor.event}.keeper_error", error=f"{type(exc).__name__}: {exc}")
 
     def _tick(self) -> None:
         sup, r = self.supervisor, self.record
         now = self._clock()
         if sup.pid is not None:
             if sup.alive():
+                sup.tend()
                 started = sup.started_at
                 if r.failures and started is not None and now - started >= self.stable_after:
-                    self._log("caddy.stable", pid=sup.pid, after_failures=r.failures)
+                    self._log(f"{sup.event}.stable", pid=sup.pid, after_failures=r.failures)
                     with self._lock:
                         r.failures = r.quick_deaths = 0
                         r.last_error = None
@@ -174,10 +200,10 @@ class CaddyKeeper:
                 r.failures = r.quick_deaths = 0
             self._phase(DOWN, now)
             how = _how(exit_)
-            r.last_error = f"Caddy {how} after {uptime:.1f}s" if uptime is not None else f"Caddy {how}"
+            r.last_error = f"{sup.label} {how} after {uptime:.1f}s" if uptime is not None else f"{sup.label} {how}"
             delay = backoff(r.failures, rng=self._rng) if r.failures else 0.0
             r.retry_at = now + delay
-        self._log("caddy.died", pid=exit_["pid"], exit_code=exit_["code"], uptime_s=uptime,
+        self._log(f"{sup.event}.died", pid=exit_["pid"], exit_code=exit_["code"], uptime_s=uptime,
                   failures=r.failures, flapping=self.flapping, retry_in=round(delay, 2),
                   log_tail=sup.log_tail(3))
 
@@ -191,8 +217,8 @@ class CaddyKeeper:
         except Exception as exc:  # a hung or failing start, a missing binary, a full disk: retried
             self._failed(exc, first)
             return
-        if not started:  # adopted: a config.json damaged meanwhile is noticed (and repaired by a pass)
-            sup.config.check()
+        if not started:  # adopted: e.g. a config.json damaged meanwhile is noticed (and repaired by a pass)
+            sup.adopted_check()
         with self._lock:
             self._phase(RUNNING, self._clock())
             if first:
@@ -209,7 +235,7 @@ class CaddyKeeper:
         now = self._clock()
         with self._lock:
             r.failures += 1
-            if isinstance(exc, CaddyExited):  # a crash at start counts like a death soon after it
+            if isinstance(exc, (CaddyExited, ResponderExited)):  # a crash at start counts like a death soon after it
                 r.quick_deaths += 1
             r.last_error = str(exc)
             delay = backoff(r.failures, rng=self._rng)
@@ -219,7 +245,8 @@ class CaddyKeeper:
                 self._first.finished = True
                 if isinstance(exc, CaddyAdminInUse):
                     self._first.error = exc
-        self._log("caddy.start_failed" if first else "caddy.restart_failed", error=str(exc),
+        event = self.supervisor.event
+        self._log(f"{event}.start_failed" if first else f"{event}.restart_failed", error=str(exc),
                   failures=r.failures, flapping=self.flapping, retry_in=round(delay, 2))
 
     def _phase(self, phase: str, now: float) -> None:
@@ -246,29 +273,28 @@ class CaddyKeeper:
             phase = UNRESPONSIVE if sup.process_alive() else DOWN
         state = {**sup.state(), "running": running, "state": phase,
                  "since_seconds": round(now - r.since, 1), "flapping": self.flapping, "failures": r.failures,
-                 "restarts": r.restarts, "generation": r.generation, "last_error": r.last_error,
-                 "last_exit": sup.last_exit, "config": sup.config_path}
+                 "restarts": r.restarts, "generation": r.generation, "last_error": r.last_error}
         if phase == DOWN:
             state["next_attempt_in"] = round(max(0.0, r.retry_at - now), 1)
         return state
 
     def problem(self) -> str | None:
-        """Why Caddy cannot be called up now, for ``/readyz`` (None when it is)."""
+        """Why the process cannot be called up now, for ``/readyz`` (None when it is)."""
         st = self.state()
+        sup = self.supervisor
         if self.flapping:
-            return (f"Caddy is flapping: it died {self.record.quick_deaths} times in a row within "
+            return (f"{sup.label} is flapping: it died {self.record.quick_deaths} times in a row within "
                     f"{self.stable_after:g}s of starting ({st['last_error']})"
                     + (f"; next start in {st['next_attempt_in']}s" if "next_attempt_in" in st else ""))
         if st["running"]:
             return None
         if st["state"] == STARTING:
-            return f"Caddy is starting (for {st['since_seconds']}s; its admin API has not answered yet)"
+            return f"{sup.label} is starting (for {st['since_seconds']}s; its {sup.readiness} has not answered yet)"
         if st["state"] == UNRESPONSIVE:
-            return (f"Caddy (pid {st['pid']}) does not answer on its admin API {self.supervisor.settings.admin_url}: "
-                    f"{self.supervisor.client.contact.error}")
+            return f"{sup.label} (pid {st['pid']}) {sup.unresponsive()}"
         detail = f": {st['last_error']}" if st["last_error"] else ""
         retry = f"; next attempt in {st['next_attempt_in']}s" if "next_attempt_in" in st else ""
-        return f"Caddy is not running{detail}{retry}"
+        return f"{sup.label} is not running{detail}{retry}"
 
 
 def _how(exit_: dict[str, Any]) -> str:

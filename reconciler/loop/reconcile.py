@@ -70,7 +70,7 @@ class PassSnapshot:
     statuses: tuple[IngressStatus, ...]
     by_name: Mapping[str, IngressStatus]
     document: StatusDocument
-    #: the Caddy generation the pass started under (see :class:`reconciler.loop.keeper.CaddyKeeper`)
+    #: the Caddy generation the pass started under (see :class:`reconciler.loop.keeper.Keeper`)
     generation: int
     #: the last good file versions (manifests, instances) as of this pass
     good: tuple[GoodMap, GoodMap]

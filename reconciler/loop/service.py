@@ -9,22 +9,27 @@ from typing import Any
 from reconciler.caddy.admin import AdminClient
 from reconciler.fsutil import StorageHealth
 from reconciler.loop.daemon import Loop
-from reconciler.loop.keeper import CaddyKeeper
+from reconciler.loop.keeper import Keeper
 from reconciler.loop.triggers import Trigger
 from reconciler.state.metrics import Metrics
 from reconciler.state.store import GoodMap
 
 
-def health(keeper: CaddyKeeper, storage: StorageHealth) -> dict[str, Any]:
-    """The status fields about Caddy and the data dir (live, for every status document)."""
+def health(keeper: Keeper, storage: StorageHealth, responder: Keeper | None = None) -> dict[str, Any]:
+    """The status fields about Caddy, the DNS responder and the data dir (live, for every status document)."""
     failing = storage.snapshot()
-    return {"caddy": keeper.state(), "storage": {"ok": not failing, "failing": failing}}
+    out = {"caddy": keeper.state(), "storage": {"ok": not failing, "failing": failing}}
+    if responder is not None:
+        out["responder"] = responder.state()
+    return out
 
 
 class Service:
-    def __init__(self, *, loop: Loop, storage: StorageHealth, metrics: Metrics, client: AdminClient) -> None:
+    def __init__(self, *, loop: Loop, storage: StorageHealth, metrics: Metrics, client: AdminClient,
+                 responder: Keeper | None = None) -> None:
         self.loop = loop
         self.keeper = loop.keeper
+        self.responder = responder
         self.storage = storage
         self.metrics = metrics
         self.client = client
@@ -48,7 +53,7 @@ class Service:
         return st.to_dict() if st is not None else None
 
     def status(self) -> dict[str, Any]:
-        doc = {**self.loop.reconciler.status_document(), **health(self.keeper, self.storage)}
+        doc = {**self.loop.reconciler.status_document(), **health(self.keeper, self.storage, self.responder)}
         if self.loop.crash is not None:
             doc["last_error"] = self.loop.crash.error
         return doc
@@ -62,7 +67,7 @@ class Service:
         return ok, why
 
     def _readiness(self) -> tuple[bool, str]:
-        problem = self.keeper.problem()
+        problem = self.keeper.problem() or (self.responder.problem() if self.responder is not None else None)
         if problem is not None:
             return False, problem
         if self.loop.crash is not None:
@@ -82,4 +87,8 @@ class Service:
     def metrics_text(self) -> bytes:
         self.metrics.observe_caddy(up=self.keeper.up(), restarts=self.keeper.restarts, flapping=self.keeper.flapping)
         self.metrics.observe_storage(len(self.storage.snapshot()))
+        if self.responder is not None:
+            state = self.responder.state()
+            self.metrics.observe_responder(up=self.responder.up(), restarts=self.responder.restarts,
+                                           records=state.get("records"), counters=state.get("counters") or {})
         return self.metrics.render()

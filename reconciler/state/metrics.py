@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from reconciler.zone import ANSWER_KINDS
 
 
 class _PassLike(Protocol):
@@ -54,6 +58,14 @@ class Metrics:
         self.last_applied_time = Gauge("hypeman_ingress_last_applied_timestamp_seconds",
                                        "When a config was last applied (or found converged)", registry=r)
         self._seen: set[tuple[str, str]] = set()
+        self.responder_up = Gauge("hypeman_ingress_responder_up", "1 when the DNS responder answers", registry=r)
+        self.responder_restarts = Gauge("hypeman_ingress_responder_restarts",
+                                        "DNS responder restarts by the supervisor", registry=r)
+        self.responder_records = Gauge("hypeman_ingress_dns_records",
+                                       "Names the DNS responder answers with an address (running instances)",
+                                       registry=r)
+        self._answers: dict[str, int] = {}
+        r.register(_Answers(self))
 
     def observe_pass(self, result: _PassLike, *, converged: bool, problems: int, wall: float) -> None:
         self.passes.labels(result.outcome).inc()
@@ -80,8 +92,31 @@ class Metrics:
         self.caddy_restarts.set(restarts)
         self.caddy_flapping.set(1 if flapping else 0)
 
+    def observe_responder(self, *, up: bool, restarts: int, records: int | None, counters: dict[str, int]) -> None:
+        self.responder_up.set(1 if up else 0)
+        self.responder_restarts.set(restarts)
+        if records is not None:
+            self.responder_records.set(records)
+        self._answers = dict(counters)
+
     def observe_storage(self, failing: int) -> None:
         self.storage_failing.set(failing)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Answers(Collector):
+    """``hypeman_ingress_dns_answers_total{answer}``: the responder's own counters (a counter: it starts
+    again from 0 when the responder restarts, which ``rate()`` handles)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("hypeman_ingress_dns_answers",
+                                     "DNS answers of the responder by kind (address, nodata, nxdomain, refused, "
+                                     "formerr) since it started", labels=["answer"])
+        for kind in ANSWER_KINDS:
+            family.add_metric([kind], self.metrics._answers.get(kind, 0))
+        yield family

@@ -1,0 +1,230 @@
+"""Start, adopt and stop the DNS responder process (the policy of when lives in
+:mod:`reconciler.loop.keeper`, shared with Caddy's).
+
+Like Caddy, the responder runs detached (its own session) and is found again by its PID file
+``{data}/dns/responder.pid`` after a reconciler restart; a PID is adopted only when its command line is
+the responder of this data dir. It is *up* when its control socket answers a ping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from reconciler.errors import ResponderError, ResponderExited, StorageError
+from reconciler.fsutil import StorageHealth, atomic_write, pid_alive
+from reconciler.responder.client import Publisher
+from reconciler.responder.protocol import LOG, PID
+from reconciler.settings import Settings
+
+MODULE = "reconciler.responder"
+
+
+def process_args(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode("utf-8", "replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+class ResponderSupervisor:
+    """Owns one responder process for one data dir (one thread -- the keeper -- starts, stops, reaps)."""
+
+    label = "DNS responder"
+    event = "responder"
+    readiness = "control socket"
+
+    def __init__(self, settings: Settings, publisher: Publisher, *, log: Callable[..., Any] | None = None,
+                 ready_timeout: float = 10.0, health: StorageHealth | None = None) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.ready_timeout = ready_timeout
+        self.health = health
+        self._log = log or (lambda *a, **k: None)
+        self._popen: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.adopted = False
+        self.answered = False
+        self.started_at: float | None = None
+        self.last_exit: dict[str, Any] | None = None
+        self.cancel = threading.Event()
+
+    @property
+    def dir(self) -> str:
+        return self.settings.dns_dir
+
+    @property
+    def pid_path(self) -> str:
+        return os.path.join(self.dir, PID)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.dir, LOG)
+
+    def args(self) -> list[str]:
+        return [sys.executable, "-m", MODULE, "--dir", self.dir, "--listen", self.settings.dns_listen,
+                "--zone", self.settings.dns_zone]
+
+    def _ours(self, pid: int) -> bool:
+        args = process_args(pid)
+        return MODULE in args and "--dir" in args and args[args.index("--dir") + 1:][:1] == [self.dir]
+
+    def _read_pid(self) -> int | None:
+        try:
+            with open(self.pid_path, encoding="ascii") as fh:
+                return int(fh.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    # -- what the keeper calls ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        if self.answered:
+            self.publisher.ping()  # its counters and serial now
+        return {"pid": self.pid, "running": self.running(), "adopted": self.adopted,
+                "listen": self.settings.dns_listen, "zone": self.settings.dns_zone, **self.publisher.state()}
+
+    def process_alive(self) -> bool:
+        return self.pid is not None and pid_alive(self.pid)
+
+    def running(self) -> bool:
+        return self.answered and self.process_alive() and self.publisher.ok is not False
+
+    def unresponsive(self) -> str:
+        return f"its control socket does not answer: {self.publisher.error}"
+
+    def alive(self) -> bool:
+        if self._popen is not None and self._popen.pid == self.pid:
+            return self._popen.poll() is None
+        return self.process_alive()
+
+    def note_exit(self, now: float) -> dict[str, Any]:
+        code = self._popen.returncode if self._popen is not None and self._popen.pid == self.pid else None
+        uptime = now - self.started_at if self.started_at is not None else None
+        self.last_exit = {"pid": self.pid, "code": code,
+                          "uptime_seconds": round(uptime, 3) if uptime is not None else None}
+        self.pid, self._popen, self.answered, self.started_at = None, None, False, None
+        self.publisher.forget()
+        return self.last_exit
+
+    def adopted_check(self) -> None:
+        """(After an adoption: see :meth:`ensure_running`.)"""
+
+    def tend(self) -> None:
+        """At each look of the keeper: records a publish could not deliver (a dropped control connection)
+        are sent again."""
+        if self.answered and not self.publisher.delivered():
+            self.publisher.resync()
+
+    def ensure_running(self) -> bool:
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            self._log("responder.dir_unusable", dir=self.dir, error=exc.strerror or str(exc))
+        pid = self._read_pid()
+        if pid is not None and pid_alive(pid) and self._ours(pid) and process_args(pid)[1:] != self.args()[1:]:
+            # the responder of this data dir, started with other settings (its port, its zone): replaced
+            self._log("responder.settings_changed", pid=pid, running=process_args(pid)[1:], wanted=self.args()[1:])
+            self._kill(pid)
+        elif pid is not None and pid_alive(pid) and self._ours(pid):
+            if self._wait_ready(pid, time.monotonic() + self.ready_timeout):
+                self.pid, self._popen, self.adopted = pid, None, True
+                self.answered, self.started_at = True, time.monotonic()
+                self._log("responder.adopted", pid=pid)
+                self.publisher.resync()  # what the reconciler knows now (a snapshot may be older)
+                return False
+            if self.cancel.is_set():
+                raise ResponderError(f"adopting the DNS responder (pid {pid}) abandoned: the reconciler is stopping")
+            self._log("responder.unresponsive", pid=pid, waited_s=self.ready_timeout)
+            self._kill(pid)
+        self.start()
+        return True
+
+    def start(self) -> None:
+        try:
+            logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._log("responder.log_unavailable", file=self.log_path, error=exc.strerror or str(exc))
+            logf = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self._popen = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                           start_new_session=True, close_fds=True, cwd="/")
+        except OSError as exc:
+            raise ResponderError(f"cannot start the DNS responder: {exc}") from exc
+        finally:
+            os.close(logf)
+        popen = self._popen
+        self.pid, self.adopted, self.answered, self.started_at = popen.pid, False, False, None
+        try:
+            atomic_write(self.pid_path, f"{popen.pid}\n".encode(), 0o644, health=self.health)
+        except StorageError as exc:
+            self._log("responder.pid_file_failed", file=self.pid_path, pid=popen.pid, error=exc.reason)
+        self._log("responder.started", pid=popen.pid, listen=self.settings.dns_listen)
+        if not self._wait_ready(popen.pid, time.monotonic() + self.ready_timeout):
+            if self.cancel.is_set():
+                raise ResponderError(f"DNS responder (pid {popen.pid}) start abandoned: the reconciler is stopping")
+            code = popen.poll()
+            tail = self.log_tail()
+            self.pid, self._popen = None, None
+            if code is None:
+                self._kill(popen.pid)
+                raise ResponderError(f"DNS responder (pid {popen.pid}) did not answer on its control socket "
+                                       f"within {self.ready_timeout:g}s (killed): {tail or 'no log output'}")
+            raise ResponderExited(f"DNS responder (pid {popen.pid}) exited with code {code} before it answered: "
+                              f"{tail or 'no log output'}")
+        self.answered, self.started_at = True, time.monotonic()
+        self.publisher.resync()  # its snapshot may be older than what the reconciler knows
+
+    def _wait_ready(self, pid: int, deadline: float) -> bool:
+        delay = 0.005
+        while time.monotonic() < deadline and not self.cancel.is_set():
+            if self._popen is not None and self._popen.pid == pid:
+                if self._popen.poll() is not None:
+                    return False
+            elif not pid_alive(pid):
+                return False
+            if self.publisher.ping() is not None:
+                return True
+            self.cancel.wait(delay)
+            delay = min(delay * 2, 0.1)
+        return False
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 8192))
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def _kill(self, pid: int, grace: float = 3.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                if self._popen is not None and self._popen.pid == pid:
+                    if self._popen.poll() is not None:
+                        return
+                elif not pid_alive(pid):
+                    return
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        self._kill(pid)
+        with contextlib.suppress(OSError):
+            os.unlink(self.pid_path)
+        self._log("responder.stopped", pid=pid)
+        self.pid, self._popen, self.answered = None, None, False
