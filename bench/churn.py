@@ -86,7 +86,9 @@ def daemon(n: int, env: dict[str, str] | None = None) -> Iterator[tuple[Daemon, 
 def instance_changes(d: Daemon, port: int, host: str, repeats: int = 5) -> list[Figure]:
     """IP change / stop / start of ``vm`` -> the first request that shows it, and the loads they cost."""
     vm = d.instances / "vm.yaml"
-    moved, stopped, started = [], [], []
+    moved: list[float] = []
+    stopped: list[float] = []
+    started: list[float] = []
     loads = count_loads(d.caddy_log)
     with httpx.Client(timeout=10) as client:
         for _ in range(repeats):
@@ -182,8 +184,9 @@ def dial_cost(d: Daemon, n: int) -> list[Figure]:
             for srv in cfg["apps"]["http"]["servers"].values():
                 srv["listen"] = [f"127.0.0.1:{port}"]
             assert caddy.load(cfg).status_code == 200
-            wait_for(lambda port=port: answer(httpx.Client(timeout=5), port, host)[0] == 200,  # type: ignore[misc]
-                     timeout=60)
+            with httpx.Client(timeout=5) as probe:
+                wait_for(lambda port=port, probe=probe: answer(probe, port, host)[0] == 200,  # type: ignore[misc]
+                         timeout=60)
             p50, p99 = latency(port, host)
             figures += [Figure(f"request p50 at {n // 1000}k hosts, dial {label}", p50, "ms"),
                         Figure(f"request p99 at {n // 1000}k hosts, dial {label}", p99, "ms")]
@@ -316,14 +319,12 @@ def kills(d: Daemon, port: int, a: Backend) -> list[Figure]:
         assert first is not None
         d.start()  # adopts Caddy and the responder
         assert d.responder_pid() == first
-        killed_at = time.perf_counter()
         os.kill(first, signal.SIGKILL)
         back = until(lambda: d.responder_pid() not in (None, first), timeout=30)
         time.sleep(1.0)
     finally:
         for t in (pooled, fresh, vm_traffic):
             t.stop()
-    del killed_at
     return [
         Figure("kill -9 reconciler, then of the responder: failed requests, keep-alive client "
                f"({pooled.sent})", pooled.failed, "", target=0),

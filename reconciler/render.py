@@ -72,6 +72,8 @@ def proxy_template(settings: Settings, hold: tuple[str, str] | None = None) -> d
         # connection opened to its old address
         transport["keep_alive"] = {"enabled": False}
     proxy: dict[str, Any] = {"handler": "reverse_proxy", "transport": transport}
+    if hold_seconds(settings.stream_close_delay):  # websockets outlive a config load (by up to this long)
+        proxy["stream_close_delay"] = settings.stream_close_delay
     if hold_seconds(duration):
         proxy["load_balancing"] = {"try_duration": duration, "try_interval": interval}
     return proxy

@@ -263,6 +263,9 @@ class Settings:
     #: keep upstream connections open between requests (faster, but a pooled connection keeps the address
     #: it was opened to: an instance that stops or moves still gets requests on it until it breaks)
     upstream_keepalive: bool = False
+    #: how long websockets and other upgraded streams survive a config load (Caddy closes them at once
+    #: otherwise; "0s": at once)
+    stream_close_delay: str = "5m"
 
     @property
     def admin_listen(self) -> str:
@@ -330,6 +333,7 @@ class Settings:
             "hold_interval": _hold(env, "HYPEMAN_HOLD_INTERVAL", "250ms"),
             "dial_timeout": _hold(env, "HYPEMAN_DIAL_TIMEOUT", "2s"),
             "upstream_keepalive": _bool(env, "HYPEMAN_UPSTREAM_KEEPALIVE", False),
+            "stream_close_delay": _hold(env, "HYPEMAN_STREAM_CLOSE_DELAY", "5m"),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

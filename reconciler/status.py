@@ -55,21 +55,28 @@ class IngressStatus:
 
 
 def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, list[str]],
-                      certs: Mapping[str, Mapping[str, Any]]) -> list[IngressStatus]:
+                      certs: Mapping[str, Mapping[str, Any]],
+                      on_demand: Mapping[str, list[str]] | None = None) -> list[IngressStatus]:
     """Attach certificate states (see :mod:`reconciler.caddy.certs`) to the ingresses that serve them.
 
     An applied ingress is not ready while one of its certificates is ``failing`` or ``expired``
     (``CertificateFailing``: clients cannot get a valid certificate) or ``pending`` (``CertificatePending``).
     An ``issued`` certificate whose renewal fails (``error`` set) keeps the ingress ready — the current
-    certificate is valid — and the message says until when and why the renewal fails."""
+    certificate is valid — and the message says until when and why the renewal fails.
+
+    ``on_demand``: the hosts of TLS hostname patterns (certificates obtained at a name's first handshake):
+    shown with the others, but they never decide readiness (a VM nobody visited has no certificate yet)."""
     out = []
+    extra = on_demand or {}
     for st in statuses:
-        hosts = tls_hosts.get(st.name)
-        if not hosts:
+        hosts = tls_hosts.get(st.name, [])
+        more = extra.get(st.name, [])
+        if not hosts and not more:
             out.append(st)
             continue
         mine = {h: certs.get(h, {"state": CertificateState.PENDING}) for h in hosts}
-        st = replace(st, certificates=mine)
+        st = replace(st, certificates={**{h: certs.get(h, {"state": CertificateState.PENDING}) for h in more},
+                                       **mine})
         if st.reason == Reason.APPLIED:
             broken = [(h, c) for h, c in mine.items()
                       if c.get("state") in (CertificateState.FAILING, CertificateState.EXPIRED)]

@@ -32,7 +32,7 @@ from reconciler.model import (
 )
 from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
 from reconciler.settings import HOLD_MAX_SECONDS, Settings, domain_allowed, hold_seconds
-from reconciler.zone import CAPTURE, is_pattern, parse_pattern, records, unknown_capture
+from reconciler.zone import CAPTURE, Pattern, is_pattern, parse_pattern, records, unknown_capture
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -229,6 +229,63 @@ def zone_records(instances: Iterable[Instance]) -> dict[str, str]:
     as :meth:`InstanceIndex.lookup` decides (see :func:`reconciler.zone.records`)."""
     index = InstanceIndex(instances)
     return records(index.by_name, index.by_id)
+
+
+def tls_patterns(desired: Desired) -> list[tuple[Pattern, str]]:
+    """The (pattern, ``target.instance``) of every accepted TLS rule whose hostname is a pattern, in the
+    order Caddy tries them (fewer captures first)."""
+    out = []
+    for resolved in desired.ingresses:
+        for rule in resolved.ingress.rules:
+            if rule.tls and rule.pattern:
+                parsed = parse_pattern(rule.hostname)
+                if not isinstance(parsed, str):
+                    out.append((parsed, rule.instance))
+    return sorted(out, key=lambda p: (p[0].stars, -p[0].wildcard.count("."), p[0].wildcard))
+
+
+def tls_permission(domain: str, patterns: list[tuple[Pattern, str]], instances: Mapping[str, Instance],
+                   allowed: tuple[str, ...] | None) -> str | None:
+    """Why Caddy may not obtain a certificate for ``domain`` on demand (None: it may): the name must match a
+    TLS hostname pattern (see :func:`tls_patterns`), its instance must exist, ``TLS_ALLOWED_DOMAINS``
+    must allow it."""
+    name = domain.lower().rstrip(".")
+    if hostname_error(name) is not None:
+        return f"{domain!r} is not a hostname"
+    labels = name.split(".")
+    for pattern, ref in patterns:
+        wanted = pattern.wildcard.split(".")
+        if len(wanted) != len(labels) or any(w not in ("*", x) for w, x in zip(wanted, labels, strict=True)):
+            continue
+        instance = _fill(ref, pattern, labels)
+        if instance not in instances:
+            return f"{name}: no instance {instance!r} (pattern {pattern.wildcard})"
+        if not domain_allowed(name, allowed):
+            return f"{name}: not in TLS_ALLOWED_DOMAINS"
+        return None
+    return f"{name}: no TLS hostname pattern matches it"
+
+
+def _fill(ref: str, pattern: Pattern, labels: list[str]) -> str:
+    """``ref`` with each capture replaced by the label it captures of a host split in ``labels``."""
+    return CAPTURE.sub(lambda m: labels[len(labels) - 1 - pattern.captures[m.group(1)]], ref)
+
+
+def pattern_hosts(desired: Desired) -> dict[str, list[str]]:
+    """ingress name -> the hosts its TLS patterns stand for now (one per existing instance, for patterns
+    whose target is one capture: ``{instance}.example.com``), for their certificates' states."""
+    out: dict[str, list[str]] = {}
+    for resolved in desired.ingresses:
+        for rule in resolved.ingress.rules:
+            if not (rule.tls and rule.pattern) or CAPTURE.fullmatch(rule.instance) is None:
+                continue
+            parsed = parse_pattern(rule.hostname)
+            if isinstance(parsed, str) or len(parsed.captures) != 1:
+                continue
+            hosts = [parsed.wildcard.replace("*", name, 1) for name in desired.instances
+                     if _LABEL.fullmatch(name)]
+            out.setdefault(resolved.ingress.name, []).extend(sorted(hosts))
+    return out
 
 
 class Why(NamedTuple):

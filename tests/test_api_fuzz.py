@@ -99,6 +99,9 @@ class FakeBackend:
     def ready(self) -> tuple[bool, str]:
         return True, "last pass applied"
 
+    def tls_permission(self, domain: str) -> str | None:
+        return None if domain == "web.vms.example.com" else f"{domain}: no TLS hostname pattern matches it"
+
     def metrics_text(self) -> bytes:
         return b"# TYPE hypeman_ingress_reconcile_passes_total counter\nhypeman_ingress_reconcile_passes_total 1.0\n"
 

@@ -29,9 +29,11 @@ from tests.helpers import (
     Daemon,
     count_loads,
     free_port,
+    free_udp_port,
     get,
     ingress_yaml,
     instance_yaml,
+    kill_pid,
     routed_to,
     status_of,
     wait_for,
@@ -534,9 +536,19 @@ def test_diff_exit_codes_and_apply_converges_bare_caddy(tmp_path: Path, caddy: C
     port = free_port()
     write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
     env = {**os.environ, "CADDY_ADMIN_PORT": str(caddy.admin_port), "CADDY_LISTEN_ADDRESS": "127.0.0.1",
-           "CADDY_HTTP_PORT": str(free_port()), "CADDY_HTTPS_PORT": str(free_port())}
+           "CADDY_HTTP_PORT": str(free_port()), "CADDY_HTTPS_PORT": str(free_port()),
+           "HYPEMAN_DNS_PORT": str(free_udp_port())}
     args = ["--data-dir", str(tmp_path / "data"), "--manifests", str(manifests),
             "--instances", str(instances)]
+    try:
+        _diff_and_apply(env, args, caddy, port, manifests, a)
+    finally:  # apply starts the DNS responder (detached, as the daemon does): stopped here
+        with contextlib.suppress(OSError, ValueError):
+            kill_pid(int((tmp_path / "data" / "dns" / "responder.pid").read_text()))
+
+
+def _diff_and_apply(env: dict[str, str], args: list[str], caddy: CaddyProcess, port: int, manifests: Path,
+                    a: Backend) -> None:
 
     r = cli("diff", *args, env=env)
     assert r.returncode == 1, r.stderr
@@ -546,7 +558,8 @@ def test_diff_exit_codes_and_apply_converges_bare_caddy(tmp_path: Path, caddy: C
     r = cli("apply", *args, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("applied")
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=5, message="routed after apply")
+    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=5, message="routed after apply")  # (through the
+    # responder apply started)
     assert status_of(port, "nope.test") == 404
     loads = count_loads(caddy.log_path)
     assert loads == 1

@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import ssl
 import stat
 import subprocess
@@ -1431,6 +1432,50 @@ def test_acme_tls_alpn01_issued(pebble_factory: Callable[..., Pebble], daemon_fa
     assert sans(resp.peer_cert) == ["app.test"] and cert_not_after(resp) == cert["not_after"]
     assert challenge_types(d) == {"tls-alpn-01"}
     assert read_status(d)["certificates"]["app.test"]["state"] == "issued"
+
+
+@pytest.mark.caddy
+def test_pattern_hosts_get_certificates_on_demand(pebble_factory: Callable[..., Pebble],
+                                                  daemon_factory: Callable[..., Daemon],
+                                                  backends: Callable[[str], Backend], tmp_path: Path) -> None:
+    """``{instance}.pat.test`` with tls: true on stock Caddy: each name's certificate is obtained at its first
+    handshake, after the reconciler said yes (its instance exists, TLS_ALLOWED_DOMAINS allows it)."""
+    hp, tp = free_port(), free_port()
+    pebble = pebble_factory(http_port=hp, tls_port=tp)
+    a = backends("a")
+    env = acme_env(pebble, "tls-alpn-01", hp, tp)
+    env["TLS_ALLOWED_DOMAINS"] = "*.pat.test"
+    d = daemon_factory(env=env)
+    write(d.instances / "vms.yaml", instance_yaml("web"))
+    write(d.manifests[0] / "vms.yaml",
+          f"name: vms\nrules:\n  - match: {{hostname: '{{instance}}.pat.test', port: {tp}}}\n"
+          f"    target: {{instance: '{{instance}}', port: {a.port}}}\n    tls: true\n")
+    d.start()
+    st = wait_ingress(d, "vms", lambda i: i["reason"] == "Applied", message="pattern applied")
+    assert st["ready"] and st["certificates"]["web.pat.test"]["state"] == "pending"  # never asked yet: ready
+    root = tmp_path / "pebble-root.pem"
+    root.write_text(pebble.root_pem())
+    resp = https_get(tp, "web.pat.test", "/od", cafile=root, timeout=30)  # issued during this handshake
+    assert resp.status == 200 and resp.body.startswith("backend=a ") and "path=/od" in resp.body
+    assert sans(resp.peer_cert) == ["web.pat.test"] and "Pebble" in resp.peer_cert.issuer.rfc4514_string()
+    granted = d.log_events("tls.permission")
+    assert {(e["domain"], e["granted"]) for e in granted} >= {("web.pat.test", True)}
+    # a name without an instance: no certificate is asked for, the handshake fails
+    with pytest.raises((ssl.SSLError, OSError)):
+        https_get(tp, "ghost.pat.test", cafile=root, timeout=10)
+    denied = [e for e in d.log_events("tls.permission") if e["domain"] == "ghost.pat.test"]
+    assert denied and not denied[0]["granted"] and "no instance 'ghost'" in denied[0]["reason"]
+    stored = {p.parent.name for p in (d.data_dir / "caddy" / "data").rglob("*.crt")}
+    assert "web.pat.test" in stored and "ghost.pat.test" not in stored
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)  # a pass now (the status follows certificates pass by pass)
+    wait_ingress(d, "vms", lambda i: i["certificates"]["web.pat.test"]["state"] == "issued", timeout=30,
+                 message="issued state in the status")
+    # the endpoint answers without the API token (Caddy cannot send one) and only says yes or no
+    r = httpx.get(f"{d.api_url}/internal/tls/permission", params={"domain": "web.pat.test"}, timeout=5)
+    assert r.status_code == 200
+    r = httpx.get(f"{d.api_url}/internal/tls/permission", params={"domain": "web.other.test"}, timeout=5)
+    assert r.status_code == 403 and "no TLS hostname pattern" in r.text
 
 
 @pytest.mark.caddy

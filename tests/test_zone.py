@@ -11,7 +11,7 @@ import pytest
 from reconciler.model import Document, Instance, Origin
 from reconciler.parse import parse_documents
 from reconciler.render import render
-from reconciler.settings import Settings, hold_seconds
+from reconciler.settings import Settings, TLSSettings, hold_seconds
 from reconciler.validate import ingress_from_document, resolve, zone_records
 from reconciler.zone import label, parse_pattern
 
@@ -144,3 +144,22 @@ def test_two_patterns_matching_the_same_hosts_conflict() -> None:
     assert [r.ingress.name for r in desired.ingresses] == ["a"]
     (problem,) = desired.problems
     assert problem.reason == "HostnameConflict" and problem.winner == "a"
+
+
+def test_tls_permission_asks_for_an_instance_and_the_allowed_domains() -> None:
+    from reconciler.validate import tls_patterns, tls_permission
+
+    text = rule("{instance}.{env}.example.com", "{instance}-{env}", "    tls: true\n").replace("port: 80", "port: 443")
+    (p,) = parse_documents(text)
+    ing, problems = ingress_from_document(Document(Origin(0, "t.yaml", 0, "t.yaml", 1), p))
+    assert ing is not None, problems
+    desired = resolve([ing], [inst("web-prod")], Settings(tls=TLSSettings(issuer="internal")))
+    patterns = tls_patterns(desired)
+    assert tls_permission("web.prod.example.com", patterns, desired.instances, None) is None
+    assert tls_permission("WEB.Prod.example.com.", patterns, desired.instances, None) is None
+    why = tls_permission("api.prod.example.com", patterns, desired.instances, None)
+    assert why is not None and "no instance 'api-prod'" in why
+    assert "no TLS hostname pattern" in str(tls_permission("web.example.com", patterns, desired.instances, None))
+    assert "not a hostname" in str(tls_permission("we b.prod.example.com", patterns, desired.instances, None))
+    why = tls_permission("web.prod.example.com", patterns, desired.instances, ("*.other.com",))
+    assert why is not None and "TLS_ALLOWED_DOMAINS" in why

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from reconciler.api.openapi import openapi_document
 from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
 from reconciler.model import Reason
+from reconciler.render import PERMISSION_PATH
 from reconciler.state.store import GoodMap
 
 log = structlog.get_logger("hypeman.ingress.api")
@@ -51,6 +52,9 @@ class Backend(Protocol):
 
     def good_versions(self) -> tuple[GoodMap, GoodMap] | None:
         """The last good file versions the loop serves (the writer counts with them)."""
+
+    def tls_permission(self, domain: str) -> str | None:
+        """Why Caddy may not obtain a certificate for ``domain`` on demand (None: it may)."""
 
 
 #: how a refusal of the writer is answered: (HTTP status, the ``code`` of the error body)
@@ -98,13 +102,18 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
+#: answered without the token: the liveness probe, and Caddy's on-demand TLS question (Caddy cannot send
+#: a token; the answer says only whether a name may get a certificate)
+OPEN_PATHS = frozenset({"/healthz", PERMISSION_PATH})
+
+
 class _Auth(BaseHTTPMiddleware):
     def __init__(self, app: Any, token: str | None) -> None:
         super().__init__(app)
         self._token = token.encode() if token else None
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if self._token is not None and request.url.path != "/healthz":
+        if self._token is not None and request.url.path not in OPEN_PATHS:
             header = request.headers.get("authorization", "")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
@@ -238,6 +247,16 @@ class _Endpoints:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def tls_permission(self, request: Request) -> Response:
+        """Caddy's on-demand TLS ``permission`` (module ``http``): 200 lets it obtain a certificate for
+        ``domain``, anything else does not."""
+        domain = request.query_params.get("domain", "")
+        why = self.backend.tls_permission(domain) if domain else "no domain given"
+        log.info("tls.permission", domain=domain[:253], granted=why is None, reason=why)
+        if why is None:
+            return Response("ok\n", media_type="text/plain")
+        return Response(f"denied: {why}\n", status_code=403, media_type="text/plain")
+
     async def readyz(self, request: Request) -> Response:
         ok, why = self.backend.ready()
         return JSONResponse({"ready": ok, "message": why}, status_code=200 if ok else 503)
@@ -275,6 +294,7 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         Route("/readyz", e.readyz, methods=["GET"]),
         Route("/metrics", e.metrics, methods=["GET"]),
         Route("/openapi.json", e.openapi, methods=["GET"]),
+        Route(PERMISSION_PATH, e.tls_permission, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_Auth, token=token)],
                      exception_handlers={404: _not_found, 405: _not_allowed})

@@ -23,7 +23,7 @@ from reconciler.loop.apply import Applied, Applier, Culprits, Plan, plan
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.report import Certificates, Job, Reporter
 from reconciler.loop.triggers import Burst
-from reconciler.model import Outcome, Problem
+from reconciler.model import Desired, Outcome, Problem
 from reconciler.render import Renderer
 from reconciler.settings import Settings
 from reconciler.state.store import GoodMap, StateStore
@@ -74,6 +74,8 @@ class PassSnapshot:
     generation: int
     #: the last good file versions (manifests, instances) as of this pass
     good: tuple[GoodMap, GoodMap]
+    #: what the pass resolved (the on-demand TLS permission asks it which names may get a certificate)
+    desired: Desired = field(default_factory=lambda: Desired(()))
 
     def status(self) -> dict[str, Any]:
         """The status document with every ingress (``GET /status``)."""
@@ -164,7 +166,8 @@ class Reconciler:
         applier = self.applier
         self.reporter.persist(applied, lambda: applier.encoded(config) if config is not None else b"", good, doc,
                               statuses)
-        self.snapshot = PassSnapshot(result, tuple(statuses), {s.name: s for s in statuses}, doc, generation, good)
+        self.snapshot = PassSnapshot(result, tuple(statuses), {s.name: s for s in statuses}, doc, generation, good,
+                                     inputs.desired)
         return result
 
     # -- for others -----------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class Reconciler:
         snap = self.snapshot
         if snap is not None:
             doc = self.reporter.rewrite_status(snap.document, list(snap.statuses))
-            self.snapshot = PassSnapshot(snap.result, snap.statuses, snap.by_name, doc, snap.generation, snap.good)
+            self.snapshot = replace(snap, document=doc)
 
     def status_document(self) -> dict[str, Any]:
         """The status with every ingress; before the first pass, as the previous run left it."""

@@ -22,6 +22,7 @@ from reconciler.status import (
     status_document,
     with_certificates,
 )
+from reconciler.validate import pattern_hosts
 
 Job = Callable[[], None]
 Certificates = Callable[[list[str]], Mapping[str, Mapping[str, Any]]]
@@ -61,13 +62,14 @@ class Reporter:
         """The statuses with their TLS hostnames' certificate states, and those states."""
         if self._certs is None or "tls" not in config["apps"]:  # only a config with TLS hosts has the app
             return statuses, {}
-        tls_hosts = {ri.ingress.name: sorted({r.hostname for r in ri.ingress.rules if r.tls})
+        tls_hosts = {ri.ingress.name: sorted({r.hostname for r in ri.ingress.rules if r.tls and not r.pattern})
                      for ri in desired.ingresses if any(r.tls for r in ri.ingress.rules)}
-        hosts = sorted({h for names in tls_hosts.values() for h in names})
+        on_demand = pattern_hosts(desired)  # a pattern's hosts: one per instance it reaches
+        hosts = sorted({h for names in (*tls_hosts.values(), *on_demand.values()) for h in names})
         if not hosts:
             return statuses, {}
         certificates = {h: dict(c) for h, c in self._certs(hosts).items()}
-        return with_certificates(statuses, tls_hosts, certificates), certificates
+        return with_certificates(statuses, tls_hosts, certificates, on_demand), certificates
 
     # -- the status document and the files -----------------------------------------------------------
     def document(self, record: PassRecord, inputs: Inputs, *, applied: bool, certificates: dict[str, Any],

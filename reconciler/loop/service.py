@@ -11,8 +11,11 @@ from reconciler.fsutil import StorageHealth
 from reconciler.loop.daemon import Loop
 from reconciler.loop.keeper import Keeper
 from reconciler.loop.triggers import Trigger
+from reconciler.model import Desired
 from reconciler.state.metrics import Metrics
 from reconciler.state.store import GoodMap
+from reconciler.validate import tls_patterns, tls_permission
+from reconciler.zone import Pattern
 
 
 def health(keeper: Keeper, storage: StorageHealth, responder: Keeper | None = None) -> dict[str, Any]:
@@ -30,6 +33,7 @@ class Service:
         self.loop = loop
         self.keeper = loop.keeper
         self.responder = responder
+        self._patterns: tuple[Desired, list[tuple[Pattern, str]]] | None = None
         self.storage = storage
         self.metrics = metrics
         self.client = client
@@ -51,6 +55,19 @@ class Service:
         snap = self.loop.reconciler.snapshot
         st = snap.by_name.get(name) if snap is not None else None
         return st.to_dict() if st is not None else None
+
+    def tls_permission(self, domain: str) -> str | None:
+        """Why Caddy may not obtain a certificate for ``domain`` on demand now (None: it may), from the last
+        pass's resolved ingresses and instances."""
+        snap = self.loop.reconciler.snapshot
+        if snap is None:
+            return "no reconcile pass yet"
+        desired = snap.desired
+        cached = self._patterns
+        if cached is None or cached[0] is not desired:
+            cached = self._patterns = (desired, tls_patterns(desired))
+        allowed = self.loop.reconciler.reader.settings.tls.allowed_domains
+        return tls_permission(domain, cached[1], desired.instances, allowed)
 
     def status(self) -> dict[str, Any]:
         doc = {**self.loop.reconciler.status_document(), **health(self.keeper, self.storage, self.responder)}
