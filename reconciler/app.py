@@ -31,6 +31,7 @@ from reconciler.fsutil import StorageHealth
 from reconciler.loop.background import Background
 from reconciler.loop.changes import ChangeLog
 from reconciler.loop.daemon import Housekeeping, Loop
+from reconciler.loop.fastpath import InstanceFastPath
 from reconciler.loop.keeper import Keeper
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.reconcile import Reconciler
@@ -150,6 +151,7 @@ class Daemon:
         self.responder: Keeper | None = None
         self.caddy: CaddySupervisor | None = None
         self.responder_supervisor: ResponderSupervisor | None = None
+        self.fastpath: InstanceFastPath | None = None
         self.loop: Loop | None = None
         self.service: Service | None = None
         self._stoppable: list[Callable[[], None]] = []  # the API server, the watcher... (in reverse order)
@@ -160,6 +162,8 @@ class Daemon:
         self.triggers.stop()
 
     def _changed(self, path: str) -> None:
+        if self.fastpath is not None:
+            self.fastpath.changed(path)  # (an instance's address goes to the responder ahead of the pass)
         self.triggers.notify(Trigger.WATCH, path=path)
 
     def _caddy_started(self) -> None:
@@ -173,7 +177,11 @@ class Daemon:
         supervisor = self.responder_supervisor = ResponderSupervisor(s, publisher, log=log_event, health=self.storage)
         keeper = self.responder = Keeper(supervisor, log=log_event, stable_after=s.caddy_stable_after,
                                          on_started=publisher.resync)
-        reader.publish = publisher.publish
+        fast = self.fastpath = InstanceFastPath(s.instances_path, publisher.publish, max_bytes=s.max_file_bytes,
+                                                log=log_event)
+        reader.on_instances = fast.baseline
+        fast.start()
+        self._stoppable.append(fast.stop)
         keeper.start()
         return keeper
 

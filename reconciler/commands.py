@@ -32,7 +32,7 @@ from reconciler.sources.dirs import sources_for
 from reconciler.sources.inputs import ingress_reader
 from reconciler.state.store import StateStore, lastgood_from, restore_files
 from reconciler.statustable import status_lines
-from reconciler.validate import resolve
+from reconciler.validate import resolve, zone_records
 
 
 def _print_problems(problems: Sequence[Problem], out: Any) -> None:
@@ -142,7 +142,7 @@ def apply(args: argparse.Namespace, settings: Settings) -> int:
     with AdminClient(settings.admin_url) as client:
         reconciler = Reconciler(settings=settings, client=client, store=store, config_file=config_file,
                                 validate=lambda config: caddy_validate(binary, config), include_api=False)
-        reconciler.reader.publish = publisher.publish
+        reconciler.reader.on_instances = lambda items: publisher.publish(zone_records(items))
         result = reconciler.run_pass("apply")
     if not publisher.delivered():
         print(f"error: the DNS responder did not take the instances' addresses: {publisher.error}", file=sys.stderr)

@@ -12,7 +12,7 @@ from reconciler.settings import Settings
 from reconciler.sources.dirs import digest, sources_for
 from reconciler.sources.inputs import ReadResult, SourceHealth, ingress_reader, instance_reader
 from reconciler.state.store import GoodMap, copy_good
-from reconciler.validate import Resolver, zone_records
+from reconciler.validate import Resolver
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,28 +43,17 @@ class InputReader:
         self.manifests = ingress_reader(max_bytes=settings.max_file_bytes, good=good[0], wall=wall)
         self.instances = instance_reader(max_bytes=settings.max_file_bytes, good=good[1], wall=wall)
         self.resolve = Resolver(settings)
-        #: where the DNS records of the instances go as soon as they are read (the responder's publisher):
-        #: before the ingresses are resolved, so an instance that moved is answered within milliseconds
-        self.publish: Callable[[dict[str, str]], object] | None = None
-        self._published: tuple[tuple[Instance, ...], dict[str, str]] | None = None
-
-    def records(self, instances: list[Instance]) -> dict[str, str]:
-        """The responder's records for ``instances`` (the last ones again while they are the same objects)."""
-        last = self._published
-        if last is not None and len(last[0]) == len(instances) and all(
-                a is b for a, b in zip(last[0], instances, strict=True)):
-            return last[1]
-        records = zone_records(instances)
-        self._published = (tuple(instances), records)
-        return records
+        #: who gets the instances as soon as they are read -- before the ingresses are resolved -- (the
+        #: responder's publisher, through :class:`reconciler.loop.fastpath.InstanceFastPath`)
+        self.on_instances: Callable[[list[Instance]], object] | None = None
 
     def read(self, changed: frozenset[str] | None = None) -> Inputs:
         """Read every input; ``changed`` (the paths a watch burst reported) limits what is read again."""
         s = self.settings
         manifests = self.manifests.read(sources_for(s, include_api=self.include_api), changed)
         instances = self.instances.read([Source(s.instances_path, 0)], changed)
-        if self.publish is not None:
-            self.publish(self.records(instances.items))
+        if self.on_instances is not None:
+            self.on_instances(instances.items)
         desired = self.resolve(manifests.items, instances.items, [*manifests.problems, *instances.problems])
         revision = digest([d.encode() for d in (*manifests.digests, "--instances--", *instances.digests)])
         commits = {h.path: h.commit for h in manifests.sources if h.commit}
