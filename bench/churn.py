@@ -31,7 +31,7 @@ from bench.figures import Figure
 from bench.scenarios import atomic, write_tree
 from tests.helpers import Backend, CaddyProcess, Daemon, count_loads, free_port, wait_for
 
-ZONE = ".hypeman.internal:"
+ZONE = ".hypeman.internal.:"
 
 
 def instance(name: str, ip: str, state: str = "Running") -> str:

@@ -163,7 +163,7 @@ def _retarget(config: dict[str, Any], host: str, dial: str) -> dict[str, Any]:
             if node.get("handler") == "map":
                 for m in node.get("mappings", []):
                     if m.get("input") == host:
-                        m["outputs"] = [dial]
+                        m["outputs"] = [dial, *m["outputs"][1:]]  # (the instance's name stays)
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):

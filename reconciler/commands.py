@@ -135,7 +135,7 @@ def apply(args: argparse.Namespace, settings: Settings) -> int:
     # it runs -- a daemon's, or one an earlier apply started --, else started detached)
     publisher = Publisher(settings.dns_dir)
     try:
-        ResponderSupervisor(settings, publisher).ensure_running()
+        ResponderSupervisor(settings, publisher, replace_changed=False).ensure_running()
     except ResponderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

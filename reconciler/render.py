@@ -90,14 +90,15 @@ def matcher_host(hostname: str) -> str:
 
 def upstream(rule: Rule, zone: str) -> tuple[str, str]:
     """(dial, instance as a Caddy value) of a rule: the instance's name in the zone, or for a pattern the
-    name Caddy builds per request from the captured labels."""
+    name Caddy builds per request from the captured labels. The name is rooted (a trailing dot): never
+    tried with the host's resolv.conf search domains first (``ndots:5`` in a Kubernetes pod)."""
     if is_pattern(rule.hostname):
         parsed = parse_pattern(rule.hostname)
         assert not isinstance(parsed, str), parsed
         name = template(rule.instance, parsed)
         assert name is not None, rule.instance
-        return f"{name}.{zone}:{rule.target_port}", name
-    return f"{label(rule.instance)}.{zone}:{rule.target_port}", literal(rule.instance)
+        return f"{name}.{zone}.:{rule.target_port}", name
+    return f"{label(rule.instance)}.{zone}.:{rule.target_port}", literal(rule.instance)
 
 
 def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
@@ -123,7 +124,10 @@ def error_routes() -> list[dict[str, Any]]:
     return [
         answer("{http.error.status_code}", "{http.error.status_code} {http.error.status_text}", {"vars": {var: [""]}}),
         answer(503, f'503 Service Unavailable: instance "{var}" is not running or not known',
-               {"vars_regexp": {message: {"pattern": "no such host|server misbehaving"}}}),
+               {"vars_regexp": {message: {"pattern": "no such host"}}}),
+        # the lookup itself failed: the DNS responder is down or hung (not the instance's fault)
+        answer(503, f'503 Service Unavailable: instance "{var}": its address could not be looked up (the DNS '
+               "responder did not answer)", {"vars_regexp": {message: {"pattern": "lookup [^ ]+"}}}),
         answer(504, f'504 Gateway Timeout: instance "{var}" did not answer in time',
                {"vars_regexp": {message: {"pattern": "i/o timeout|deadline exceeded|timeout awaiting"}}}),
         answer(503, f'503 Service Unavailable: instance "{var}" does not accept connections on port '

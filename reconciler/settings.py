@@ -195,6 +195,13 @@ def _hold(env: Mapping[str, str], key: str, default: str) -> str:
     return raw
 
 
+def _interval(env: Mapping[str, str]) -> str:
+    value = _hold(env, "HYPEMAN_HOLD_INTERVAL", "250ms")
+    if hold_seconds(value) == 0:
+        raise ConfigError("HYPEMAN_HOLD_INTERVAL must be more than 0 (a request is tried again every interval)")
+    return value
+
+
 def _zone(env: Mapping[str, str]) -> str:
     raw = (env.get("HYPEMAN_DNS_ZONE") or DEFAULT_ZONE).lower().rstrip(".")
     labels = raw.split(".")
@@ -330,7 +337,7 @@ class Settings:
             "dns_port": _int(env, "HYPEMAN_DNS_PORT", 5354),
             "dns_zone": _zone(env),
             "hold": _hold(env, "HYPEMAN_HOLD", "5s"),
-            "hold_interval": _hold(env, "HYPEMAN_HOLD_INTERVAL", "250ms"),
+            "hold_interval": _interval(env),
             "dial_timeout": _hold(env, "HYPEMAN_DIAL_TIMEOUT", "2s"),
             "upstream_keepalive": _bool(env, "HYPEMAN_UPSTREAM_KEEPALIVE", False),
             "stream_close_delay": _hold(env, "HYPEMAN_STREAM_CLOSE_DELAY", "5m"),

@@ -85,14 +85,22 @@ def revision_lines(status: Status, now: float) -> list[str]:
 
 
 def caddy_lines(status: Status) -> list[str]:
-    caddy = status.get("caddy") or {}
-    if not caddy:
+    """Caddy's process, then the DNS responder's (kept alike)."""
+    return [*_process_lines(status, "caddy"), *_process_lines(status, "responder")]
+
+
+def _process_lines(status: Status, key: str) -> list[str]:
+    proc = status.get(key) or {}
+    if not proc:
         return []
-    state = "running" if caddy.get("running") else f"NOT RUNNING ({caddy.get('state', 'down')})"
-    flags = (", adopted" if caddy.get("adopted") else "") + (", FLAPPING" if caddy.get("flapping") else "")
-    lines = [f"caddy:          {state}, pid {caddy.get('pid')}, restarts {caddy.get('restarts', 0)}{flags}"]
-    if not caddy.get("running") and caddy.get("last_error"):
-        lines.append(f"caddy error:    {caddy['last_error']}")
+    state = "running" if proc.get("running") else f"NOT RUNNING ({proc.get('state', 'down')})"
+    flags = (", adopted" if proc.get("adopted") else "") + (", FLAPPING" if proc.get("flapping") else "")
+    if key == "responder":
+        flags += (f", {proc.get('records')} names on {proc.get('listen')}"
+                  + ("" if proc.get("in_sync") else ", NOT IN SYNC"))
+    lines = [f"{key + ':':<15} {state}, pid {proc.get('pid')}, restarts {proc.get('restarts', 0)}{flags}"]
+    if not proc.get("running") and proc.get("last_error"):
+        lines.append(f"{key + ' error:':<15} {proc['last_error']}")
     return lines
 
 

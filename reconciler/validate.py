@@ -55,6 +55,15 @@ def hostname_error(hostname: str) -> str | None:
     return None
 
 
+#: a pattern whose captures are its leftmost labels (as matched by Caddy's on-demand TLS policies)
+TLS_PATTERN = re.compile(r"^(\*\.)+[^*]+$")
+
+
+def lower_captures(instance: str) -> str:
+    """``target.instance`` with its capture names lower-cased, as the hostname's are."""
+    return CAPTURE.sub(lambda m: "{" + m.group(1).lower() + "}", instance)
+
+
 def pattern_error(hostname: str, instance: str) -> str | None:
     """Why a rule's hostname pattern (or its ``target.instance`` reference to it) is refused, or None
     (hypeman's wording; ``instance`` is the rule's ``target.instance``)."""
@@ -68,7 +77,10 @@ def pattern_error(hostname: str, instance: str) -> str | None:
     if isinstance(parsed, str):
         return f"match.hostname: {parsed}"
     literal = [x for x in parsed.wildcard.split(".") if x != "*"]
-    bad = hostname_error(".".join(literal)) if literal else None
+    if len(literal) < 2:
+        return (f"match.hostname: pattern {hostname!r} needs at least two fixed labels (a domain of yours, "
+                "e.g. {instance}.example.com)")
+    bad = hostname_error(".".join(literal)) or hostname_error(CAPTURE.sub("a" * 63, hostname))
     if bad is not None:
         return f"match.{bad}"
     unknown = unknown_capture(instance, parsed)
@@ -117,6 +129,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         where = f"rules[{i}]"
         hostname = raw["match"]["hostname"].lower()
         instance = raw["target"]["instance"]
+        if is_pattern(hostname):
+            instance = lower_captures(instance)
         if is_pattern(hostname) or is_pattern(instance):
             err = pattern_error(hostname, instance)
             if err:
@@ -130,6 +144,12 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
                 problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
                                          f"{where}.match.{err}", ingress=name))
                 continue
+        if is_pattern(hostname) and raw.get("tls") and not TLS_PATTERN.fullmatch(host_key(hostname)):
+            # certificates on demand match a name against the pattern from the left (certmagic's wildcards)
+            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
+                                     f"{where}.match.hostname: with tls, a pattern's captures must be its leftmost "
+                                     "labels ({instance}.example.com, {a}.{b}.example.com)", ingress=name))
+            continue
         hold = hold_of(raw)
         if isinstance(hold, str):
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "hold")), f"{where}.{hold}", ingress=name))
@@ -258,7 +278,7 @@ def tls_permission(domain: str, patterns: list[tuple[Pattern, str]], instances: 
         if len(wanted) != len(labels) or any(w not in ("*", x) for w, x in zip(wanted, labels, strict=True)):
             continue
         instance = _fill(ref, pattern, labels)
-        if instance not in instances:
+        if instance not in instances and instance not in {i.id for i in instances.values()}:
             return f"{name}: no instance {instance!r} (pattern {pattern.wildcard})"
         if not domain_allowed(name, allowed):
             return f"{name}: not in TLS_ALLOWED_DOMAINS"

@@ -456,6 +456,13 @@ ERROR_CASES: list[tuple[str, Request, int, str, tuple[str, ...]]] = [
     ("instance-not-found", lambda s: ("POST", "/ingresses", {"json": _good(s) | {"rules": [
         {"match": {"hostname": "fresh.test", "port": s.port}, "target": {"instance": "ghost", "port": 80}}]}}),
      400, "instance_not_found", ("ghost",)),
+    ("pattern-mixed-capture", lambda s: ("POST", "/ingresses", {"json": _good(s) | {"rules": [
+        {"match": {"hostname": "a{instance}.test", "port": s.port},
+         "target": {"instance": "{instance}", "port": 80}}]}}),
+     400, "bad_request", ("mixed captures like 'a{instance}' are not supported",)),
+    ("pattern-unknown-capture", lambda s: ("POST", "/ingresses", {"json": _good(s) | {"rules": [
+        {"match": {"hostname": "{instance}.p.test", "port": s.port}, "target": {"instance": "{name}", "port": 80}}]}}),
+     400, "bad_request", ("references unknown capture {name}",)),
     ("tls-domain-not-allowed", lambda s: ("POST", "/ingresses", {"json": _with_rule(
         s, tls=True, match={"hostname": "x.other.test", "port": free_port()})}),
      400, "domain_not_allowed", ("x.other.test", "TLS_ALLOWED_DOMAINS")),

@@ -227,3 +227,27 @@ def test_conflicting_manifests_route_to_the_winner(routed: Routed) -> None:
     load(routed, manifests, [instance("vm-a")])
     wait_for(lambda: routed_to(p1, "shared.test", "A"), message="shared.test -> winner A")
     assert status_of(p1, "other.test") == 404  # the loser is rejected as a whole
+
+
+def test_a_responder_that_does_not_answer_is_named_not_the_instance(
+        tmp_path: Path, caddy: CaddyProcess, responder: Responder, backends: Callable[[str], Backend]) -> None:
+    import socket
+    import time
+
+    a = backends("A")
+    p1 = free_port()
+    settings_ = Settings(data_dir=str(tmp_path / "data"), admin_port=caddy.admin_port, listen_address="127.0.0.1",
+                         http_port=free_port(), https_port=free_port(), dns_port=responder.port, hold="0s",
+                         dial_timeout="1s")
+    desired = desired_from([ingress("app", ("app.test", p1, "vm", a.port))], [instance("vm")], settings_)
+    responder.publish_instances(desired.instances.values())
+    assert caddy.load(render(desired, settings_)).status_code == 200
+    wait_for(lambda: routed_to(p1, "app.test", "A"), message="routed")
+    responder.stop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hung:  # its port, answering nothing
+        hung.bind(("127.0.0.1", responder.port))
+        t0 = time.monotonic()
+        r = get(p1, "app.test", timeout=10)
+        took = time.monotonic() - t0
+    assert r.status_code == 503 and "its address could not be looked up" in r.text and '"vm"' in r.text, r.text
+    assert 0.9 <= took < 5  # bounded by the dial timeout, lookup included

@@ -66,9 +66,10 @@ def test_an_instance_that_moves_stops_and_starts_needs_no_load(
         assert count_loads(d.caddy_log) == loads  # four changes of the instance, no config load
         # the status still tells why, as before
         wait_for(lambda: httpx.get(f"{d.api_url}/ingresses/web").json()["status"]["ready"], timeout=10)
-        status = httpx.get(f"{d.api_url}/status").json()
-        responder = status["responder"]
-        assert responder["running"] and responder["in_sync"] and responder["records"] == 2
+        # (its counters as of the keeper's last look: at most 2 s old)
+        responder = wait_for(lambda: (r := httpx.get(f"{d.api_url}/status").json()["responder"])["records"] == 2
+                             and r["counters"]["nxdomain"] >= 1 and r, timeout=10, message="the responder's account")
+        assert responder["running"] and responder["in_sync"] and responder["dns_error"] is None
         assert responder["counters"]["address"] >= 3 and responder["counters"]["nxdomain"] >= 1
         metrics = httpx.get(f"{d.api_url}/metrics").text
         assert 'hypeman_ingress_dns_answers_total{answer="nxdomain"}' in metrics
@@ -147,6 +148,12 @@ def test_a_pattern_reaches_a_new_vm_without_a_load(
     assert count_loads(d.caddy_log) == loads
     status = httpx.get(f"{d.api_url}/ingresses/vms").json()["status"]
     assert status["ready"] and status["reason"] == "Applied"
+    # through the API too: a pattern names no instance of its own, so none has to exist yet
+    body = {"name": "api-vms", "rules": [{"match": {"hostname": "{instance}.api.test", "port": port},
+                                          "target": {"instance": "{instance}", "port": a.port}}]}
+    r = httpx.post(f"{d.api_url}/ingresses", json=body, timeout=30)
+    assert r.status_code == 201, r.text
+    assert routed_to(port, "fresh.api.test", "a")
 
 
 def test_the_responder_outlives_the_reconciler_and_is_restarted_when_it_dies(

@@ -154,7 +154,7 @@ def test_encoder_follows_a_changed_route_in_a_bucket() -> None:
     config = renderer(resolver(list(ings.values()), [vm]))
     second = encoder(config)
     assert second == dumps(config) and second != first
-    assert b'"vm.hypeman.internal:9999"' in second and b'"vm.hypeman.internal:9999"' not in first
+    assert b'"vm.hypeman.internal.:9999"' in second and b'"vm.hypeman.internal.:9999"' not in first
     stopped = Instance("vm", None, "10.0.0.1", "Stopped", origin("vm.yaml", -1))
     # instance state is data, not shape: the very same config object, nothing to encode or load
     assert renderer(resolver(list(ings.values()), [stopped])) is config

@@ -69,3 +69,29 @@ def test_what_the_pass_must_decide_is_left_to_it(fast: tuple[InstanceFastPath, l
     f.changed(str(root / "ok.yaml"))
     wait_for(lambda: len(published) > n and "ok" in published[-1], timeout=5, message="the valid change")
     assert published[-1] == {"vm": "10.0.0.1", "ok": "10.0.0.8"}
+
+
+def test_the_status_table_shows_the_responder() -> None:
+    from reconciler.statustable import caddy_lines
+
+    up = {"running": True, "pid": 7, "restarts": 1, "records": 3, "listen": "127.0.0.1:5354", "in_sync": True}
+    assert caddy_lines({"responder": up}) == ["responder:      running, pid 7, restarts 1, 3 names on 127.0.0.1:5354"]
+    down = {**up, "running": False, "state": "down", "in_sync": False, "last_error": "DNS responder exited"}
+    assert caddy_lines({"responder": down}) == [
+        "responder:      NOT RUNNING (down), pid 7, restarts 1, 3 names on 127.0.0.1:5354, NOT IN SYNC",
+        "responder error: DNS responder exited"]
+
+
+def test_nothing_is_published_before_the_first_pass(fast: tuple[InstanceFastPath, list[dict[str, str]], Path]
+                                                     ) -> None:
+    """A restarted reconciler: the responder answers from its snapshot; one changed file is not the zone."""
+    f, published, root = fast
+    write(root / "other.yaml", instance_yaml("other", "10.0.0.9"))
+    write(root / "vm.yaml", instance_yaml("vm", "10.0.0.2"))
+    f.changed(str(root / "vm.yaml"))
+    write(root / "marker.yaml", instance_yaml("marker", "10.0.0.3"))
+    f.changed(str(root / "marker.yaml"))
+    wait_for(lambda: not f._pending, timeout=5, message="events taken")
+    f.stop()  # (joins the thread: whatever it was doing with them is done)
+    assert published == []
+    assert pass_read(root, f) == {"vm": "10.0.0.2", "other": "10.0.0.9", "marker": "10.0.0.3"}

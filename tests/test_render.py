@@ -255,17 +255,17 @@ def handler_for(config: dict[str, Any], host: str) -> dict[str, Any]:
 def test_upstreams_dial_instance_names_through_the_responder() -> None:
     config, _, _ = all_cases()[list(CASES).index("multi")]
     proxy = handler_for(config, "www.shop.example")
-    assert proxy["upstreams"] == [{"dial": "web.hypeman.internal:8080"}]
+    assert proxy["upstreams"] == [{"dial": "web.hypeman.internal.:8080"}]
     assert proxy["transport"] == {"protocol": "http", "dial_timeout": "2s", "keep_alive": {"enabled": False},
                                   "resolver": {"addresses": ["udp/127.0.0.1:5354"]}}
     assert proxy["load_balancing"] == {"try_duration": "5s", "try_interval": "250ms"}
     # by id, lower-cased host; a reference that is not a DNS label is hashed
-    assert handler_for(config, "shop.example")["upstreams"] == [{"dial": "inst-web-01.hypeman.internal:80"}]
-    assert handler_for(config, "v6.example.com")["upstreams"] == [{"dial": "v6.hypeman.internal:443"}]
+    assert handler_for(config, "shop.example")["upstreams"] == [{"dial": "inst-web-01.hypeman.internal.:80"}]
+    assert handler_for(config, "v6.example.com")["upstreams"] == [{"dial": "v6.hypeman.internal.:443"}]
     assert handlers_for(config, "www.shop.example")[0] == {"handler": "vars", "instance": "web"}
     unavailable, _, _ = all_cases()[list(CASES).index("unavailable")]
     hashed = handler_for(unavailable, "inject.example.com")["upstreams"][0]["dial"]
-    assert hashed.startswith("xh--") and hashed.endswith(".hypeman.internal:8080")
+    assert hashed.startswith("xh--") and hashed.endswith(".hypeman.internal.:8080")
 
 
 def test_instance_state_is_not_in_the_config() -> None:
@@ -275,7 +275,7 @@ def test_instance_state_is_not_in_the_config() -> None:
     moved = instances.replace("10.0.0.5", "10.9.9.9").replace("state: Stopped", "state: Running")
     assert render(desired_from(sources, moved + "---\nname: ghost\nip: 10.0.0.8\n", settings_), settings_) == before
     assert render(desired_from(sources, "", settings_), settings_) == before
-    assert handler_for(before, "missing.example.com")["upstreams"] == [{"dial": "ghost.hypeman.internal:8080"}]
+    assert handler_for(before, "missing.example.com")["upstreams"] == [{"dial": "ghost.hypeman.internal.:8080"}]
 
 
 def test_error_routes_name_the_instance() -> None:
@@ -298,7 +298,7 @@ def test_conflict_losers_are_not_rendered_and_tls_rules_get_their_server() -> No
     config, _, desired = all_cases()[list(CASES).index("unavailable")]
     text = to_json(config)
     assert "loser" not in text
-    assert handler_for(config, "ok.example.com")["upstreams"] == [{"dial": "web.hypeman.internal:8080"}]
+    assert handler_for(config, "ok.example.com")["upstreams"] == [{"dial": "web.hypeman.internal.:8080"}]
     assert {p.reason for p in desired.problems} == {"HostnameConflict"}
     tls_server = servers(config)["ingress-443"]
     assert tls_server["routes"][0]["match"] == [{"host": ["tls.example.com"]}]

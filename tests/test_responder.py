@@ -15,7 +15,7 @@ import dns.rcode
 import pytest
 
 from reconciler.responder.client import Publisher
-from tests.helpers import ROOT, Responder, free_udp_port, wait_for
+from tests.helpers import ROOT, Responder, free_udp_port, kill_pid, wait_for
 
 pytestmark = pytest.mark.caddy  # (real processes)
 
@@ -100,3 +100,65 @@ def test_garbage_is_answered_or_dropped_and_serving_goes_on(responder: Responder
         s.sendto(b"\x00", ("127.0.0.1", responder.port))  # too short to answer
     assert ask(responder.port, "web.hypeman.internal") == ("NOERROR", ["10.0.0.5"])
     assert free_udp_port() != responder.port
+
+
+def test_a_malformed_query_never_poisons_the_answer_to_a_good_one(responder: Responder) -> None:
+    import socket
+
+    responder.publish({"web": "10.0.0.5"})
+    good = dns.message.make_query("web.hypeman.internal", "A", use_edns=0)  # (Go sends an EDNS OPT too)
+    wire = good.to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(wire[:-3], ("127.0.0.1", responder.port))  # the same question, its OPT record cut short
+        reply, _ = s.recvfrom(512)
+        assert reply[3] & 0x0F == dns.rcode.FORMERR
+    r = dns.query.udp(good, "127.0.0.1", port=responder.port, timeout=2)
+    assert r.rcode() == dns.rcode.NOERROR and [rd.to_text() for rs in r.answer for rd in rs] == ["10.0.0.5"]
+
+
+def test_the_snapshot_is_written_when_it_stops(tmp_path: Path) -> None:
+    r = Responder(tmp_path / "dns")
+    try:
+        r.publish({"web": "10.0.0.5"})
+        r.proc.send_signal(signal.SIGTERM)
+        assert r.proc.wait(timeout=10) == 0
+    finally:
+        r.stop()
+    snapshot = json.loads((tmp_path / "dns" / "zone.json").read_text())
+    assert snapshot["records"] == {"web": "10.0.0.5"}
+    assert not (tmp_path / "dns" / "control.sock").exists()
+
+
+def test_the_supervisor_finds_adopts_and_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.errors import ResponderError
+    from reconciler.fsutil import pid_alive
+    from reconciler.responder import supervisor as module
+    from reconciler.responder.supervisor import ResponderSupervisor
+    from reconciler.settings import Settings
+
+    settings = Settings(data_dir=str(tmp_path / "data"), dns_port=free_udp_port())
+    started: list[int] = []
+    try:
+        first = ResponderSupervisor(settings, Publisher(settings.dns_dir))
+        assert first.ensure_running() is True and first.pid is not None
+        started.append(first.pid)
+        assert first.running() and first.state()["listen"] == settings.dns_listen
+        Path(first.pid_path).unlink()  # lost (a full disk when it was written, say)
+        second = ResponderSupervisor(settings, Publisher(settings.dns_dir))
+        assert second.ensure_running() is False and second.pid == first.pid  # found by its control socket
+        assert Path(second.pid_path).read_text().strip() == str(first.pid)
+        # apply's supervisor never replaces a responder started with other settings
+        other = Settings(data_dir=settings.data_dir, dns_port=free_udp_port())
+        with pytest.raises(ResponderError, match="other settings"):
+            ResponderSupervisor(other, Publisher(other.dns_dir), replace_changed=False).ensure_running()
+        assert pid_alive(first.pid)
+        # another version of the code answers: replaced by this one (its snapshot carries the records over)
+        monkeypatch.setattr(module, "VERSION", "0.0.0/0")
+        third = ResponderSupervisor(settings, Publisher(settings.dns_dir))
+        assert third.ensure_running() is True and third.pid not in (None, first.pid)
+        started.append(third.pid)  # type: ignore[arg-type]
+        wait_for(lambda: not pid_alive(started[0]), timeout=10, message="the old one stopped")
+    finally:
+        for pid in started:
+            kill_pid(pid)

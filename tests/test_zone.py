@@ -127,7 +127,7 @@ def test_a_pattern_dials_the_captured_label() -> None:
     var, proxy = route["handle"]
     name = "app-{http.request.host.labels.3}-{http.request.host.labels.2}"
     assert var == {"handler": "vars", "instance": name}
-    assert proxy["upstreams"] == [{"dial": f"{name}.hypeman.internal:8080"}]
+    assert proxy["upstreams"] == [{"dial": f"{name}.hypeman.internal.:8080"}]
     assert proxy["load_balancing"] == {"try_duration": "30s", "try_interval": "250ms"}
 
 

@@ -7,6 +7,7 @@ Every error is ``{"code": ..., "message": ...}``. When a token is configured eve
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import traceback
@@ -26,6 +27,7 @@ from reconciler.api.openapi import openapi_document
 from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
 from reconciler.model import Reason
 from reconciler.render import PERMISSION_PATH
+from reconciler.settings import parse_listen
 from reconciler.state.store import GoodMap
 
 log = structlog.get_logger("hypeman.ingress.api")
@@ -251,11 +253,27 @@ class _Endpoints:
         """Caddy's on-demand TLS ``permission`` (module ``http``): 200 lets it obtain a certificate for
         ``domain``, anything else does not."""
         domain = request.query_params.get("domain", "")
+        peer = request.client.host if request.client is not None else ""
+        if not self._local(peer):  # Caddy runs on this host; nobody else learns which names exist
+            log.warning("tls.permission_refused", peer=peer, message="asked from another host")
+            return Response("denied\n", status_code=403, media_type="text/plain")
         why = self.backend.tls_permission(domain) if domain else "no domain given"
-        log.info("tls.permission", domain=domain[:253], granted=why is None, reason=why)
         if why is None:
+            log.info("tls.permission", domain=domain[:253], granted=True)
             return Response("ok\n", media_type="text/plain")
-        return Response(f"denied: {why}\n", status_code=403, media_type="text/plain")
+        # (a scanner's handshakes with made-up names land here: not worth a line each at info)
+        log.debug("tls.permission", domain=domain[:253], granted=False, reason=why)
+        return Response("denied\n", status_code=403, media_type="text/plain")
+
+    def _local(self, peer: str) -> bool:
+        """``peer`` is this host: a loopback address, or the address the API listens on."""
+        try:
+            if ipaddress.ip_address(peer).is_loopback:
+                return True
+        except ValueError:
+            return False
+        listen = self.writer.settings.api_listen
+        return listen is not None and parse_listen(listen)[0] == peer
 
     async def readyz(self, request: Request) -> Response:
         ok, why = self.backend.ready()

@@ -265,7 +265,7 @@ class ManifestWriter:
                                                       "right now; fix or delete it first)")
             index = InstanceIndex(instances.items)
             for r in candidate.rules:  # the API's own rule (as hypeman's): a file may name one yet to come
-                if index.lookup(r.instance) is None:
+                if not r.pattern and index.lookup(r.instance) is None:  # (a pattern's: resolved per request)
                     raise Refused(Refusal.INSTANCE_NOT_FOUND,
                                   f"rules: instance {r.instance!r} not found (by name or id)")
             error = self._validate(render(admission.desired, self.settings))

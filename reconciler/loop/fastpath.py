@@ -41,8 +41,11 @@ class InstanceFastPath:
         self._publish = publish
         self.max_bytes = max_bytes
         self._log = log or (lambda *a, **k: None)
-        self._lock = threading.Lock()
-        self._files: dict[str, tuple[Instance, ...]] = {}  # display path -> its instances (the pass's view)
+        self._lock = threading.Lock()  # the views and the publishing (held while publishing: in order)
+        self._pending_lock = threading.Lock()  # the watcher's side only: never waits on a publish
+        #: display path -> its instances, as the last pass read them (None: no pass yet -- nothing is published
+        #: before the first one: the responder answers from its snapshot, and one file is not the zone)
+        self._files: dict[str, tuple[Instance, ...]] | None = None
         self._mine: dict[str, tuple[Signature, tuple[Instance, ...]]] = {}  # what this path read since
         self._last: tuple[tuple[Instance, ...], dict[str, str]] | None = None
         self._pending: set[str] = set()
@@ -70,7 +73,7 @@ class InstanceFastPath:
         """A file event (any watched path; only files directly under the instances dir are taken)."""
         parent, name = os.path.split(os.path.abspath(path))
         if parent in self.roots and is_manifest_name(name):
-            with self._lock:
+            with self._pending_lock:
                 self._pending.add(name)
             self._wake.set()
 
@@ -90,7 +93,7 @@ class InstanceFastPath:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            with self._lock:
+            with self._pending_lock:
                 names, self._pending = self._pending, set()
             try:
                 self._take(names)
@@ -111,6 +114,8 @@ class InstanceFastPath:
             return
         with self._lock:
             self._mine.update(read)
+            if self._files is None:
+                return
             self._publish_locked()
             self.published += 1
 
@@ -138,7 +143,7 @@ class InstanceFastPath:
         return sig, tuple(out)
 
     def _publish_locked(self) -> dict[str, str]:
-        files = dict(self._files)
+        files = dict(self._files or {})
         for path, (_, insts) in self._mine.items():
             files[path] = insts
         instances = tuple(i for path in sorted(files) for i in files[path])

@@ -44,8 +44,11 @@ class Publisher:
             self._sock = connect(self.directory, self.timeout)
             self._reader = self._sock.makefile("rb")
             self.acked = None  # a new connection may be a new responder
+        payload = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         try:
-            self._sock.sendall(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+            # a whole zone at 50k names is ~2 MB: its exchange may take longer than a ping's
+            self._sock.settimeout(self.timeout + len(payload) / 5e6)
+            self._sock.sendall(payload)
             line = self._reader.readline()
             if not line:
                 raise OSError("the responder closed the control connection")
@@ -135,5 +138,5 @@ class Publisher:
     def state(self) -> dict[str, Any]:
         last = self.last
         return {"records": last.get("records"), "serial": last.get("serial"),
-                "in_sync": self.delivered() and last.get("serial") == self.serial,
+                "in_sync": self.delivered(),
                 "counters": last.get("counters", {}), "last_error": self.error}

@@ -16,6 +16,12 @@ import contextlib
 import os
 import socket
 
+from reconciler import __version__
+
+#: the responder's code version, in its ``ping`` answer: a responder that answers another one is replaced
+#: (after an upgrade, the new code serves; the snapshot carries the records over)
+VERSION = f"{__version__}/1"
+
 SNAPSHOT = "zone.json"
 CONTROL = "control.sock"
 PID = "responder.pid"

@@ -42,7 +42,7 @@ import dns.rrset
 
 from reconciler.errors import StorageError
 from reconciler.fsutil import atomic_write
-from reconciler.responder.protocol import CONTROL, PID, SNAPSHOT, unix_path
+from reconciler.responder.protocol import CONTROL, PID, SNAPSHOT, VERSION, unix_path
 from reconciler.zone import ANSWER_KINDS
 
 #: the kinds of answers counted (exported by the reconciler as a metric label)
@@ -63,11 +63,12 @@ class Zone:
         self.directory = directory
         self.records: dict[str, str] = {}
         self.serial = 0
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter({kind: 0 for kind in ANSWERS})  # (every key there from the start)
         #: (flags, additional count, question as sent) -> (kind, response without its id): the answers of
         #: the current records (a new dict whenever they change), so a repeated question costs a lookup
         self._cache: dict[bytes, tuple[str, bytes]] = {}
         self._last_kind = "formerr"
+        self._cacheable = False  # the last query's answer may be kept for its question (see answer())
         self.started = time.time()
         self._lock = threading.Lock()
         self._dirty = threading.Event()
@@ -93,6 +94,15 @@ class Zone:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log("responder.snapshot_unreadable", file=self.snapshot_path, error=str(exc))
 
+    def persist(self) -> None:
+        """Write the snapshot now (at exit: what the last changes said survives a restart)."""
+        with self._lock:
+            body = json.dumps({"serial": self.serial, "records": self.records}, sort_keys=True).encode()
+        try:
+            atomic_write(self.snapshot_path, body, 0o600, durable=False)
+        except StorageError as exc:
+            log("responder.snapshot_failed", file=self.snapshot_path, error=exc.reason)
+
     def persist_forever(self, stop: threading.Event) -> None:
         """Write the snapshot whenever the records changed (coalesced); a failed write is retried."""
         delay = 1.0
@@ -116,6 +126,7 @@ class Zone:
         op = msg.get("op")
         if op == "ping":
             return {"ok": True, "serial": self.serial, "records": len(self.records), "pid": os.getpid(),
+                    "version": VERSION,
                     "counters": dict(self.counters), "uptime_seconds": round(time.time() - self.started, 1)}
         if op == "replace":
             records = msg.get("records")
@@ -150,8 +161,9 @@ class Zone:
             if hit is not None:
                 self.counters[hit[0]] += 1
                 return wire[:2] + hit[1]
+        self._cacheable = False
         out = self._answer(wire)
-        if out is not None and key is not None:
+        if out is not None and key is not None and self._cacheable:
             if len(cache) >= CACHE_MAX:
                 cache.clear()
             cache[key] = (self._last_kind, out[2:])
@@ -178,6 +190,8 @@ class Zone:
             response.set_rcode(dns.rcode.FORMERR)
             return response.to_wire()
         q = query.question[0]
+        # the answer depends on the question alone when nothing else came with it (an EDNS OPT aside)
+        self._cacheable = not query.additional
         if q.rdclass != dns.rdataclass.IN or not q.name.is_subdomain(self.origin):
             self._count("refused")
             response.flags &= ~dns.flags.AA
@@ -252,8 +266,11 @@ def serve_control(zone: Zone, directory: str, stop: threading.Event) -> socket.s
                     reply = zone.control(msg) if isinstance(msg, dict) else {"ok": False, "error": "not an object"}
                 except (ValueError, TypeError, KeyError) as exc:
                     reply = {"ok": False, "error": f"bad message: {exc}"}
-                fh.write(json.dumps(reply).encode() + b"\n")
-                fh.flush()
+                try:
+                    fh.write(json.dumps(reply).encode() + b"\n")
+                    fh.flush()
+                except OSError:  # the reconciler gave up waiting (it reconnects and sends again)
+                    return
 
     def accept() -> None:
         while not stop.is_set():
@@ -294,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = threading.Event()
     control = serve_control(zone, args.dir, stop)
+    control_inode = os.stat(os.path.join(args.dir, CONTROL)).st_ino
     writer = threading.Thread(target=zone.persist_forever, args=(stop,), name="snapshot", daemon=True)
     writer.start()
 
@@ -323,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 udp.sendto(out, peer)
     control.close()
+    zone.persist()
+    # only our own files: a newer responder may have taken their place meanwhile
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join(args.dir, CONTROL))
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(args.dir, PID))
+        if os.stat(os.path.join(args.dir, CONTROL)).st_ino == control_inode:
+            os.unlink(os.path.join(args.dir, CONTROL))
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(args.dir, PID), encoding="ascii") as fh:
+        if int(fh.read().strip()) == os.getpid():
+            os.unlink(os.path.join(args.dir, PID))
     log("responder.stopped", pid=os.getpid())
     return 0

@@ -18,13 +18,30 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+
 from reconciler.errors import ResponderError, ResponderExited, StorageError
 from reconciler.fsutil import StorageHealth, atomic_write, pid_alive
 from reconciler.responder.client import Publisher
-from reconciler.responder.protocol import LOG, PID
+from reconciler.responder.protocol import LOG, PID, VERSION
 from reconciler.settings import Settings
 
 MODULE = "reconciler.responder"
+#: how often the keeper asks the responder how it is, and probes its DNS side (seconds)
+LOOK_EVERY = 2.0
+
+
+def probe(settings: Settings, timeout: float = 0.5) -> str | None:
+    """Why the responder's DNS side does not answer a query for its zone (None: it does)."""
+    query = dns.message.make_query(settings.dns_zone, "SOA")
+    try:
+        answer = dns.query.udp(query, settings.dns_address.strip("[]"), port=settings.dns_port, timeout=timeout)
+    except (OSError, dns.exception.DNSException) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None if answer.rcode() == dns.rcode.NOERROR else f"answered {dns.rcode.to_text(answer.rcode())}"
 
 
 def process_args(pid: int) -> list[str]:
@@ -43,8 +60,15 @@ class ResponderSupervisor:
     readiness = "control socket"
 
     def __init__(self, settings: Settings, publisher: Publisher, *, log: Callable[..., Any] | None = None,
-                 ready_timeout: float = 10.0, health: StorageHealth | None = None) -> None:
+                 ready_timeout: float = 10.0, health: StorageHealth | None = None,
+                 replace_changed: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        #: a responder of this data dir started with other settings (port, zone) is replaced; else refused
+        self.replace_changed = replace_changed
+        self._clock = clock
+        #: the last DNS probe: None while it answered, else why not (see :meth:`tend`)
+        self.dns_error: str | None = None
+        self._looked = 0.0  # when :meth:`tend` last probed
         self.publisher = publisher
         self.ready_timeout = ready_timeout
         self.health = health
@@ -86,18 +110,22 @@ class ResponderSupervisor:
 
     # -- what the keeper calls ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        if self.answered:
-            self.publisher.ping()  # its counters and serial now
+        """(Its counters and serial as of the keeper's last look: at most :data:`LOOK_EVERY` old.)"""
         return {"pid": self.pid, "running": self.running(), "adopted": self.adopted,
-                "listen": self.settings.dns_listen, "zone": self.settings.dns_zone, **self.publisher.state()}
+                "listen": self.settings.dns_listen, "zone": self.settings.dns_zone, **self.publisher.state(),
+                "dns_error": self.dns_error}
 
     def process_alive(self) -> bool:
         return self.pid is not None and pid_alive(self.pid)
 
     def running(self) -> bool:
-        return self.answered and self.process_alive() and self.publisher.ok is not False
+        """Its control socket and its DNS port answer (as of the last exchange and the last probe)."""
+        return (self.answered and self.process_alive() and self.publisher.ok is not False
+                and self.dns_error is None)
 
     def unresponsive(self) -> str:
+        if self.dns_error is not None:
+            return f"does not answer DNS queries on {self.settings.dns_listen}: {self.dns_error}"
         return f"its control socket does not answer: {self.publisher.error}"
 
     def alive(self) -> bool:
@@ -119,33 +147,75 @@ class ResponderSupervisor:
 
     def tend(self) -> None:
         """At each look of the keeper: records a publish could not deliver (a dropped control connection)
-        are sent again."""
-        if self.answered and not self.publisher.delivered():
+        are sent again; every :data:`LOOK_EVERY` seconds, the responder is asked how it is (a serial that is
+        not ours: another publisher, say ``hypeman-ingress apply``, replaced the records: ours go back) and
+        a real DNS query checks its UDP side."""
+        if not self.answered:
+            return
+        if not self.publisher.delivered():
             self.publisher.resync()
+        now = self._clock()
+        if now - self._looked < LOOK_EVERY:
+            return
+        self._looked = now
+        reply = self.publisher.ping()
+        if reply is not None and reply.get("serial") != self.publisher.serial and self.publisher.wanted is not None:
+            self._log("responder.resync", pid=self.pid, serial=reply.get("serial"), ours=self.publisher.serial)
+            self.publisher.resync()
+        self.dns_error = probe(self.settings)
 
     def ensure_running(self) -> bool:
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             self._log("responder.dir_unusable", dir=self.dir, error=exc.strerror or str(exc))
-        pid = self._read_pid()
-        if pid is not None and pid_alive(pid) and self._ours(pid) and process_args(pid)[1:] != self.args()[1:]:
+        pid = self._adoptable()
+        if pid is not None and process_args(pid)[1:] != self.args()[1:]:
             # the responder of this data dir, started with other settings (its port, its zone): replaced
+            if not self.replace_changed:
+                raise ResponderError(f"the DNS responder of {self.dir} (pid {pid}) runs with other settings "
+                                     f"({' '.join(process_args(pid)[3:])}); stop it or use its settings")
             self._log("responder.settings_changed", pid=pid, running=process_args(pid)[1:], wanted=self.args()[1:])
             self._kill(pid)
-        elif pid is not None and pid_alive(pid) and self._ours(pid):
-            if self._wait_ready(pid, time.monotonic() + self.ready_timeout):
+        elif pid is not None:
+            ready = self._wait_ready(pid, time.monotonic() + self.ready_timeout)
+            if ready and self.publisher.last.get("version") != VERSION:
+                # another version of the code (an upgrade): replaced; its snapshot carries the records over
+                self._log("responder.replaced", pid=pid, running=self.publisher.last.get("version"), wanted=VERSION)
+                self._kill(pid)
+            elif ready:
                 self.pid, self._popen, self.adopted = pid, None, True
                 self.answered, self.started_at = True, time.monotonic()
                 self._log("responder.adopted", pid=pid)
                 self.publisher.resync()  # what the reconciler knows now (a snapshot may be older)
                 return False
-            if self.cancel.is_set():
+            elif self.cancel.is_set():
                 raise ResponderError(f"adopting the DNS responder (pid {pid}) abandoned: the reconciler is stopping")
-            self._log("responder.unresponsive", pid=pid, waited_s=self.ready_timeout)
-            self._kill(pid)
+            else:
+                self._log("responder.unresponsive", pid=pid, waited_s=self.ready_timeout)
+                self._kill(pid)
         self.start()
         return True
+
+    def _adoptable(self) -> int | None:
+        """The running responder of this data dir: the one ``responder.pid`` names, else (that file could
+        not be written, or was lost) the one answering on the control socket, if it is ours."""
+        pid = self._read_pid()
+        if pid is not None and pid_alive(pid) and self._ours(pid):
+            return pid
+        reply = self.publisher.ping()
+        other = reply.get("pid") if reply is not None else None
+        if isinstance(other, int) and pid_alive(other) and self._ours(other):
+            self._log("responder.found_by_control_socket", pid=other, pid_file=self.pid_path, recorded=pid)
+            self._write_pid(other)
+            return other
+        return None
+
+    def _write_pid(self, pid: int) -> None:
+        try:
+            atomic_write(self.pid_path, f"{pid}\n".encode(), 0o644, health=self.health)
+        except StorageError as exc:
+            self._log("responder.pid_file_failed", file=self.pid_path, pid=pid, error=exc.reason)
 
     def start(self) -> None:
         try:
@@ -162,21 +232,19 @@ class ResponderSupervisor:
             os.close(logf)
         popen = self._popen
         self.pid, self.adopted, self.answered, self.started_at = popen.pid, False, False, None
-        try:
-            atomic_write(self.pid_path, f"{popen.pid}\n".encode(), 0o644, health=self.health)
-        except StorageError as exc:
-            self._log("responder.pid_file_failed", file=self.pid_path, pid=popen.pid, error=exc.reason)
+        self._write_pid(popen.pid)
         self._log("responder.started", pid=popen.pid, listen=self.settings.dns_listen)
         if not self._wait_ready(popen.pid, time.monotonic() + self.ready_timeout):
             if self.cancel.is_set():
                 raise ResponderError(f"DNS responder (pid {popen.pid}) start abandoned: the reconciler is stopping")
             code = popen.poll()
             tail = self.log_tail()
-            self.pid, self._popen = None, None
             if code is None:
                 self._kill(popen.pid)
+                self.pid, self._popen = None, None
                 raise ResponderError(f"DNS responder (pid {popen.pid}) did not answer on its control socket "
                                        f"within {self.ready_timeout:g}s (killed): {tail or 'no log output'}")
+            self.pid, self._popen = None, None
             raise ResponderExited(f"DNS responder (pid {popen.pid}) exited with code {code} before it answered: "
                               f"{tail or 'no log output'}")
         self.answered, self.started_at = True, time.monotonic()
@@ -190,7 +258,8 @@ class ResponderSupervisor:
                     return False
             elif not pid_alive(pid):
                 return False
-            if self.publisher.ping() is not None:
+            reply = self.publisher.ping()
+            if reply is not None and reply.get("pid") == pid:  # (not another responder on the socket)
                 return True
             self.cancel.wait(delay)
             delay = min(delay * 2, 0.1)

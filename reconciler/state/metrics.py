@@ -62,7 +62,8 @@ class Metrics:
         self.responder_restarts = Gauge("hypeman_ingress_responder_restarts",
                                         "DNS responder restarts by the supervisor", registry=r)
         self.responder_records = Gauge("hypeman_ingress_dns_records",
-                                       "Names the DNS responder answers with an address (running instances)",
+                                       "Names the DNS responder answers with an address (a running instance's "
+                                       "name, its id, hashed forms of references that are no DNS label)",
                                        registry=r)
         self._answers: dict[str, int] = {}
         r.register(_Answers(self))
