@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -29,7 +28,8 @@ from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.binary import binaries_root, install_binary
 from reconciler.caddy.configfile import FROM_BOOTSTRAP, ConfigFile, encode
 from reconciler.errors import CaddyAdminInUse, CaddyError, CaddyExited, CaddyUnavailable, StorageError
-from reconciler.fsutil import StorageHealth, atomic_write, pid_alive
+from reconciler.fsutil import StorageHealth, pid_alive
+from reconciler.procutil import Detached
 from reconciler.render import admin_block, scrub
 from reconciler.settings import Settings
 
@@ -81,7 +81,7 @@ def listener_pid(port: int) -> int | None:
     return None
 
 
-class CaddySupervisor:
+class CaddySupervisor(Detached):
     """Owns one Caddy process for one data dir. Not thread-safe: one thread (the keeper) starts, stops and
     reaps; :meth:`process_alive` and :meth:`state` may be called from any thread."""
 
@@ -97,22 +97,10 @@ class CaddySupervisor:
         self.binary = binary
         #: the binary ``binary`` was installed from (reinstalled from it when the copy vanishes)
         self.source = source
+        super().__init__(log=log, health=health)
         self.client = client or AdminClient(settings.admin_url)
         self.ready_timeout = ready_timeout
-        self.health = health
-        self._log = log or (lambda *a, **k: None)
-        self._popen: subprocess.Popen[bytes] | None = None
-        self.pid: int | None = None
-        self.adopted = False
-        #: the admin API of the current process answered (it started, or was adopted)
-        self.answered = False
-        #: monotonic time the current process answered first
-        self.started_at: float | None = None
-        #: how the last process we watched ended: {"pid", "code", "uptime"} (code None: not our child)
-        self.last_exit: dict[str, Any] | None = None
         self.config = config or ConfigFile(self.config_path, health=health, log=self._log)
-        #: set to give up a start that is still waiting for Caddy's admin API (the daemon is stopping)
-        self.cancel = threading.Event()
 
     # -- files ---------------------------------------------------------------------------------
     @property
@@ -167,19 +155,6 @@ class CaddySupervisor:
             if refused:
                 self._log("caddy.storage_not_private", count=len(refused), examples=refused[:5])
 
-    def _read_pid(self) -> int | None:
-        try:
-            with open(self.pid_path, encoding="ascii") as fh:
-                return int(fh.read().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _write_pid(self, pid: int) -> None:
-        try:
-            atomic_write(self.pid_path, f"{pid}\n".encode(), 0o644, health=self.health)
-        except StorageError as exc:  # retried by the health registry; adoption needs it after our restart
-            self._log("caddy.pid_file_failed", file=self.pid_path, pid=pid, error=exc.reason)
-
     def _ours(self, pid: int) -> bool:
         """``pid`` is the Caddy of this data dir: it runs the binary installed under it, or it runs another
         binary (the source, when the copy could not be made) with this data dir's ``XDG_DATA_HOME``."""
@@ -223,29 +198,10 @@ class CaddySupervisor:
         """An adopted Caddy: a config.json damaged meanwhile is noticed (and repaired by a pass)."""
         self.config.check()
 
-    def process_alive(self) -> bool:
-        """The current process exists and is not a zombie (any thread; never reaps)."""
-        return self.pid is not None and pid_alive(self.pid)
-
     def running(self) -> bool:
         """Caddy is up: its process lives, its admin API answered since it started, and the last request
         to the admin API did not fail."""
         return self.answered and self.process_alive() and self.client.contact.ok is not False
-
-    def alive(self) -> bool:
-        """The process is alive (the keeper's thread: reaps our child when it exited)."""
-        if self._popen is not None and self._popen.pid == self.pid:
-            return self._popen.poll() is None
-        return self.process_alive()
-
-    def note_exit(self, now: float) -> dict[str, Any]:
-        """Record how the current process ended (after :meth:`alive` said it did) and forget it."""
-        code = self._popen.returncode if self._popen is not None and self._popen.pid == self.pid else None
-        uptime = now - self.started_at if self.started_at is not None else None
-        self.last_exit = {"pid": self.pid, "code": code,
-                          "uptime_seconds": round(uptime, 3) if uptime is not None else None}
-        self.pid, self._popen, self.answered, self.started_at = None, None, False, None
-        return self.last_exit
 
     def ensure_running(self) -> bool:
         """Adopt or start Caddy. Returns True when a new process was started."""
@@ -312,11 +268,7 @@ class CaddySupervisor:
         env["XDG_DATA_HOME"] = os.path.join(self.settings.caddy_dir, "data")
         env["XDG_CONFIG_HOME"] = os.path.join(self.settings.caddy_dir, "config")
         env["HOME"] = self.settings.caddy_dir
-        try:
-            logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        except OSError as exc:  # a read-only or vanished dir: Caddy runs anyway, its output is lost
-            self._log("caddy.log_unavailable", file=self.log_path, error=exc.strerror or str(exc))
-            logf = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        logf = self._open_log()
         cwd = self.settings.caddy_dir if os.path.isdir(self.settings.caddy_dir) else "/"
         try:
             self._popen = subprocess.Popen(
@@ -354,10 +306,7 @@ class CaddySupervisor:
     def _wait_admin(self, pid: int, *, deadline: float) -> bool:
         delay = 0.01
         while time.monotonic() < deadline and not self.cancel.is_set():
-            if self._popen is not None and self._popen.pid == pid:
-                if self._popen.poll() is not None:
-                    return False
-            elif not pid_alive(pid):
+            if self._exited(pid):
                 return False
             if self.client.ping():
                 return True
@@ -367,27 +316,7 @@ class CaddySupervisor:
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of Caddy's log, secrets scrubbed (Caddy may quote the config it was given)."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 8192))
-                text = fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return scrub(" | ".join(text.strip().splitlines()[-lines:]), self.settings.tls.secrets)
-
-    def _kill(self, pid: int, grace: float = 5.0) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if self._popen is not None and self._popen.pid == pid:
-                    if self._popen.poll() is not None:
-                        return
-                elif not pid_alive(pid):
-                    return
-                time.sleep(0.02)
+        return scrub(self._tail(lines), self.settings.tls.secrets)
 
     def stop(self) -> None:
         """Stop Caddy: ``POST /stop``, then SIGTERM, then SIGKILL."""

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +21,9 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from reconciler.errors import ResponderError, ResponderExited, StorageError
-from reconciler.fsutil import StorageHealth, atomic_write, pid_alive
+from reconciler.errors import ResponderError, ResponderExited
+from reconciler.fsutil import StorageHealth, pid_alive
+from reconciler.procutil import Detached
 from reconciler.responder.client import Publisher
 from reconciler.responder.protocol import LOG, PID, VERSION
 from reconciler.settings import Settings
@@ -52,7 +51,7 @@ def process_args(pid: int) -> list[str]:
         return []
 
 
-class ResponderSupervisor:
+class ResponderSupervisor(Detached):
     """Owns one responder process for one data dir (one thread -- the keeper -- starts, stops, reaps)."""
 
     label = "DNS responder"
@@ -62,6 +61,7 @@ class ResponderSupervisor:
     def __init__(self, settings: Settings, publisher: Publisher, *, log: Callable[..., Any] | None = None,
                  ready_timeout: float = 10.0, health: StorageHealth | None = None,
                  replace_changed: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(log=log, health=health)
         self.settings = settings
         #: a responder of this data dir started with other settings (port, zone) is replaced; else refused
         self.replace_changed = replace_changed
@@ -71,15 +71,6 @@ class ResponderSupervisor:
         self._looked = 0.0  # when :meth:`tend` last probed
         self.publisher = publisher
         self.ready_timeout = ready_timeout
-        self.health = health
-        self._log = log or (lambda *a, **k: None)
-        self._popen: subprocess.Popen[bytes] | None = None
-        self.pid: int | None = None
-        self.adopted = False
-        self.answered = False
-        self.started_at: float | None = None
-        self.last_exit: dict[str, Any] | None = None
-        self.cancel = threading.Event()
 
     @property
     def dir(self) -> str:
@@ -101,22 +92,12 @@ class ResponderSupervisor:
         args = process_args(pid)
         return MODULE in args and "--dir" in args and args[args.index("--dir") + 1:][:1] == [self.dir]
 
-    def _read_pid(self) -> int | None:
-        try:
-            with open(self.pid_path, encoding="ascii") as fh:
-                return int(fh.read().strip())
-        except (OSError, ValueError):
-            return None
-
     # -- what the keeper calls ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """(Its counters and serial as of the keeper's last look: at most :data:`LOOK_EVERY` old.)"""
         return {"pid": self.pid, "running": self.running(), "adopted": self.adopted,
                 "listen": self.settings.dns_listen, "zone": self.settings.dns_zone, **self.publisher.state(),
                 "dns_error": self.dns_error}
-
-    def process_alive(self) -> bool:
-        return self.pid is not None and pid_alive(self.pid)
 
     def running(self) -> bool:
         """Its control socket and its DNS port answer (as of the last exchange and the last probe)."""
@@ -128,19 +109,10 @@ class ResponderSupervisor:
             return f"does not answer DNS queries on {self.settings.dns_listen}: {self.dns_error}"
         return f"its control socket does not answer: {self.publisher.error}"
 
-    def alive(self) -> bool:
-        if self._popen is not None and self._popen.pid == self.pid:
-            return self._popen.poll() is None
-        return self.process_alive()
-
     def note_exit(self, now: float) -> dict[str, Any]:
-        code = self._popen.returncode if self._popen is not None and self._popen.pid == self.pid else None
-        uptime = now - self.started_at if self.started_at is not None else None
-        self.last_exit = {"pid": self.pid, "code": code,
-                          "uptime_seconds": round(uptime, 3) if uptime is not None else None}
-        self.pid, self._popen, self.answered, self.started_at = None, None, False, None
+        out = super().note_exit(now)
         self.publisher.forget()
-        return self.last_exit
+        return out
 
     def adopted_check(self) -> None:
         """(After an adoption: see :meth:`ensure_running`.)"""
@@ -211,18 +183,8 @@ class ResponderSupervisor:
             return other
         return None
 
-    def _write_pid(self, pid: int) -> None:
-        try:
-            atomic_write(self.pid_path, f"{pid}\n".encode(), 0o644, health=self.health)
-        except StorageError as exc:
-            self._log("responder.pid_file_failed", file=self.pid_path, pid=pid, error=exc.reason)
-
     def start(self) -> None:
-        try:
-            logf = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            self._log("responder.log_unavailable", file=self.log_path, error=exc.strerror or str(exc))
-            logf = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        logf = self._open_log()
         try:
             self._popen = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                            start_new_session=True, close_fds=True, cwd="/")
@@ -253,10 +215,7 @@ class ResponderSupervisor:
     def _wait_ready(self, pid: int, deadline: float) -> bool:
         delay = 0.005
         while time.monotonic() < deadline and not self.cancel.is_set():
-            if self._popen is not None and self._popen.pid == pid:
-                if self._popen.poll() is not None:
-                    return False
-            elif not pid_alive(pid):
+            if self._exited(pid):
                 return False
             reply = self.publisher.ping()
             if reply is not None and reply.get("pid") == pid:  # (not another responder on the socket)
@@ -266,27 +225,7 @@ class ResponderSupervisor:
         return False
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 8192))
-                text = fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def _kill(self, pid: int, grace: float = 3.0) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if self._popen is not None and self._popen.pid == pid:
-                    if self._popen.poll() is not None:
-                        return
-                elif not pid_alive(pid):
-                    return
-                time.sleep(0.01)
+        return self._tail(lines)
 
     def stop(self) -> None:
         pid = self.pid
