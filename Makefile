@@ -21,13 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages the test suite needs (pebble for ACME tests). Skipped when already present.
+# Debian packages the test suite needs (pebble for ACME tests, systemd for `systemd-analyze verify` of
+# deploy/systemd). Skipped when already present.
 system-deps:
-	@if ! command -v pebble >/dev/null 2>&1 && [ ! -x /usr/bin/pebble ]; then \
+	@missing=""; \
+	if ! command -v pebble >/dev/null 2>&1 && [ ! -x /usr/bin/pebble ]; then missing="$$missing pebble"; fi; \
+	if ! command -v systemd-analyze >/dev/null 2>&1; then missing="$$missing systemd"; fi; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian test deps (pebble)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null || \
-	      echo "warning: could not install pebble; the ACME tests will fail under make test (skipped elsewhere)"; \
+	    echo "installing Debian test deps:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || \
+	      echo "warning: could not install$$missing; their tests will fail under make test (skipped elsewhere)"; \
 	  fi; \
 	fi
 
@@ -39,7 +43,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -q -m "not caddy"
 
 test: $(STAMP) system-deps lint
-	HYPEMAN_REQUIRE_PEBBLE=1 HYPEMAN_REQUIRE_FAULTS=1 $(BIN)/pytest -q -p no:cacheprovider
+	HYPEMAN_REQUIRE_PEBBLE=1 HYPEMAN_REQUIRE_FAULTS=1 HYPEMAN_REQUIRE_SYSTEMD=1 $(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,0 +1,114 @@
+"""deploy/systemd: the unit verifies clean with ``systemd-analyze verify`` (Debian ``systemd``), keeps the
+data plane alive across restarts, runs without root; the env file documents every variable the daemon
+reads; the install script stages what it promises."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.settings import Settings
+from tests.helpers import ROOT
+
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNIT = SYSTEMD / "hypeman-ingress.service"
+ENV_FILE = SYSTEMD / "hypeman-ingress.env"
+#: the prefixes of the variables the daemon reads (as tests/helpers.scrubbed_environ knows them)
+VARIABLE = re.compile(r"^(ACME|CLOUDFLARE|AWS|TLS|CADDY|HYPEMAN|INGRESS)_[A-Z0-9_]+$")
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # (keys are case-sensitive)
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_the_unit_verifies_clean(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("HYPEMAN_REQUIRE_SYSTEMD") == "1":
+            pytest.fail("systemd-analyze is missing (Debian package systemd; `make test` installs it)")
+        pytest.skip("systemd-analyze is missing (Debian package systemd)")
+    daemon = Path(sys.executable).parent / "hypeman-ingress"
+    assert daemon.exists(), daemon
+    # (verify checks that ExecStart exists: point it at this checkout's install)
+    text = UNIT.read_text().replace("/opt/hypeman-ingress/venv/bin/hypeman-ingress", str(daemon))
+    copy = tmp_path / "hypeman-ingress.service"
+    copy.write_text(text)
+    res = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+    # the check can fail: an unknown key is reported
+    copy.write_text(text.replace("KillMode=process", "KillMode=process\nKilMode=process"))
+    res = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert "Unknown key" in res.stderr
+
+
+def test_the_unit_keeps_the_data_plane_and_drops_root() -> None:
+    svc = unit()["Service"]
+    assert svc["KillMode"] == "process"  # a restart stops the reconciler only: Caddy and the responder serve on
+    assert svc["User"] not in ("root", "0") and svc["Group"] not in ("root", "0")
+    assert svc["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"  # inherited by Caddy: ports 80/443
+    assert svc["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict" and svc["PrivateTmp"] == "yes"
+    assert Settings().data_dir in svc["ReadWritePaths"].split()  # the data dir, the one writable path
+    assert svc["ExecReload"].endswith("kill -HUP $MAINPID")  # SIGHUP: a full resync
+    assert svc["EnvironmentFile"] == "/etc/hypeman-ingress/hypeman-ingress.env"
+    assert svc["Restart"] == "on-failure"
+
+
+def code_variables() -> set[str]:
+    out = set()
+    for path in (ROOT / "reconciler").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and VARIABLE.match(node.value):
+                out.add(node.value)
+    return out
+
+
+def env_entries() -> dict[str, str]:
+    return dict(re.findall(r"^#?([A-Z][A-Z0-9_]+)=(.*)$", ENV_FILE.read_text(), re.M))
+
+
+def test_the_env_file_documents_every_variable() -> None:
+    found, listed = code_variables(), set(env_entries())
+    assert len(found) > 30  # (the scan finds them)
+    assert found - listed == set(), "variables the daemon reads but the env file does not document"
+    assert listed - found == set(), "variables the env file lists but nothing reads"
+    # each one comes with a comment line saying what it is
+    lines = ENV_FILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^#?[A-Z][A-Z0-9_]+=", line):
+            assert i > 0 and lines[i - 1].startswith("#"), line
+
+
+@pytest.mark.parametrize("key", sorted(k for k in env_entries() if k.startswith(("HYPEMAN_", "CADDY_", "INGRESS_"))
+                                       and k not in ("CADDY_BINARY", "HYPEMAN_LOG_LEVEL")))
+def test_the_documented_values_are_valid(key: str) -> None:
+    value = env_entries()[key]
+    Settings.from_env({key: value})  # (raises ConfigError naming the variable when not)
+
+
+def test_install_stages_the_unit_and_keeps_an_edited_env_file(tmp_path: Path) -> None:
+    env = {**os.environ, "DESTDIR": str(tmp_path), "SKIP_VENV": "1", "PREFIX": "/srv/hi"}
+    script = str(SYSTEMD / "install.sh")
+    res = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    staged = tmp_path / "etc" / "systemd" / "system" / "hypeman-ingress.service"
+    assert "ExecStart=/srv/hi/venv/bin/hypeman-ingress run" in staged.read_text()
+    env_file = tmp_path / "etc" / "hypeman-ingress" / "hypeman-ingress.env"
+    assert env_file.stat().st_mode & 0o777 == 0o640 and env_file.read_text() == ENV_FILE.read_text()
+    assert (tmp_path / "var" / "lib" / "hypeman").is_dir()
+    env_file.write_text("HYPEMAN_RESYNC_SECONDS=60\n")  # the operator's edit
+    res = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "kept" in res.stdout, res.stdout + res.stderr
+    assert env_file.read_text() == "HYPEMAN_RESYNC_SECONDS=60\n"
+    assert (env_file.parent / "hypeman-ingress.env.new").read_text() == ENV_FILE.read_text()
