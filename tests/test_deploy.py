@@ -155,3 +155,60 @@ def test_the_image_context_builds_the_package(tmp_path: Path) -> None:
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"reconciler/cli.py", "reconciler/responder/__main__.py", "reconciler/_schemas/ingress.schema.json"} <= names
+
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+
+
+def kubernetes_validate(*files: Path) -> subprocess.CompletedProcess[str]:
+    """The kubernetes-validate wheel: the Kubernetes JSON schemas ship inside it (no network)."""
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    return subprocess.run([str(tool), "--strict", "-k", "1.30.0", *map(str, files)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_kubernetes_manifests_validate_against_the_schemas(tmp_path: Path) -> None:
+    files = sorted(KUBERNETES.glob("*.yaml"))
+    assert {f.name for f in files} >= {"daemonset-git-sync.yaml", "daemonset-configmap.yaml"}
+    res = kubernetes_validate(*files)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("passed") >= 4
+    bad = tmp_path / "bad.yaml"  # (the check can fail: a misspelt field)
+    bad.write_text((KUBERNETES / "daemonset-git-sync.yaml").read_text().replace("readinessProbe:", "readynessProbe:"))
+    res = kubernetes_validate(bad)
+    assert res.returncode != 0 and "readynessProbe" in res.stdout + res.stderr
+
+
+def test_the_daemonset_feeds_the_daemon_and_probes_it() -> None:
+    import yaml
+
+    for name, source in (("daemonset-git-sync.yaml", "/git/current"), ("daemonset-configmap.yaml", "/manifests")):
+        docs = list(yaml.safe_load_all((KUBERNETES / name).read_text()))
+        (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+        pod = ds["spec"]["template"]["spec"]
+        (ingress,) = [c for c in pod["containers"] if c["name"] == "ingress"]
+        assert ingress["args"] == ["run", "--manifests", source]
+        assert ingress["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert ingress["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in pod["securityContext"]["sysctls"]
+        assert {p["hostPort"] for p in ingress["ports"] if "hostPort" in p} == {80, 443}
+        env = {e["name"]: e.get("value") for e in ingress["env"]}
+        assert env["HYPEMAN_INSTANCES_DIR"] == "/instances" and env["HYPEMAN_DATA_DIR"] == "/var/lib/hypeman"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["data"]["hostPath"]["path"] and "tmp" in volumes  # (the root file system is read-only)
+        if source == "/git/current":
+            (sync,) = [c for c in pod["containers"] if c["name"] == "git-sync"]
+            assert "--link=current" in sync["args"] and "--root=/git" in sync["args"]
+
+
+def test_the_configmap_example_is_a_valid_ingress(tmp_path: Path) -> None:
+    import yaml
+
+    docs = list(yaml.safe_load_all((KUBERNETES / "daemonset-configmap.yaml").read_text()))
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    res = subprocess.run([sys.executable, "-m", "reconciler.cli", "validate", str(tmp_path)], capture_output=True,
+                         text=True, cwd=str(ROOT), timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
