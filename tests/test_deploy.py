@@ -195,6 +195,9 @@ def test_the_daemonset_feeds_the_daemon_and_probes_it() -> None:
         assert {p["hostPort"] for p in ingress["ports"] if "hostPort" in p} == {80, 443}
         env = {e["name"]: e.get("value") for e in ingress["env"]}
         assert env["HYPEMAN_INSTANCES_DIR"] == "/instances" and env["HYPEMAN_DATA_DIR"] == "/var/lib/hypeman"
+        (init,) = pod["initContainers"]  # the hostPath data dir handed to the daemon's user: the one root step
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+        assert "chown 10001:10001 /var/lib/hypeman" in init["command"][-1]
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["data"]["hostPath"]["path"] and "tmp" in volumes  # (the root file system is read-only)
         if source == "/git/current":
