@@ -385,6 +385,22 @@ class _Own:
     late: Why | None  # checked after port modes
 
 
+def _changed_refs(old: InstanceIndex, new: InstanceIndex) -> set[str]:
+    """The references (names, ids) whose backend may differ between two instance indexes: an instance
+    found by one and not the other, or with another address or state."""
+    out: set[str] = set()
+    for ref in old.by_name.keys() | old.by_id.keys() | new.by_name.keys() | new.by_id.keys():
+        a, b = old.lookup(ref), new.lookup(ref)
+        if a is not b and (a is None or b is None or (a.ip, a.state) != (b.ip, b.state)):
+            out.add(ref)
+    return out
+
+
+def _refers(ing: Ingress, refs: set[str]) -> bool:
+    """``ing`` has a rule naming one of ``refs`` (a pattern names none: its instance is per request)."""
+    return any(not r.pattern and r.instance in refs for r in ing.rules)
+
+
 class Resolver:
     """:func:`resolve` with a memory between passes (the result is the same as a fresh call's).
 
@@ -405,6 +421,7 @@ class Resolver:
         self._own: dict[int, _Own] = {}
         self._resolved: dict[int, tuple[Ingress, ResolvedIngress]] = {}
         self._instances: tuple[Instance, ...] | None = None
+        self._index: InstanceIndex | None = None  # the last call's (its instances: what backends came from)
         #: last call's ingresses as given, and in resolution order with each one's problem (None: accepted)
         self._given: list[Ingress] = []
         self._verdicts: list[tuple[Ingress, Problem | None]] = []
@@ -445,8 +462,15 @@ class Resolver:
         same = self._instances is not None and len(known) == len(self._instances) and all(
             a is b for a, b in zip(known, self._instances, strict=True))
         if not same:
-            self._resolved = {}
+            # only the ingresses that name a reference whose instance changed (came, went, moved, stopped)
+            # are resolved again: one VM's churn does not rebuild 50k resolved ingresses
+            changed = _changed_refs(self._index, index) if self._index is not None else None
+            if changed is None:
+                self._resolved = {}
+            elif changed:
+                self._resolved = {k: v for k, v in self._resolved.items() if not _refers(v[0], changed)}
         self._instances = tuple(known)
+        self._index = index
         given = list(ingresses)
         swaps = self._same_verdicts(given)
         verdicts = self._reuse(swaps) if swaps is not None else self._walk(given)

@@ -1369,3 +1369,28 @@ def test_watcher_ignores_a_plain_hidden_file(watched: tuple[Path, list[str]]) ->
     (root / "visible.yaml").write_text(manifest_for("visible.yaml"))  # a marker event after the hidden one
     wait_for(lambda: str(root / "visible.yaml") in calls, timeout=10, message="the visible file's event")
     assert str(root / ".hidden.yaml") not in calls and str(root) not in calls
+
+
+def test_an_instance_change_resolves_only_the_ingresses_that_name_it() -> None:
+    s = Settings()
+    ings = [Ingress(f"i{k}", derive_ingress_id(f"i{k}"), (Rule(f"h{k}.test", 80, f"vm{k % 3}", 80),),
+                    origin(f"{k}.yaml")) for k in range(9)]
+    by_id = Ingress("byid", derive_ingress_id("byid"), (Rule("id.test", 80, "inst-2", 80),), origin("z.yaml"))
+    pattern = Ingress("pat", derive_ingress_id("pat"), (Rule("{instance}.p.test", 80, "{instance}", 80),),
+                      origin("zz.yaml"))
+    vms = [Instance(f"vm{k}", f"inst-{k}", f"10.0.0.{k + 1}", "Running", origin(f"vm{k}.yaml", -1)) for k in range(3)]
+    resolver = Resolver(s)
+    first = resolver([*ings, by_id, pattern], vms)
+    for change in (
+        [vms[0], vms[1], Instance("vm2", "inst-2", "10.0.0.9", "Running", origin("vm2.yaml", -1))],  # moved
+        [vms[0], vms[1], Instance("vm2", "inst-2", "10.0.0.3", "Stopped", origin("vm2.yaml", -1))],  # stopped
+        [vms[0], vms[1]],  # gone
+        [Instance("vm0", "inst-0", "10.0.0.1", "Running", origin("vm0.yaml", -1)), vms[1], vms[2]],  # same, new object
+    ):
+        got = resolver([*ings, by_id, pattern], change)
+        assert got == resolve([*ings, by_id, pattern], change, s)  # the same result as from scratch
+        for before, after in zip(first.ingresses, got.ingresses, strict=True):
+            if {r.instance for r in before.ingress.rules} & {"vm2", "inst-2"}:
+                continue  # (vm2 changed in each step but the last: resolved again, checked above)
+            assert after is before, "an ingress naming no changed instance keeps its resolved object"
+        first = got
