@@ -109,6 +109,21 @@ class Detached:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])
 
+    def _launch(self, args: list[str], *, stdin: int, env: dict[str, str] | None = None,
+                cwd: str = "/") -> subprocess.Popen[bytes]:
+        """Start ``args`` detached (a session of its own: it outlives us), its output appended to the log;
+        it becomes the current process and its PID is written. Raises ``OSError`` when it cannot start."""
+        logf = self._open_log()
+        try:
+            popen = subprocess.Popen(args, stdin=stdin, stdout=logf, stderr=logf, env=env,
+                                     start_new_session=True, close_fds=True, cwd=cwd)
+        finally:
+            os.close(logf)
+        self._popen = popen
+        self.pid, self.adopted, self.answered, self.started_at = popen.pid, False, False, None
+        self._write_pid(popen.pid)
+        return popen
+
     def _open_log(self) -> int:
         """A descriptor of the log to hand the process (``/dev/null`` when it cannot be opened)."""
         try:

@@ -41,7 +41,7 @@ from reconciler.layout import (
 )
 from reconciler.memo import IdentityMemo
 from reconciler.model import Desired, Ingress, Rule
-from reconciler.settings import Settings, TLSSettings, hold_seconds, parse_listen
+from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport, parse_listen
 from reconciler.zone import is_pattern, label, parse_pattern, template
 
 _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}
@@ -53,12 +53,6 @@ def route_id(ingress: str, rule_index: int) -> str:
 
 def server_name(port: int) -> str:
     return f"ingress-{port}"
-
-
-def _listen(address: str, port: int) -> str:
-    if ":" in address and not address.startswith("["):
-        address = f"[{address}]"
-    return f"{address}:{port}"
 
 
 def proxy_template(settings: Settings, hold: tuple[str, str] | None = None) -> dict[str, Any]:
@@ -401,7 +395,7 @@ class Renderer:
         routes.append(fallback_route(number))
         port = _Port(entries, {e.route_id: i for i, e in enumerate(entries)}, routes, placement,
                      {i: k for k, (where, _) in (placement or {}).items() for i in where})
-        server: dict[str, Any] = {"listen": [_listen(settings.listen_address, number)], "routes": routes}
+        server: dict[str, Any] = {"listen": [join_hostport(settings.listen_address, number)], "routes": routes}
         if any(e.tls for e in entries):
             # certificates for the hosts of this server; our redirects only (no implicit :80 listener);
             # unknown SNI falls back to the first host's certificate so it still gets the 404
@@ -461,9 +455,7 @@ def permission_endpoint(settings: Settings) -> str | None:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}{PERMISSION_PATH}"
+    return f"http://{join_hostport(host, port)}{PERMISSION_PATH}"
 
 
 def render(desired: Desired, settings: Settings) -> dict[str, Any]:

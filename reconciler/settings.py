@@ -15,6 +15,13 @@ DEFAULT_ZONE = "hypeman.internal"
 DEFAULT_API_LISTEN = "127.0.0.1:8190"
 
 
+def join_hostport(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 host bracketed (the inverse of :func:`parse_listen`)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -276,10 +283,7 @@ class Settings:
 
     @property
     def admin_listen(self) -> str:
-        host = self.admin_address
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.admin_port}"
+        return join_hostport(self.admin_address, self.admin_port)
 
     @property
     def admin_url(self) -> str:
@@ -307,10 +311,7 @@ class Settings:
 
     @property
     def dns_listen(self) -> str:
-        host = self.dns_address
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.dns_port}"
+        return join_hostport(self.dns_address, self.dns_port)
 
     @property
     def instances_path(self) -> str:

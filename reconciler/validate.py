@@ -128,38 +128,17 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
     for i, raw in enumerate(data["rules"]):
         where = f"rules[{i}]"
         hostname = raw["match"]["hostname"].lower()
-        instance = raw["target"]["instance"]
-        if is_pattern(hostname):
-            instance = lower_captures(instance)
-        if is_pattern(hostname) or is_pattern(instance):
-            err = pattern_error(hostname, instance)
-            if err:
-                field = ("target", "instance") if err.startswith("target") else ("match", "hostname")
-                problems.append(_problem(doc, doc.parsed.line_of(("rules", i, *field)), f"{where}.{err}",
-                                         ingress=name))
-                continue
-        else:
-            err = hostname_error(hostname)
-            if err:
-                problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
-                                         f"{where}.match.{err}", ingress=name))
-                continue
-        if is_pattern(hostname) and raw.get("tls") and not TLS_PATTERN.fullmatch(host_key(hostname)):
-            # certificates on demand match a name against the pattern from the left (certmagic's wildcards)
-            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match", "hostname")),
-                                     f"{where}.match.hostname: with tls, a pattern's captures must be its leftmost "
-                                     "labels ({instance}.example.com, {a}.{b}.example.com)", ingress=name))
-            continue
+        instance = lower_captures(raw["target"]["instance"]) if is_pattern(hostname) else raw["target"]["instance"]
         hold = hold_of(raw)
-        if isinstance(hold, str):
-            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "hold")), f"{where}.{hold}", ingress=name))
+        found = _rule_problem(raw, hostname, instance, hold)
+        if found is not None:
+            field, message = found
+            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, *field)), f"{where}.{message}",
+                                     ingress=name))
             continue
+        assert not isinstance(hold, str)
         tls = bool(raw.get("tls", False))
         redirect = bool(raw.get("redirect_http", False))
-        if redirect and not tls:
-            problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "redirect_http")),
-                                     f"{where}.redirect_http: requires tls: true", ingress=name))
-            continue
         # int(): JSON Schema counts 8080.0 as an integer; Caddy would get "8080.0" in listen/dial. An explicit
         # 0 means the default port, as in hypeman.
         port = int(raw["match"].get("port") or (443 if tls else 80))
@@ -182,6 +161,28 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         created_at=data.get("created_at"),
     )
     return ingress, []
+
+
+def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple[str, str] | str | None
+                  ) -> tuple[tuple[str, ...], str] | None:
+    """What is wrong with one rule on its own: (the field it is about, the message after ``rules[i].``)."""
+    if is_pattern(hostname) or is_pattern(instance):
+        err = pattern_error(hostname, instance)
+        if err:
+            return (("target", "instance") if err.startswith("target") else ("match", "hostname")), err
+    else:
+        err = hostname_error(hostname)
+        if err:
+            return ("match", "hostname"), f"match.{err}"
+    if is_pattern(hostname) and raw.get("tls") and not TLS_PATTERN.fullmatch(host_key(hostname)):
+        # certificates on demand match a name against the pattern from the left (certmagic's wildcards)
+        return ("match", "hostname"), ("match.hostname: with tls, a pattern's captures must be its leftmost "
+                                       "labels ({instance}.example.com, {a}.{b}.example.com)")
+    if isinstance(hold, str):
+        return ("hold",), hold
+    if raw.get("redirect_http", False) and not raw.get("tls", False):
+        return ("redirect_http",), "redirect_http: requires tls: true"
+    return None
 
 
 def instance_from_document(doc: Document) -> tuple[Instance | None, list[Problem]]:

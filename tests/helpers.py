@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 _HANDED_OUT: set[int] = set()
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (bind to 0, read, close), never one this process handed
-    out before: the kernel may give a just-released port again, and two roles on one port (say the
-    admin port and a rule's port) make a test fail for the wrong reason."""
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A port free on 127.0.0.1 right now (bind to 0, read, close; TCP unless ``kind`` says UDP), never one
+    this process handed out before: the kernel may give a just-released port again, and two roles on one
+    port (say the admin port and a rule's port) make a test fail for the wrong reason."""
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
         if port not in _HANDED_OUT:
@@ -44,13 +44,7 @@ def free_port() -> int:
 
 def free_udp_port() -> int:
     """A UDP port free on 127.0.0.1 right now (see :func:`free_port`)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+    return free_port(socket.SOCK_DGRAM)
 
 
 class FakeClock:

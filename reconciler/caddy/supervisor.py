@@ -268,22 +268,12 @@ class CaddySupervisor(Detached):
         env["XDG_DATA_HOME"] = os.path.join(self.settings.caddy_dir, "data")
         env["XDG_CONFIG_HOME"] = os.path.join(self.settings.caddy_dir, "config")
         env["HOME"] = self.settings.caddy_dir
-        logf = self._open_log()
         cwd = self.settings.caddy_dir if os.path.isdir(self.settings.caddy_dir) else "/"
         try:
-            self._popen = subprocess.Popen(
-                [self.binary, "run", "--config", "-"],
-                stdin=subprocess.PIPE, stdout=logf, stderr=logf, env=env,
-                start_new_session=True, close_fds=True, cwd=cwd,
-            )
+            popen = self._launch([self.binary, "run", "--config", "-"], stdin=subprocess.PIPE, env=env, cwd=cwd)
         except OSError as exc:
             raise CaddyError(f"cannot start Caddy ({self.binary}): {exc}") from exc
-        finally:
-            os.close(logf)
-        popen = self._popen
-        self.pid, self.adopted, self.answered, self.started_at = popen.pid, False, False, None
         _feed(popen, body)
-        self._write_pid(popen.pid)
         self._log("caddy.started", pid=self.pid, binary=self.binary, config=origin, config_bytes=len(body))
         if not self._wait_admin(popen.pid, deadline=time.monotonic() + self.ready_timeout):
             if self.cancel.is_set():  # stopping: leave it be (the next reconciler adopts or replaces it)

@@ -184,17 +184,10 @@ class ResponderSupervisor(Detached):
         return None
 
     def start(self) -> None:
-        logf = self._open_log()
         try:
-            self._popen = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                           start_new_session=True, close_fds=True, cwd="/")
+            popen = self._launch(self.args(), stdin=subprocess.DEVNULL)
         except OSError as exc:
             raise ResponderError(f"cannot start the DNS responder: {exc}") from exc
-        finally:
-            os.close(logf)
-        popen = self._popen
-        self.pid, self.adopted, self.answered, self.started_at = popen.pid, False, False, None
-        self._write_pid(popen.pid)
         self._log("responder.started", pid=popen.pid, listen=self.settings.dns_listen)
         if not self._wait_ready(popen.pid, time.monotonic() + self.ready_timeout):
             if self.cancel.is_set():
