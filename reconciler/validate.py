@@ -1,6 +1,6 @@
 """Schema + semantic validation across all sources, conflict resolution, target resolution. PURE.
 
-Conflict rule (documented in README "Conflicts"): documents are ordered by
+Conflict rule (documented in README "Sources and conflicts"): documents are ordered by
 ``(source position, path relative to its source, document index in the file)``; source position is
 the order of ``--manifests`` flags, with the API-owned directory last. Walking that order, the first
 ingress to claim a name, an id or a ``(hostname, port)`` keeps it; a later claimant is rejected as a

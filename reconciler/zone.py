@@ -3,7 +3,7 @@
 Caddy's upstreams dial a *name* (``<label>.<zone>:<port>``) that the DNS responder of
 :mod:`reconciler.responder` answers from the instance state, so where an instance is and whether it runs
 never needs a config load. The label of an instance reference (``target.instance``: a name or an id) is
-the reference itself when it is a lower-case DNS label, else ``x--`` and 24 hex digits of its SHA-1 (a
+the reference itself when it is a lower-case DNS label, else ``xh--`` and 24 hex digits of its SHA-1 (a
 label with ``--`` in its third and fourth characters is reserved by RFC 5891, so the two forms never
 collide; such references are hashed as well).
 
