@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import threading
 import time
 import traceback
@@ -35,7 +36,7 @@ from reconciler.loop.fastpath import InstanceFastPath
 from reconciler.loop.keeper import Keeper
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.reconcile import Reconciler
-from reconciler.loop.service import Service, health
+from reconciler.loop.service import Service, health, node_state
 from reconciler.loop.signals import SignalPolicy
 from reconciler.loop.triggers import Trigger, Triggers
 from reconciler.responder.client import Publisher
@@ -209,10 +210,15 @@ class Daemon:
             reconciler = Reconciler(
                 settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
                 validate=lambda config: caddy_validate(binary, config),
-                health=lambda: health(keeper, self.storage, responder),
+                health=lambda: health(keeper, self.storage, responder, node),
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
                 certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
                 good_before=good_before)
+            node_name = s.node_name or socket.gethostname()
+            applied_hash = reconciler.applied_hash
+
+            def node() -> dict[str, Any]:
+                return node_state(s, node_name, applied_hash)
             metrics = Metrics()
             self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
                              changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
@@ -220,7 +226,7 @@ class Daemon:
                                                        reconciler=reconciler, signals=self.signals),
                              prefetched=first.take)
             self.service = Service(loop=self.loop, storage=self.storage, metrics=metrics, client=self.client,
-                                   responder=responder)
+                                   responder=responder, node=node)
             if s.api_listen:  # imported here: it loads while the first read runs
                 from reconciler.api.server import serve
 
@@ -260,6 +266,9 @@ class Daemon:
         missing then (its ingresses serve from their last good versions, API writes are refused) until the
         operator restores it (``hypeman-ingress restore``) or creates it empty on purpose."""
         s = self.settings
+        if s.fleet:
+            self._api_dir_ignored()
+            return
         if os.path.isdir(s.api_dir):
             return
         kept = reader.manifests.good.get(s.api_dir, {})
@@ -273,6 +282,18 @@ class Daemon:
             api_dir_ready(s)
         except OSError as exc:  # a read-only or full data dir: the API source is reported unavailable
             log.error("api.dir_unavailable", dir=s.api_dir, error=exc.strerror or str(exc))
+
+    def _api_dir_ignored(self) -> None:
+        """A fleet node reads git only: ingresses the API wrote here before are not served, said once."""
+        api_dir = self.settings.api_dir
+        try:
+            names = [n for n in os.listdir(api_dir) if not n.startswith(".")]
+        except OSError:
+            return
+        if names:
+            log.warning("fleet.api_dir_ignored", dir=api_dir, files=len(names),
+                        message="fleet mode reads the manifests from --manifests only; the files the API wrote "
+                                "here are not served -- commit them to the git source")
 
     def run(self, *, max_passes: int | None = None) -> int:
         assert self.loop is not None, "setup() first"

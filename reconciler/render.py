@@ -23,6 +23,7 @@ with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -41,7 +42,7 @@ from reconciler.layout import (
 )
 from reconciler.memo import IdentityMemo
 from reconciler.model import Desired, Ingress, Rule
-from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport, parse_listen
+from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport
 from reconciler.zone import is_pattern, label, parse_pattern, template
 
 _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}
@@ -145,8 +146,24 @@ def fallback_route(port: int) -> dict[str, Any]:
     }
 
 
+#: the Host names Caddy's admin API accepts on a loopback listener unless told otherwise
+_ADMIN_DEFAULT_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def admin_block(settings: Settings) -> dict[str, Any]:
-    return {"listen": settings.admin_listen, "config": {"persist": False}}
+    """Caddy's ``admin``. On a loopback address other than its default names (``127.0.0.2``, say: one node
+    of several on one host) Caddy would refuse our own requests by their ``Host`` (it allows only
+    localhost, 127.0.0.1 and ::1 there), so the address is named as the allowed origin."""
+    block: dict[str, Any] = {"listen": settings.admin_listen, "config": {"persist": False}}
+    address = settings.admin_address
+    if address not in _ADMIN_DEFAULT_HOSTS:
+        try:
+            loopback = ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            block["origins"] = [settings.admin_listen]
+    return block
 
 
 REDACTED = "[REDACTED]"
@@ -428,7 +445,7 @@ class Renderer:
             if tls_hosts:
                 policies.append({"subjects": sorted(tls_hosts), "issuers": [the_issuer]})
             automation: dict[str, Any] = {"policies": policies}
-            endpoint = permission_endpoint(settings)
+            endpoint = settings.permission_endpoint
             if tls_patterns and endpoint is not None:
                 # a pattern's hosts get certificates on demand, each name only when the reconciler says its
                 # instance exists and TLS_ALLOWED_DOMAINS allows it (validation refuses patterns without it)
@@ -442,20 +459,6 @@ class Renderer:
         return apps
 
 
-#: the API's path Caddy asks before it obtains a certificate for a host of a TLS pattern
-PERMISSION_PATH = "/internal/tls/permission"
-
-
-def permission_endpoint(settings: Settings) -> str | None:
-    """The URL Caddy asks for on-demand certificates (the API's listener; None when the API is off)."""
-    if settings.api_listen is None:
-        return None
-    host, port = parse_listen(settings.api_listen)
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://{join_hostport(host, port)}{PERMISSION_PATH}"
 
 
 def render(desired: Desired, settings: Settings) -> dict[str, Any]:

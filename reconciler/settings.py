@@ -62,6 +62,29 @@ def _seconds(env: Mapping[str, str], key: str, default: float, lo: float = 0.0, 
     return value
 
 
+def _absolute(env: Mapping[str, str], key: str) -> str | None:
+    raw = (env.get(key) or "").strip()
+    if not raw:
+        return None
+    if not os.path.isabs(raw):
+        raise ConfigError(f"{key}={raw!r} is not an absolute path")
+    return os.path.normpath(raw)
+
+
+#: a node name: what a host name may hold (it labels metrics and status)
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _node_name(env: Mapping[str, str]) -> str | None:
+    raw = (env.get("HYPEMAN_NODE_NAME") or "").strip()
+    if not raw:
+        return None
+    if not _NODE_NAME.match(raw):
+        raise ConfigError(f"HYPEMAN_NODE_NAME={raw!r} is not a node name (letters, digits, '.', '_', '-'; "
+                          "at most 63 characters)")
+    return raw
+
+
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -232,6 +255,10 @@ def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
     return False
 
 
+#: the API's path Caddy asks before it obtains a certificate for a host of a TLS pattern
+PERMISSION_PATH = "/internal/tls/permission"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable. Build with :meth:`from_env` or directly in tests."""
@@ -280,6 +307,15 @@ class Settings:
     #: how long websockets and other upgraded streams survive a config load (Caddy closes them at once
     #: otherwise; "0s": at once)
     stream_close_delay: str = "5m"
+    #: fleet mode: one of several nodes fed by one git source -- the manifests come from ``--manifests``
+    #: only (no API-owned dir) and the API is read-only (writes go to git)
+    fleet: bool = False
+    #: where Caddy keeps certificates, ACME accounts and locks (its ``file_system`` storage); None:
+    #: ``{data}/caddy/data``. In a fleet, one directory every node mounts, so that one node orders each
+    #: certificate (the others wait on its lock in the storage) and every node serves it
+    tls_storage_dir: str | None = None
+    #: this node's name in ``/status`` and metrics (None: the host name, looked up by the daemon)
+    node_name: str | None = None
 
     @property
     def admin_listen(self) -> str:
@@ -299,7 +335,12 @@ class Settings:
 
     @property
     def storage_dir(self) -> str:
-        return os.path.join(self.data_dir, "caddy", "data")
+        return self.tls_storage_dir or os.path.join(self.data_dir, "caddy", "data")
+
+    @property
+    def shared_storage(self) -> bool:
+        """The certificate storage is outside the data dir (say, a mount shared by a fleet)."""
+        return self.tls_storage_dir is not None
 
     @property
     def state_dir(self) -> str:
@@ -312,6 +353,18 @@ class Settings:
     @property
     def dns_listen(self) -> str:
         return join_hostport(self.dns_address, self.dns_port)
+
+    @property
+    def permission_endpoint(self) -> str | None:
+        """The URL Caddy asks for on-demand certificates (the API's listener; None when the API is off)."""
+        if self.api_listen is None:
+            return None
+        host, port = parse_listen(self.api_listen)
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"http://{join_hostport(host, port)}{PERMISSION_PATH}"
 
     @property
     def instances_path(self) -> str:
@@ -342,6 +395,9 @@ class Settings:
             "dial_timeout": _hold(env, "HYPEMAN_DIAL_TIMEOUT", "2s"),
             "upstream_keepalive": _bool(env, "HYPEMAN_UPSTREAM_KEEPALIVE", False),
             "stream_close_delay": _hold(env, "HYPEMAN_STREAM_CLOSE_DELAY", "5m"),
+            "fleet": _bool(env, "HYPEMAN_FLEET", False),
+            "tls_storage_dir": _absolute(env, "HYPEMAN_TLS_STORAGE_DIR"),
+            "node_name": _node_name(env),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]
@@ -361,4 +417,21 @@ class Settings:
                 values["api_listen"] = None
             else:
                 parse_listen(listen)
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        fleet_problem = settings.fleet_problem()
+        if fleet_problem:
+            raise ConfigError(fleet_problem)
+        return settings
+
+    def fleet_problem(self) -> str | None:
+        """Why these settings cannot run a fleet node (None: they can, or this is no fleet node)."""
+        if not self.fleet:
+            return None
+        if not self.manifest_dirs:
+            return ("HYPEMAN_FLEET=true needs a manifest source (--manifests or HYPEMAN_MANIFESTS: the git "
+                    "checkout every node reads); a fleet node has no API-owned manifest dir")
+        if self.tls.issuer == "acme" and self.tls_storage_dir is None:
+            return ("HYPEMAN_FLEET=true with ACME_EMAIL set needs HYPEMAN_TLS_STORAGE_DIR: a directory every "
+                    "node mounts, so that one node orders each certificate and every node serves it (without "
+                    "it, every node would order its own)")
+        return None

@@ -1,7 +1,7 @@
 """``hypeman-ingress status`` as a table: the lines made of a status document. PURE (``now`` is given).
 
-One function per block: the ingresses, the certificates, the revisions, Caddy, the failing files, the
-sources, the last error and the problems no ingress owns.
+One function per block: the ingresses, the certificates, the revisions and this node, Caddy, the failing
+files, the sources, the last error and the problems no ingress owns.
 """
 
 from __future__ import annotations
@@ -81,7 +81,17 @@ def revision_lines(status: Status, now: float) -> list[str]:
              f"last attempted: {rev.get('last_attempted') or '-'} ({ago(attempted.get('at'), now)}, "
              f"{attempted.get('outcome', '-')}, trigger {attempted.get('trigger', '-')})"]
     commits = sorted((rev.get("commits") or {}).items())
-    return lines + [f"git commit:     {commit} ({source})" for source, commit in commits]
+    return lines + [f"git commit:     {commit} ({source})" for source, commit in commits] + node_lines(status)
+
+
+def node_lines(status: Status) -> list[str]:
+    """Who this node is and the hash of what its Caddy runs (equal on the nodes of a converged fleet)."""
+    node = status.get("node") or {}
+    if not node:
+        return []
+    role = "fleet node" if node.get("fleet") else "single node"
+    storage = f", certificates in {node.get('tls_storage')}" + (" (shared)" if node.get("shared_storage") else "")
+    return [f"node:           {node.get('name')} ({role}), config hash {node.get('config_hash') or '-'}{storage}"]
 
 
 def caddy_lines(status: Status) -> list[str]:

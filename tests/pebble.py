@@ -156,6 +156,8 @@ class Pebble:
     http_port: int  # where Pebble's VA sends HTTP-01 validation requests (the daemon's CADDY_HTTP_PORT)
     tls_port: int  # where it sends TLS-ALPN-01 validation handshakes (the daemon's CADDY_HTTPS_PORT)
     env: dict[str, str] = field(default_factory=dict)
+    #: where every name resolves for Pebble's validations (the address the daemon's Caddy listens on)
+    answer_ip: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     management_port: int = field(default_factory=free_port)
     dns_port: int = field(default_factory=free_port)
@@ -194,7 +196,7 @@ class Pebble:
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("PEBBLE_")}
         assert CHALLTESTSRV is not None and PEBBLE is not None, missing_reason()
         self.procs.append(_spawn("challtestsrv", [
-            CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+            CHALLTESTSRV, "-defaultIPv4", self.answer_ip, "-defaultIPv6", "",
             "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
             "-management", f"127.0.0.1:{self.challtestsrv_management_port}"], self.workdir, base_env))
         pebble_env = {**base_env, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", **self.env}
@@ -223,6 +225,11 @@ class Pebble:
         resp.raise_for_status()
         assert "BEGIN CERTIFICATE" in resp.text, resp.text[:200]
         return resp.text
+
+    def orders(self) -> int:
+        """New-order requests Pebble received so far (its log has a line per request)."""
+        pebble = next(p for p in self.procs if p.name == "pebble")
+        return pebble.log.read_text(errors="replace").count("POST /order-plz")
 
     def log_text(self) -> str:
         return "\n".join(f"--- {p.name}:\n{p.tail(60)}" for p in self.procs)
@@ -321,11 +328,11 @@ def client_context(cafile: Path | str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cafile))
 
 
-def https_get(port: int, host: str, path: str = "/", *, cafile: Path | str | None, timeout: float = 5.0
-              ) -> TLSResponse:
-    """GET ``https://host:port/path`` with the connection going to 127.0.0.1 (SNI and Host are ``host``)."""
+def https_get(port: int, host: str, path: str = "/", *, cafile: Path | str | None, timeout: float = 5.0,
+              address: str = "127.0.0.1") -> TLSResponse:
+    """GET ``https://host:port/path`` with the connection going to ``address`` (SNI and Host are ``host``)."""
     ctx = client_context(cafile)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw = socket.create_connection((address, port), timeout=timeout)
     try:
         tls = ctx.wrap_socket(raw, server_hostname=host)
     except BaseException:

@@ -203,6 +203,15 @@ def test_the_daemonset_feeds_the_daemon_and_probes_it() -> None:
         if source == "/git/current":
             (sync,) = [c for c in pod["containers"] if c["name"] == "git-sync"]
             assert "--link=current" in sync["args"] and "--root=/git" in sync["args"]
+            # a fleet: one git source, certificates on one RWX volume every pod mounts
+            (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+            assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+            assert volumes["certs"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+            mounts = {m["name"]: m["mountPath"] for m in ingress["volumeMounts"]}
+            assert env["HYPEMAN_FLEET"] == "true" and env["HYPEMAN_TLS_STORAGE_DIR"] == mounts["certs"]
+            fleet = Settings.from_env({**{k: v for k, v in env.items() if v is not None},
+                                       "ACME_EMAIL": "ops@example.com"}, manifest_dirs=(source,))
+            assert fleet.fleet and fleet.storage_dir == "/certs"
 
 
 def test_the_configmap_example_is_a_valid_ingress(tmp_path: Path) -> None:

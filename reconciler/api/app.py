@@ -26,8 +26,7 @@ from starlette.routing import Route
 from reconciler.api.openapi import openapi_document
 from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
 from reconciler.model import Reason
-from reconciler.render import PERMISSION_PATH
-from reconciler.settings import parse_listen
+from reconciler.settings import PERMISSION_PATH, parse_listen
 from reconciler.state.store import GoodMap
 
 log = structlog.get_logger("hypeman.ingress.api")
@@ -67,6 +66,7 @@ ANSWERS: dict[str, tuple[int, str]] = {
     Refusal.ALREADY_EXISTS: (409, "already_exists"),
     Refusal.AMBIGUOUS: (409, "ambiguous"),
     Refusal.READ_ONLY_SOURCE: (409, "read_only_source"),
+    Refusal.FLEET_READ_ONLY: (409, "fleet_read_only"),
     Refusal.NOT_FOUND: (404, "not_found"),
     Refusal.SOURCE_UNAVAILABLE: (503, "source_unavailable"),
     Refusal.STORAGE_UNAVAILABLE: (503, "storage_unavailable"),

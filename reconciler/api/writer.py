@@ -71,6 +71,7 @@ class Refusal(StrEnum):
     AMBIGUOUS = "ambiguous"
     NOT_FOUND = "not_found"
     READ_ONLY_SOURCE = "read_only_source"
+    FLEET_READ_ONLY = "fleet_read_only"
     SOURCE_UNAVAILABLE = "source_unavailable"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     INSUFFICIENT_STORAGE = "insufficient_storage"
@@ -236,7 +237,16 @@ class ManifestWriter:
         raise Refused(Refusal.NOT_FOUND, f"no ingress with name, id or id prefix {ref!r}")
 
     # -- writing ------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        """A fleet node takes no writes: every node must render the same config from the one git source."""
+        if self.settings.fleet:
+            raise Refused(Refusal.FLEET_READ_ONLY,
+                          "this node is one of a fleet (HYPEMAN_FLEET=true): the API is read-only and every node "
+                          f"serves the manifests of the git source ({', '.join(self.settings.manifest_dirs)}); "
+                          "commit the change to that repository instead")
+
     def create(self, body: Any) -> Ingress:
+        self._check_writable()
         if not isinstance(body, dict):
             raise Refused(Refusal.BAD_REQUEST, "the body must be a JSON object (an ingress)")
         data = dict(body)
@@ -302,6 +312,7 @@ class ManifestWriter:
         return header + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
 
     def delete(self, ref: str) -> Found:
+        self._check_writable()
         check_ref(ref)
         sources = self._sources()
         with self.lock:

@@ -154,6 +154,19 @@ class CaddySupervisor(Detached):
                         refused.append(path)
             if refused:
                 self._log("caddy.storage_not_private", count=len(refused), examples=refused[:5])
+        if self.settings.shared_storage:
+            self._prepare_shared_storage(self.settings.storage_dir)
+
+    def _prepare_shared_storage(self, top: str) -> None:
+        """``HYPEMAN_TLS_STORAGE_DIR`` (say, a mount every node of a fleet shares): created 0700 when missing,
+        its top made private when it is not; what is under it belongs to every node's Caddy alike and is
+        left as it is (other nodes write there meanwhile)."""
+        try:
+            os.makedirs(top, mode=0o700, exist_ok=True)
+            if stat.S_IMODE(os.stat(top).st_mode) & 0o077:
+                os.chmod(top, 0o700)
+        except OSError as exc:
+            self._log("caddy.dir_unusable", dir=top, error=exc.strerror or str(exc))
 
     def _ours(self, pid: int) -> bool:
         """``pid`` is the Caddy of this data dir: it runs the binary installed under it, or it runs another

@@ -19,9 +19,10 @@ from typing import Any
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.configfile import ConfigFile
+from reconciler.fleet import node_tokens
 from reconciler.loop.apply import Applied, Applier, Culprits, Plan, plan
 from reconciler.loop.read import InputReader, Inputs
-from reconciler.loop.report import Certificates, Job, Reporter
+from reconciler.loop.report import AppliedHash, Certificates, Job, Reporter
 from reconciler.loop.triggers import Burst
 from reconciler.model import Desired, Outcome, Problem
 from reconciler.render import Renderer
@@ -105,7 +106,10 @@ class Reconciler:
         self.culprits = Culprits()
         self.applier = Applier(settings, client, validate=validate or (lambda config: None), on_load=on_load,
                                clock=clock)
-        self.reporter = Reporter(store=store, config_file=config_file, certs=certs, defer=defer, health=health)
+        #: the node-neutral hash of the config Caddy runs (what the nodes of a fleet compare)
+        self.applied_hash = AppliedHash(node_tokens(settings))
+        self.reporter = Reporter(store=store, config_file=config_file, certs=certs, defer=defer, health=health,
+                                 applied_hash=self.applied_hash)
         #: how many times Caddy was (re)started: what a pass trusts about Caddy holds for one generation
         self._generation = generation or (lambda: 0)
         self._clock, self._wall = clock, wall

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from reconciler.caddy.configfile import ConfigFile
+from reconciler.fleet import Tokens, config_hash
 from reconciler.loop.apply import Applied
 from reconciler.loop.read import Inputs
 from reconciler.model import Desired
@@ -28,14 +29,37 @@ Job = Callable[[], None]
 Certificates = Callable[[list[str]], Mapping[str, Mapping[str, Any]]]
 
 
+class AppliedHash:
+    """The node-neutral hash (:mod:`reconciler.fleet`) of the config Caddy runs, worked out on the report
+    thread from the encoded config of the pass that applied it, off the pass's path. ``value`` is None
+    until the first applied config is hashed."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+        self.value: str | None = None
+        self._config: dict[str, Any] | None = None  # the config the value is (being) worked out for
+
+    def update(self, config: dict[str, Any], body: Callable[[], bytes], later: Callable[[Job], None]) -> None:
+        if config is self._config:  # the renderer hands back the very same object when nothing changed
+            return
+        self._config = config
+        encoded, tokens = body(), self.tokens
+
+        def work() -> None:
+            self.value = config_hash(encoded, tokens)
+        later(work)
+
+
 class Reporter:
     """Builds what a pass reports and persists it. ``defer`` runs the state file writes (default: at
     once; the daemon hands them to its report thread)."""
 
     def __init__(self, *, store: StateStore | None, config_file: ConfigFile | None,
                  certs: Certificates | None = None, defer: Callable[[Job], None] | None = None,
-                 health: Callable[[], dict[str, Any]] | None = None) -> None:
+                 health: Callable[[], dict[str, Any]] | None = None,
+                 applied_hash: AppliedHash | None = None) -> None:
         self.store = store
+        self.applied_hash = applied_hash
         self.config_file = config_file
         self._certs = certs
         self._defer = defer
@@ -87,6 +111,8 @@ class Reporter:
         """Hand the state files to the report thread, in order: config.json (when Caddy's config is new to
         us, or the file is behind: a failed save, a damaged file), lastgood.json, status.json."""
         config_file = self.config_file
+        if applied.config is not None and self.applied_hash is not None:
+            self.applied_hash.update(applied.config, body, self._later)
         if applied.config is not None and config_file is not None:
             config_file.applied = applied.config  # what a restart of Caddy starts with if the file is behind
             if applied.new or not config_file.in_sync():

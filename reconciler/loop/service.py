@@ -4,33 +4,48 @@ keeper's and the storage's state), never from a pass at work."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.fsutil import StorageHealth
 from reconciler.loop.daemon import Loop
 from reconciler.loop.keeper import Keeper
+from reconciler.loop.report import AppliedHash
 from reconciler.loop.triggers import Trigger
 from reconciler.model import Desired
+from reconciler.settings import Settings
 from reconciler.state.metrics import Metrics
 from reconciler.state.store import GoodMap
 from reconciler.validate import tls_patterns, tls_permission
 from reconciler.zone import Pattern
 
 
-def health(keeper: Keeper, storage: StorageHealth, responder: Keeper | None = None) -> dict[str, Any]:
-    """The status fields about Caddy, the DNS responder and the data dir (live, for every status document)."""
+def health(keeper: Keeper, storage: StorageHealth, responder: Keeper | None = None,
+           node: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The status fields about Caddy, the DNS responder, the data dir and this node (live, for every status
+    document)."""
     failing = storage.snapshot()
     out = {"caddy": keeper.state(), "storage": {"ok": not failing, "failing": failing}}
     if responder is not None:
         out["responder"] = responder.state()
+    if node is not None:
+        out["node"] = node()
     return out
+
+
+def node_state(settings: Settings, name: str, applied_hash: AppliedHash) -> dict[str, Any]:
+    """``node`` of the status: who this node is, whether it is one of a fleet, where its certificates are,
+    and the hash of the config its Caddy runs (equal on every node of a converged fleet)."""
+    return {"name": name, "fleet": settings.fleet, "tls_storage": settings.storage_dir,
+            "shared_storage": settings.shared_storage, "config_hash": applied_hash.value}
 
 
 class Service:
     def __init__(self, *, loop: Loop, storage: StorageHealth, metrics: Metrics, client: AdminClient,
-                 responder: Keeper | None = None) -> None:
+                 responder: Keeper | None = None, node: Callable[[], dict[str, Any]] | None = None) -> None:
         self.loop = loop
+        self.node = node
         self.keeper = loop.keeper
         self.responder = responder
         self._patterns: tuple[Desired, list[tuple[Pattern, str]]] | None = None
@@ -70,7 +85,8 @@ class Service:
         return tls_permission(domain, cached[1], desired.instances, allowed)
 
     def status(self) -> dict[str, Any]:
-        doc = {**self.loop.reconciler.status_document(), **health(self.keeper, self.storage, self.responder)}
+        doc = {**self.loop.reconciler.status_document(),
+               **health(self.keeper, self.storage, self.responder, self.node)}
         if self.loop.crash is not None:
             doc["last_error"] = self.loop.crash.error
         return doc
@@ -108,4 +124,11 @@ class Service:
             state = self.responder.state()
             self.metrics.observe_responder(up=self.responder.up(), restarts=self.responder.restarts,
                                            records=state.get("records"), counters=state.get("counters") or {})
+        if self.node is not None:
+            node = self.node()
+            snap = self.loop.reconciler.snapshot
+            applied = snap.document.last_applied if snap is not None else None
+            self.metrics.observe_node(name=node["name"], fleet=node["fleet"], config_hash=node["config_hash"],
+                                      revision=applied.get("revision") if applied else None,
+                                      commits=(applied or {}).get("commits", {}).values())
         return self.metrics.render()

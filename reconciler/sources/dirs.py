@@ -13,9 +13,12 @@ from reconciler.settings import Settings
 def sources_for(settings: Settings, *, include_api: bool = True) -> list[Source]:
     """``--manifests`` dirs in the order given (read-only), then the API-owned dir (last, writable).
 
-    ``include_api=False`` leaves the API dir out when it does not exist (offline commands).
+    ``include_api=False`` leaves the API dir out when it does not exist (offline commands). A fleet node
+    never reads it: every node must render the same config from the one git source.
     """
     out = [Source(path, i, read_only=True) for i, path in enumerate(settings.manifest_dirs)]
+    if settings.fleet:
+        return out
     if include_api or os.path.isdir(settings.api_dir):
         out.append(Source(settings.api_dir, len(out), read_only=False))
     return out

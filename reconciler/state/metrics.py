@@ -65,6 +65,10 @@ class Metrics:
                                        "Names the DNS responder answers with an address (a running instance's "
                                        "name, its id, hashed forms of references that are no DNS label)",
                                        registry=r)
+        self.node = Info("hypeman_ingress_node",
+                         "This node: its name, whether it is one of a fleet, and what its Caddy runs -- the "
+                         "revision of the inputs, the git commit(s) of the sources and the node-neutral config "
+                         "hash, equal on every node of a converged fleet", registry=r)
         self._answers: dict[str, int] = {}
         r.register(_Answers(self))
 
@@ -99,6 +103,11 @@ class Metrics:
         if records is not None:
             self.responder_records.set(records)
         self._answers = dict(counters)
+
+    def observe_node(self, *, name: str, fleet: bool, config_hash: str | None, revision: str | None,
+                     commits: Iterable[str]) -> None:
+        self.node.info({"node": name, "fleet": "true" if fleet else "false", "config_hash": config_hash or "",
+                        "revision": revision or "", "commit": ",".join(sorted(set(commits)))})
 
     def observe_storage(self, failing: int) -> None:
         self.storage_failing.set(failing)
