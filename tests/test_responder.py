@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,3 +163,19 @@ def test_the_supervisor_finds_adopts_and_replaces(tmp_path: Path, monkeypatch: p
     finally:
         for pid in started:
             kill_pid(pid)
+
+
+def test_the_code_version_follows_the_responders_source(tmp_path: Path) -> None:
+    """An upgrade that changes the responder's code (even without a version bump) makes it another version,
+    so the running one is replaced; a change elsewhere in the package does not."""
+    from reconciler.responder import protocol
+
+    pkg = Path(protocol.__file__).parent
+    copy = tmp_path / "reconciler"
+    shutil.copytree(pkg.parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    here = str(copy / "responder")
+    assert protocol.code_digest(here) == protocol.code_digest() and protocol.VERSION.endswith(protocol.code_digest())
+    (copy / "render.py").write_text((copy / "render.py").read_text() + "\n# not the responder's\n")
+    assert protocol.code_digest(here) == protocol.code_digest()
+    (copy / "responder" / "server.py").write_text((copy / "responder" / "server.py").read_text() + "\n# a fix\n")
+    assert protocol.code_digest(here) != protocol.code_digest()

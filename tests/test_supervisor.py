@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import stat
 import subprocess
@@ -25,7 +26,7 @@ import httpx
 import pytest
 
 from reconciler.caddy.binary import caddy_version, find_caddy, install_binary, sha256_file
-from reconciler.caddy.supervisor import CaddySupervisor
+from reconciler.caddy.supervisor import CaddySupervisor, process_exe
 from reconciler.errors import CaddyBinaryError, CaddyError
 from reconciler.loop.keeper import backoff
 from reconciler.settings import Settings
@@ -466,3 +467,24 @@ def test_admin_port_check_understands_a_bracketed_ipv6_address(tmp_path: Path) -
         sup = CaddySupervisor(settings, "/nonexistent/caddy")
         assert sup._admin_in_use()
     assert not sup._admin_in_use()
+
+
+def test_a_process_is_known_by_its_binary_after_the_file_was_replaced(tmp_path: Path) -> None:
+    """An upgrade to another build of the same Caddy version copies it over the installed binary; the Caddy
+    running meanwhile must still be recognised as the one started from there (else the daemon would not
+    adopt it, and could not start another on its admin port)."""
+    installed = tmp_path / "bin" / "sleeper"
+    installed.parent.mkdir()
+    shutil.copy2("/bin/sleep", installed)
+    proc = subprocess.Popen([str(installed), "30"])
+    try:
+        assert process_exe(proc.pid) == str(installed)
+        newer = tmp_path / "bin" / ".sleeper.new"
+        shutil.copy2("/bin/sleep", newer)
+        os.replace(newer, installed)
+        assert os.readlink(f"/proc/{proc.pid}/exe").endswith(" (deleted)")  # what Linux shows now
+        assert process_exe(proc.pid) == str(installed)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_exe(proc.pid) is None

@@ -33,12 +33,19 @@ from reconciler.procutil import Detached
 from reconciler.render import admin_block, scrub
 from reconciler.settings import Settings
 
+#: what Linux appends to ``/proc/PID/exe`` when the file the process runs was replaced or removed
+_DELETED = " (deleted)"
+
 
 def process_exe(pid: int) -> str | None:
+    """The path of the binary ``pid`` runs -- also when that file was replaced since (an upgrade copies a
+    new build over ``{data}/system/binaries/...``: the running Caddy is still the one started from there)."""
     try:
-        return os.path.realpath(f"/proc/{pid}/exe", strict=True)
+        target = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
+    target = target.removesuffix(_DELETED)
+    return os.path.realpath(target) if os.path.isabs(target) else None
 
 
 def process_env(pid: int) -> dict[str, str]:

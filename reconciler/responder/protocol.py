@@ -13,14 +13,33 @@ traffic). One JSON object per line each way:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 
 from reconciler import __version__
 
+#: the modules the responder process runs (of this package's and the shared ones)
+_CODE = ("__main__.py", "server.py", "protocol.py", "../zone.py", "../fsutil.py", "../errors.py")
+
+
+def code_digest(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """A digest of the responder's own source (in ``here``, this package's dir): an upgrade that changes its
+    code replaces it even when the package version stays the same (a fix released without a version bump,
+    a development checkout)."""
+    h = hashlib.sha256()
+    for name in _CODE:
+        try:
+            with open(os.path.join(here, name), "rb") as fh:
+                h.update(name.encode() + b"\0" + fh.read())
+        except OSError:  # (a zipped or frozen install: the package version alone decides)
+            h.update(name.encode() + b"\0?")
+    return h.hexdigest()[:12]
+
+
 #: the responder's code version, in its ``ping`` answer: a responder that answers another one is replaced
 #: (after an upgrade, the new code serves; the snapshot carries the records over)
-VERSION = f"{__version__}/1"
+VERSION = f"{__version__}/1/{code_digest()}"
 
 SNAPSHOT = "zone.json"
 CONTROL = "control.sock"
