@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from reconciler.api.auth import authorized, challenge
+from reconciler.api.auth import authorized, refusal
 from reconciler.api.openapi import openapi_document
 from reconciler.api.ui import ui_routes
 from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
@@ -120,8 +120,9 @@ class _Auth(BaseHTTPMiddleware):
         path = request.url.path
         if (self._token is not None and path not in OPEN_PATHS
                 and not authorized(request.headers.get("authorization", ""), self._token)):
-            response = error(401, "unauthorized", "missing or invalid bearer token")
-            response.headers["WWW-Authenticate"] = challenge(path)  # RFC 9110: a 401 names the scheme
+            message, challenge = refusal(path)
+            response = error(401, "unauthorized", message)
+            response.headers["WWW-Authenticate"] = challenge  # RFC 9110: a 401 names the scheme
             return response
         try:
             return await call_next(request)

@@ -38,8 +38,9 @@ def basic_password(credentials: str) -> bytes:
     return password if colon else b""
 
 
-def challenge(path: str) -> str:
-    """The ``WWW-Authenticate`` value of a 401 for ``path``."""
+def refusal(path: str) -> tuple[str, str]:
+    """The message and the ``WWW-Authenticate`` challenge of a 401 for ``path``."""
     if path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
-        return f'Basic realm="{REALM}", charset="UTF-8"'
-    return "Bearer"
+        return ("missing or invalid credentials: log in with any user name and the API token as the password",
+                f'Basic realm="{REALM}", charset="UTF-8"')
+    return "missing or invalid bearer token", "Bearer"

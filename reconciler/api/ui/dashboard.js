@@ -51,6 +51,16 @@
     return line ? str(file) + ":" + line : str(file);
   }
 
+  // a file as "<its source's folder name>/<path inside the source>:line", the whole path as its title
+  let roots = [];
+  function sourceCell(file, line) {
+    const full = source(file, line);
+    const path = str(file);
+    const root = roots.find((r) => path.startsWith(r + "/"));
+    const short = root ? root.slice(root.lastIndexOf("/") + 1) + path.slice(root.length) : path;
+    return el("td", {class: "src", title: full}, line ? short + ":" + line : short);
+  }
+
   function expiry(notAfter) {
     if (!notAfter) return "";
     const when = Date.parse(String(notAfter));
@@ -92,7 +102,7 @@
     $("problems-section").hidden = problems.length === 0 && !d.last_error;
     $("problems-count").textContent = String(problems.length);
     const rows = problems.map((p) => el("tr", {data: {file: str(p.file)}},
-      el("td", {class: "src"}, source(p.file, p.line)),
+      sourceCell(p.file, p.line),
       el("td", {}, badge(str(p.reason), "bad")),
       el("td", {}, str(p.ingress || "")),
       el("td", {class: "msg"}, str(p.message))));
@@ -129,7 +139,7 @@
          stale, problems),
       el("td", {}, routes),
       el("td", {}, tls ? certList : el("span", {class: "muted"}, "-")),
-      el("td", {class: "src"}, source(i.file, i.line)));
+      sourceCell(i.file, i.line));
   }
 
   function renderIngresses(d) {
@@ -175,7 +185,7 @@
     if (p.adopted) details.push("adopted");
     if (p.flapping) details.push("FLAPPING");
     if (name === "responder") {
-      details.push(str(p.records) + " names on " + str(p.listen));
+      details.push(str(p.records) + (p.records === 1 ? " name" : " names") + " on " + str(p.listen));
       details.push(p.in_sync ? "in sync" : "NOT IN SYNC");
     }
     if (name === "caddy" && p.admin) details.push("admin " + p.admin);
@@ -249,6 +259,8 @@
   }
 
   function render(d) {
+    roots = (d.sources || []).map((s) => str(s.root || s.path).replace(/\/+$/, "")).filter(Boolean)
+      .sort((a, b) => b.length - a.length);  // the deepest first
     renderSummary(d);
     renderProblems(d);
     renderIngresses(d);
