@@ -1,11 +1,11 @@
 """The dashboard at ``/ui/``: its files and headers, its auth, and the page itself in a real headless Chromium.
 
 The browser test runs ``hypeman-ingress run`` (real Caddy, a real loopback backend) with a token, one good
-ingress, one whose instance is stopped and one broken manifest file, opens the page in Debian's
-``chromium`` driven over the DevTools protocol (:mod:`tests.cdp`), answers the browser's Basic prompt once
-as a user would, and reads what the page shows. It is skipped when Chromium is missing unless
-``HYPEMAN_REQUIRE_CHROMIUM=1`` (``make test`` sets it and installs the package). The screenshot is kept
-in ``$HYPEMAN_ARTIFACTS`` (default ``test-artifacts/``) as ``dashboard.png``.
+ingress, one with TLS (Caddy's internal CA), one whose instance is stopped and one broken manifest file,
+opens the page in Debian's ``chromium`` driven over the DevTools protocol (:mod:`tests.cdp`), answers the
+browser's Basic prompt once as a user would, and reads what the page shows. It is skipped when Chromium is
+missing unless ``HYPEMAN_REQUIRE_CHROMIUM=1`` (``make test`` sets it and installs the package). The
+screenshot is kept in ``$HYPEMAN_ARTIFACTS`` (default ``test-artifacts/``) as ``dashboard.png``.
 """
 
 from __future__ import annotations
@@ -235,7 +235,11 @@ READ_PAGE = """(() => {
       ready: r.dataset.ready === 'true', reason: r.dataset.reason, hidden: r.hidden,
       badge: text(r, '.ready-cell'), message: text(r, '.message'), source: text(r, '.src'),
       path: r.querySelector('.src').title,
-      routes: [...r.querySelectorAll('ul.routes li')].map(li => li.textContent)}])),
+      routes: [...r.querySelectorAll('ul.routes li')].map(li => li.textContent),
+      certificates: [...r.querySelectorAll('ul.certs li')].map(
+        li => [...li.children].map(c => c.textContent).join(' '))}])),
+    certificates: [...document.querySelectorAll('#certificates tbody tr')].map(
+      r => [r.dataset.host, [...r.cells].map(c => c.textContent).join(' ')]),
     problems: [...document.querySelectorAll('#problems tbody tr')].map(r => r.textContent),
     problemPaths: [...document.querySelectorAll('#problems tbody .src')].map(c => c.title),
     problemsShown: !document.getElementById('problems-section').hidden,
@@ -267,6 +271,12 @@ def wait_page(page: Page, check: Callable[[], dict[str, Any] | None], message: s
         raise AssertionError(f"{exc}\npage text: {shown!r}\nbrowser log: {page.console}") from None
 
 
+def status_now(daemon: Daemon) -> dict[str, Any]:
+    doc: dict[str, Any] = httpx.get(f"{daemon.api_url}/status", headers={"Authorization": f"Bearer {TOKEN}"},
+                                    timeout=10).json()
+    return doc
+
+
 def set_value(page: Page, element_id: str, value: str) -> None:
     """Type into an input / pick in a select, as a user would: the value, then its input event."""
     page.evaluate(js("(() => { const e = document.getElementById($1); e.value = $2;"
@@ -278,7 +288,8 @@ def set_value(page: Page, element_id: str, value: str) -> None:
 def test_dashboard_in_headless_chromium(tmp_path: Path, browser: Browser) -> None:
     started = time.monotonic()
     backend = Backend("web")
-    daemon = Daemon(tmp_path, env={"INGRESS_API_TOKEN": TOKEN})
+    # Caddy's internal CA: a TLS ingress gets a real certificate at once, with no ACME server
+    daemon = Daemon(tmp_path, env={"INGRESS_API_TOKEN": TOKEN, "TLS_ISSUER": "internal"})
     try:
         _run_dashboard_scenario(tmp_path, browser, daemon, backend)
     finally:
@@ -296,6 +307,9 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     stopped = write(manifests / "team" / "reports.yaml",
                     "# reports, served by the db VM\n"
                     + ingress_yaml("reports", "reports.example.test", port, "db", backend.port))
+    https = int(daemon.env["CADDY_HTTPS_PORT"])
+    secure = write(manifests / "secure.yaml",
+                   ingress_yaml("secure", "secure.example.test", https, "web", backend.port) + "    tls: true\n")
     broken = write(manifests / "broken.yaml", "name: broken\nrules:\n  - match: {hostname: [oops\n")
     daemon.start()
 
@@ -305,7 +319,8 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
 
     def shown() -> dict[str, Any] | None:
         state = page_state(page)
-        return state if state["loaded"] and len(state["ingresses"]) == 2 and state["problems"] else None
+        return state if (state["loaded"] and len(state["ingresses"]) == 3 and state["problems"]
+                         and state["ingresses"]["secure"]["ready"]) else None  # its certificate issued
 
     state = wait_page(page, shown, "the dashboard showing the ingresses and the broken file")
     assert page.auth_challenges and page.auth_challenges[0].lower() == "basic hypeman-ingress"
@@ -318,6 +333,11 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     assert shop["ready"] and shop["reason"] == "Applied" and shop["badge"] == "ready"
     assert shop["source"] == "manifests/shop.yaml:1" and shop["path"] == f"{good}:1"  # the whole path on hover
     assert shop["routes"] == [f"shop.example.test:{port} \u2192 web:{backend.port}"]
+    secure_row = state["ingresses"]["secure"]
+    assert secure_row["reason"] == "Applied" and secure_row["path"] == f"{secure}:1"
+    not_after = status_now(daemon)["certificates"]["secure.example.test"]["not_after"]
+    (cert,) = secure_row["certificates"]  # its state and expiry
+    assert cert.startswith(f"issued secure.example.test {not_after} (in "), cert
     assert not reports["ready"] and reports["reason"] == "InstanceNotRunning" and reports["badge"] == "not ready"
     assert "instance 'db' is not running" in reports["message"]
     assert reports["source"] == "manifests/team/reports.yaml:2" and reports["path"] == f"{stopped}:2"
@@ -329,10 +349,13 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     assert "running" in state["processes"]["responder"] and "in sync" in state["processes"]["responder"]
     assert state["sources"] and all(ok == "true" for ok, _ in state["sources"])
     assert any(str(manifests) in text for _, text in state["sources"])
-    status = httpx.get(f"{daemon.api_url}/status", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    status = status_now(daemon)
     assert status["revision"]["last_applied"] in state["revisions"]
     assert state["history"] and status["history"][-1]["revision"] in state["history"][0]
-    assert "1 ready" in state["summary"] and "1 not ready" in state["summary"] and "1 failing file" in state["summary"]
+    certificates = dict(state["certificates"])
+    assert certificates["secure.example.test"].startswith(f"secure.example.test issued {not_after} (in ")
+    assert certificates["secure.example.test"].rstrip().endswith(" local")  # the issuer
+    assert "2 ready" in state["summary"] and "1 not ready" in state["summary"] and "1 failing file" in state["summary"]
 
     shot = page.screenshot(artifacts_dir() / "dashboard.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
@@ -343,27 +366,29 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
 
     set_value(page, "search", "REPORTS.example")  # a host, any case
     assert visible() == {"reports"}
-    assert page_state(page)["count"] == "1 of 2"
+    assert page_state(page)["count"] == "1 of 3"
     set_value(page, "search", "web")  # an instance
-    assert visible() == {"shop"}
+    assert visible() == {"shop", "secure"}
     set_value(page, "search", "team/")  # a file
     assert visible() == {"reports"}
     set_value(page, "search", "nothing-like-this")
     assert visible() == set() and page.evaluate("!document.getElementById('no-match').hidden")
     set_value(page, "search", "")
-    assert visible() == {"shop", "reports"}
+    assert visible() == {"shop", "reports", "secure"}
     set_value(page, "filter-ready", "not-ready")
     assert visible() == {"reports"}
     set_value(page, "filter-ready", "ready")
-    assert visible() == {"shop"}
+    assert visible() == {"shop", "secure"}
     set_value(page, "filter-ready", "")
     set_value(page, "filter-reason", "InstanceNotRunning")
     assert visible() == {"reports"}
     set_value(page, "filter-reason", "")
     set_value(page, "filter-tls", "tls")
-    assert visible() == set()
-    set_value(page, "filter-tls", "")
+    assert visible() == {"secure"}
+    set_value(page, "filter-tls", "plain")
     assert visible() == {"shop", "reports"}
+    set_value(page, "filter-tls", "")
+    assert visible() == {"shop", "reports", "secure"}
 
     # it refreshes itself (with the browser's kept credentials): the instance starts, a hostile file name
     # appears -- as text, never as markup

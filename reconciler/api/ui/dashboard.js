@@ -123,7 +123,7 @@
       el("li", {}, el("code", {}, str(h)), " \u2192 ", el("code", {}, str(targets[n] || "")))));
     const certList = el("ul", {class: "certs"}, Object.entries(certs).map(([host, c]) =>
       el("li", {}, badge(str(c.state || "-"), CERT_KIND[c.state] || "muted"), " ", el("code", {}, host),
-         c.not_after ? el("span", {class: "muted"}, " " + expiry(c.not_after)) : null,
+         c.not_after ? el("div", {class: "muted expiry"}, expiry(c.not_after)) : null,
          c.error ? el("div", {class: "msg"}, str(c.error)) : null)));
     const problems = (i.problems || []).length
       ? el("ul", {class: "msg problems"}, i.problems.map((p) => el("li", {}, str(p)))) : null;
@@ -133,7 +133,7 @@
     return el("tr", {class: i.ready ? "ready" : "not-ready",
                      data: {name: str(i.name), ready: String(!!i.ready), reason: str(i.reason),
                             tls: String(tls), search: search.toLowerCase()}},
-      el("td", {class: "name"}, str(i.name), el("div", {class: "muted id"}, str(i.id || ""))),
+      el("td", {class: "name", title: i.id ? "id " + str(i.id) : null}, str(i.name)),
       el("td", {class: "ready-cell"}, badge(i.ready ? "ready" : "not ready", i.ready ? "ok" : "bad")),
       el("td", {}, el("div", {class: "reason"}, str(i.reason)), el("div", {class: "msg message"}, str(i.message)),
          stale, problems),
