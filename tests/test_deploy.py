@@ -156,7 +156,7 @@ def test_the_image_context_builds_the_package(tmp_path: Path) -> None:
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"reconciler/cli.py", "reconciler/responder/__main__.py", "reconciler/_schemas/ingress.schema.json"} <= names
-    assert {f"reconciler/api/ui/{name}" for name in ASSETS} <= names  # the dashboard's static files
+    assert {f"reconciler/api/static/{name}" for name in ASSETS} <= names  # the dashboard's static files
 
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"

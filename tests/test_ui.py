@@ -36,7 +36,7 @@ with warnings.catch_warnings():  # starlette >= 1.x nags about httpx vs httpx2 i
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-UI_DIR = ROOT / "reconciler" / "api" / "ui"
+UI_DIR = ROOT / "reconciler" / "api" / "static"
 TOKEN = "tok-" + secrets.token_urlsafe(24)
 
 
@@ -412,3 +412,13 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     assert not [line for line in page.console if "exception" in line or "Content Security Policy" in line], \
         page.console
     assert TOKEN not in daemon.log_path.read_text(errors="replace")
+
+    # the daemon goes away: the page says so and keeps showing the last status
+    daemon.stop()
+    def banner() -> dict[str, Any] | None:
+        state = page_state(page)
+        return state if state["error"] else None
+
+    state = wait_page(page, banner, "the page's error banner")
+    assert "cannot load the status" in state["error"] and "showing the last one" in state["error"]
+    assert set(state["ingresses"]) == {"shop", "reports", "secure"}

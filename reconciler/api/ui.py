@@ -1,5 +1,5 @@
-"""The status dashboard at ``/ui/``: static files shipped in the package (``ui/``: HTML, vanilla JavaScript,
-CSS -- no build step, nothing from a CDN) and ``/ui/status``, the status document the page renders.
+"""The status dashboard at ``/ui/``: the files of ``static/`` shipped in the package (HTML, vanilla
+JavaScript, CSS -- no build step, nothing from a CDN) and ``/ui/status``, the status document they render.
 
 The data sits under ``/ui/`` so that a browser that logged in to the page (HTTP Basic, see
 :mod:`reconciler.api.auth`) sends the same credentials with the page's requests. Every answer carries a
@@ -20,7 +20,7 @@ from reconciler.api.auth import UI_PREFIX
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-#: the files of ``ui/`` served, by name, with their media types
+#: the files of ``static/`` served, by name, with their media types
 ASSETS: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -40,8 +40,8 @@ HEADERS = {
 
 @functools.cache
 def asset(name: str) -> bytes:
-    """The bytes of ``ui/<name>`` (one of :data:`ASSETS`), read once from the installed package."""
-    return resources.files("reconciler.api").joinpath("ui", name).read_bytes()
+    """The bytes of ``static/<name>`` (one of :data:`ASSETS`), read once from the installed package."""
+    return resources.files("reconciler.api").joinpath("static", name).read_bytes()
 
 
 def _secured(response: Response, cache: str) -> Response:
