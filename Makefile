@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the test suite needs (pebble for ACME tests, systemd for `systemd-analyze verify` of
-# deploy/systemd). Skipped when already present.
+# deploy/systemd, chromium for the dashboard's browser test). Skipped when already present.
 system-deps:
 	@missing=""; \
 	if ! command -v pebble >/dev/null 2>&1 && [ ! -x /usr/bin/pebble ]; then missing="$$missing pebble"; fi; \
 	if ! command -v systemd-analyze >/dev/null 2>&1; then missing="$$missing systemd"; fi; \
+	if ! command -v chromium >/dev/null 2>&1; then missing="$$missing chromium"; fi; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian test deps:$$missing"; \
@@ -43,7 +44,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -q -m "not caddy"
 
 test: $(STAMP) system-deps lint
-	HYPEMAN_REQUIRE_PEBBLE=1 HYPEMAN_REQUIRE_FAULTS=1 HYPEMAN_REQUIRE_SYSTEMD=1 $(BIN)/pytest -q -p no:cacheprovider
+	HYPEMAN_REQUIRE_PEBBLE=1 HYPEMAN_REQUIRE_FAULTS=1 HYPEMAN_REQUIRE_SYSTEMD=1 HYPEMAN_REQUIRE_CHROMIUM=1 $(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -58,4 +59,4 @@ run: $(STAMP)
 	  --manifests examples/manifests --instances examples/instances
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results.json
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache bench-results.json test-artifacts

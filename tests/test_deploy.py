@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.api.ui import ASSETS
 from reconciler.settings import Settings
 from tests.helpers import ROOT
 
@@ -140,7 +141,7 @@ def test_the_image_runs_as_non_root_with_a_health_check() -> None:
 
 def test_the_image_context_builds_the_package(tmp_path: Path) -> None:
     """What the build stage copies is enough to build the package: a wheel from exactly those paths holds
-    the daemon, the responder and the schemas."""
+    the daemon, the responder, the schemas and the dashboard."""
     context = tmp_path / "src"
     context.mkdir()
     for line in re.findall(r"^COPY (?!--from)(.+) \S+$", CONTAINERFILE.read_text(), re.M):
@@ -155,6 +156,7 @@ def test_the_image_context_builds_the_package(tmp_path: Path) -> None:
 
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"reconciler/cli.py", "reconciler/responder/__main__.py", "reconciler/_schemas/ingress.schema.json"} <= names
+    assert {f"reconciler/api/static/{name}" for name in ASSETS} <= names  # the dashboard's static files
 
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"

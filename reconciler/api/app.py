@@ -1,12 +1,12 @@
 """The HTTP API (Starlette, served by uvicorn): ``/ingresses`` as a thin writer, plus status and probes.
 
 Every error is ``{"code": ..., "message": ...}``. When a token is configured every endpoint but
-``/healthz`` requires ``Authorization: Bearer <token>`` (compared in constant time).
+``/healthz`` requires ``Authorization: Bearer <token>`` or Basic with the token as the password (compared in
+constant time; :mod:`reconciler.api.auth`). The dashboard is at ``/ui/`` (:mod:`reconciler.api.ui`).
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import os
@@ -23,7 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from reconciler.api.auth import authorized, refusal
 from reconciler.api.openapi import openapi_document
+from reconciler.api.ui import ui_routes
 from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
 from reconciler.model import Reason
 from reconciler.settings import PERMISSION_PATH, parse_listen
@@ -115,13 +117,13 @@ class _Auth(BaseHTTPMiddleware):
         self._token = token.encode() if token else None
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if self._token is not None and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-                response = error(401, "unauthorized", "missing or invalid bearer token")
-                response.headers["WWW-Authenticate"] = "Bearer"  # RFC 9110: a 401 names the scheme
-                return response
+        path = request.url.path
+        if (self._token is not None and path not in OPEN_PATHS
+                and not authorized(request.headers.get("authorization", ""), self._token)):
+            message, challenge = refusal(path)
+            response = error(401, "unauthorized", message)
+            response.headers["WWW-Authenticate"] = challenge  # RFC 9110: a 401 names the scheme
+            return response
         try:
             return await call_next(request)
         except Exception as exc:
@@ -313,6 +315,7 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
         Route("/metrics", e.metrics, methods=["GET"]),
         Route("/openapi.json", e.openapi, methods=["GET"]),
         Route(PERMISSION_PATH, e.tls_permission, methods=["GET"]),
+        *ui_routes(e.status),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_Auth, token=token)],
                      exception_handlers={404: _not_found, 405: _not_allowed})
