@@ -952,7 +952,7 @@ def test_probes_metrics_status_and_readyz_while_caddy_is_down(
     doc = call(d, "GET", "/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/ingresses", "/ingresses/{ref}", "/status", "/healthz", "/readyz", "/metrics",
-                                 "/internal/tls/permission"}
+                                 "/internal/tls/permission", "/ui/", "/ui/status"}
     assert "domain_not_allowed" in doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
     assert doc["paths"]["/ingresses"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/IngressSpec"}

@@ -351,6 +351,7 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     assert any(str(manifests) in text for _, text in state["sources"])
     status = status_now(daemon)
     assert status["revision"]["last_applied"] in state["revisions"]
+    assert status["node"]["name"] in state["revisions"] and "config hash" in state["revisions"]
     assert state["history"] and status["history"][-1]["revision"] in state["history"][0]
     certificates = dict(state["certificates"])
     assert certificates["secure.example.test"].startswith(f"secure.example.test issued {not_after} (in ")

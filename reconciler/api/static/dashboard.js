@@ -244,6 +244,12 @@
        ago(attempted.at) + ", " + str(attempted.outcome || "-") + ", trigger " + str(attempted.trigger || "-")],
       ...Object.entries(rev.commits || {}).sort().map(([src, commit]) => ["git commit", str(commit), src]),
     ];
+    const node = d.node;
+    if (node) {  // who this node is; the config hash is equal on every node of a converged fleet
+      items.push(["node", str(node.name || "-"), node.fleet ? "fleet node" : "single node"]);
+      items.push(["config hash", str(node.config_hash || "-"),
+                  "certificates in " + str(node.tls_storage || "-") + (node.shared_storage ? " (shared)" : "")]);
+    }
     $("revisions").replaceChildren(...items.flatMap(([k, v, note]) =>
       [el("dt", {}, k), el("dd", {}, el("code", {}, v), " ", el("span", {class: "muted"}, note))]));
     const passes = [...(d.history || [])].reverse();
