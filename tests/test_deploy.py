@@ -197,6 +197,7 @@ def test_the_daemonset_feeds_the_daemon_and_probes_it() -> None:
         assert {p["hostPort"] for p in ingress["ports"] if "hostPort" in p} == {80, 443}
         env = {e["name"]: e.get("value") for e in ingress["env"]}
         assert env["HYPEMAN_INSTANCES_DIR"] == "/instances" and env["HYPEMAN_DATA_DIR"] == "/var/lib/hypeman"
+        assert env["HYPEMAN_FLEET"] == "true"  # every node serves one source: the API read-only
         (init,) = pod["initContainers"]  # the hostPath data dir handed to the daemon's user: the one root step
         assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
         assert "chown 10001:10001 /var/lib/hypeman" in init["command"][-1]
