@@ -92,7 +92,8 @@ def test_metrics_per_host_follow_the_setting() -> None:
 
 def test_settings_from_env() -> None:
     s = Settings.from_env({"HYPEMAN_ACCESS_LOGS": "ALL", "HYPEMAN_TRAFFIC_METRICS": "false",
-                           "HYPEMAN_ACCESS_LOG_ROLL_MB": "7", "HYPEMAN_ACCESS_LOG_REDACT_HEADERS": "x-my-token, Authorization"})
+                           "HYPEMAN_ACCESS_LOG_ROLL_MB": "7",
+                           "HYPEMAN_ACCESS_LOG_REDACT_HEADERS": "x-my-token, Authorization"})
     assert (s.access_logs, s.traffic_metrics, s.access_log_roll_mb) == ("all", False, 7)
     redacted = s.access_log_redact_headers
     assert "X-My-Token" in redacted and redacted.count("Authorization") == 1
