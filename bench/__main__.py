@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import churn, loadcost, scenarios
+from bench import churn, loadcost, scenarios, traffic
 from bench.figures import Figure
 from reconciler.caddy.admin import AdminClient
 from reconciler.loop.reconcile import Reconciler
@@ -118,6 +118,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "churn": lambda a: churn.scenario_churn(a.big),
     "restarts": lambda a: churn.scenario_restarts(),
     "load-cost": lambda a: loadcost.scenario_load_cost(),
+    "traffic": lambda a: traffic.scenario_traffic(a.n),
 }
 
 

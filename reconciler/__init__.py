@@ -10,9 +10,9 @@ is PURE: no logging, networking, processes or clock reading::
     6  api                                          the HTTP API: a thin writer onto {data}/ingresses
     5  loop                                         the outer loop, the pass's stages, Caddy's keeper
     4  sources caddy responder state                I/O edges: readers, watcher | Caddy | DNS responder | state
-    3  validate* render* diff* status* statustable*  rules, Caddy JSON, diff, statuses, the status table
+    3  validate* render* diff* status* statustable* traffic*  rules, Caddy JSON, diff, statuses, status table, traffic
     3  fleet*                                       the node-neutral config hash a fleet compares
-    2  model* schema* layout* zone* procutil        dataclasses, JSON Schema, routing layout, DNS names | processes
+    2  model* schema* layout* zone* accesslog* procutil  dataclasses, schema, layout, DNS names, access logs | processes
     1  settings* parse* memo* jsonutil* fsutil      values, YAML/JSON parsing, memo, JSON | file writes
     0  errors*                                      the error tree
 """

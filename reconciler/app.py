@@ -26,6 +26,7 @@ from reconciler.caddy.certs import CertificateTracker, issuer_storage_key
 from reconciler.caddy.configfile import ConfigFile
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
+from reconciler.caddy.traffic import HostMaps, TrafficCollector
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import StorageError
 from reconciler.fsutil import StorageHealth
@@ -227,6 +228,11 @@ class Daemon:
                              prefetched=first.take)
             self.service = Service(loop=self.loop, storage=self.storage, metrics=metrics, client=self.client,
                                    responder=responder, node=node)
+            if s.traffic_metrics:  # Caddy's per-host series, relabelled per ingress of the last pass
+                traffic = TrafficCollector(s.admin_url, HostMaps(
+                    lambda: snap.desired.ingresses if (snap := reconciler.snapshot) is not None else None))
+                metrics.registry.register(traffic)
+                self._stoppable.append(traffic.close)
             if s.api_listen:  # imported here: it loads while the first read runs
                 from reconciler.api.server import serve
 

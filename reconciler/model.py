@@ -179,6 +179,9 @@ class Ingress(Record):
     rules: tuple[Rule, ...]
     origin: Origin
     created_at: str | None = None
+    #: the manifest's ``access_log`` (None: not said; ``HYPEMAN_ACCESS_LOGS`` decides, see
+    #: :func:`reconciler.accesslog.logged`)
+    access_log: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,10 @@ TLS (``tls: true``): the rule's server keeps automatic HTTPS (certificates) but 
 redirects; every TLS hostname is a subject of one explicit automation policy whose issuer comes from the
 settings (ACME with HTTP-01/TLS-ALPN-01 or DNS-01, or Caddy's internal CA), plus a catch-all policy
 with the same issuer. ``redirect_http: true`` adds a 308 route for that hostname on the HTTP port.
+
+Traffic: ``apps.http.metrics.per_host`` (``HYPEMAN_TRAFFIC_METRICS``) makes Caddy count requests, errors and
+latency per host (relabelled per ingress by :mod:`reconciler.traffic`); ingresses that log
+(:func:`reconciler.accesslog.logged`) get ``logs`` on their servers and a file in ``logging``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from reconciler.accesslog import logged, logging_block, server_logs
 from reconciler.jsonutil import compact, compact_bytes
 from reconciler.layout import (
     INSTANCE_VAR,
@@ -241,6 +246,8 @@ class _Entry(NamedTuple):
     tls: bool
     #: the place of a hostname pattern among a server's routes (None: an exact host), see :func:`_order`
     pattern: tuple[int, int, str] | None
+    #: the ingress whose access log takes this route's requests (None: not logged), see reconciler.accesslog
+    logger: str | None = None
 
 
 @dataclass(slots=True)
@@ -254,9 +261,10 @@ class _Port:
     bucket: dict[int, int] = field(default_factory=dict)  # entry index -> its bucket (bucketed layouts)
 
 
-def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool]]:
-    """What decides where an ingress's routes go: port, hostname, route id, TLS, pattern."""
-    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None) for e in entries]
+def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool, str | None]]:
+    """What decides where an ingress's routes go (and what else of the config they touch): port, hostname,
+    route id, TLS, pattern, access log."""
+    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None, e.logger) for e in entries]
 
 
 def _order(e: _Entry) -> tuple[int, int, int, str, str]:
@@ -350,6 +358,7 @@ class Renderer:
 
     def _entries(self, ingress: Ingress) -> list[_Entry]:
         name, zone, proxy = ingress.name, self.settings.dns_zone, self._proxy
+        logger = name if logged(ingress.access_log, self.settings.access_logs) else None
         out: list[_Entry] = []
         for index, r in enumerate(ingress.rules):
             rid = route_id(name, index)
@@ -357,14 +366,14 @@ class Renderer:
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
             if pattern is None and r.hold is None:
                 dial, instance = upstream(r, zone)
-                out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None))
+                out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:
                 route = _route(rid, r, self.settings)
-                out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern))
+                out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern, logger))
             if r.tls and r.redirect_http:
                 redirect = _redirect_route(name, index, host, r.port)
                 out.append(_Entry(self.settings.http_port, host, redirect["@id"], r, redirect,
-                                  member(host, redirect, proxy), False, pattern))
+                                  member(host, redirect, proxy), False, pattern, logger))
         return out
 
     def __call__(self, desired: Desired) -> dict[str, Any]:
@@ -385,11 +394,14 @@ class Renderer:
             ports[number], servers[server_name(number)] = self._server(number, by_port[number], buckets)
         tls_hosts = {e.hostname for entries in by_port.values() for e in entries if e.tls and e.pattern is None}
         tls_patterns = {e.hostname for entries in by_port.values() for e in entries if e.tls and e.pattern}
-        config = {
+        config: dict[str, Any] = {
             "admin": admin_block(self.settings),
             "storage": {"module": "file_system", "root": self.settings.storage_dir},
             "apps": self._apps(servers, tls_hosts, tls_patterns),
         }
+        loggers = {e.logger for entries in by_port.values() for e in entries if e.logger is not None}
+        if loggers:
+            config["logging"] = logging_block(self.settings, sorted(loggers))
         # all of the memory at once: a render that failed half-way leaves the last one whole
         given = tuple(r.ingress for r in desired.ingresses)
         self._memo, self._buckets, self._given, self._ports, self._config = memo, buckets, given, ports, config
@@ -427,6 +439,9 @@ class Renderer:
         else:
             server["automatic_https"] = {"disable": True}
         server["errors"] = {"routes": error_routes()}
+        logged_hosts = {e.hostname: e.logger for e in entries if e.logger is not None}
+        if logged_hosts:
+            server["logs"] = server_logs(logged_hosts)
         return port, server
 
     def _apps(self, servers: dict[str, Any], tls_hosts: set[str], tls_patterns: set[str]) -> dict[str, Any]:
@@ -434,6 +449,10 @@ class Renderer:
         apps: dict[str, Any] = {
             "http": {"http_port": settings.http_port, "https_port": settings.https_port, "servers": servers},
         }
+        if settings.traffic_metrics:
+            # request counts, errors and latency per host; Caddy labels only the hosts of its host matchers
+            # (others: "_other"), see reconciler.traffic
+            apps["http"]["metrics"] = {"per_host": True}
         if tls_hosts or tls_patterns:
             the_issuer = issuer(settings.tls)
             wildcard = settings.listen_address in ("", "0.0.0.0", "::", "[::]")

@@ -240,6 +240,39 @@ def _zone(env: Mapping[str, str]) -> str:
     return raw
 
 
+#: ``HYPEMAN_ACCESS_LOGS``: no access logs; only ingresses whose manifest says ``access_log: true``; every
+#: ingress unless its manifest says ``access_log: false`` (see reconciler.render: Caddy's cost per request
+#: grows with the number of logged hosts, so at scale logs are chosen ingress by ingress)
+ACCESS_LOG_MODES = ("off", "opt-in", "all")
+#: request headers that carry credentials besides the ones Caddy already redacts (Authorization,
+#: Proxy-Authorization, Cookie, Set-Cookie); ``HYPEMAN_ACCESS_LOG_REDACT_HEADERS`` adds to them
+REDACTED_HEADERS = ("X-Api-Key", "Api-Key", "X-Auth-Token", "X-Access-Token", "X-Amz-Security-Token",
+                    "X-Csrf-Token", "X-Xsrf-Token", "Private-Token", "X-Goog-Api-Key", "X-Vault-Token",
+                    "Proxy-Authorization", "Authorization", "Cookie", "Set-Cookie")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+
+
+def canonical_header(name: str) -> str:
+    """Go's canonical form of a header name (how Caddy's access log keys its headers): ``x-api-key`` ->
+    ``X-Api-Key``."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def _access_logs(env: Mapping[str, str]) -> str:
+    raw = (env.get("HYPEMAN_ACCESS_LOGS") or "opt-in").strip().lower()
+    if raw not in ACCESS_LOG_MODES:
+        raise ConfigError(f"HYPEMAN_ACCESS_LOGS={raw!r}: expected one of {', '.join(ACCESS_LOG_MODES)}")
+    return raw
+
+
+def _redact_headers(env: Mapping[str, str]) -> tuple[str, ...]:
+    extra = [h.strip() for h in (env.get("HYPEMAN_ACCESS_LOG_REDACT_HEADERS") or "").split(",") if h.strip()]
+    for name in extra:
+        if not _HEADER_NAME.match(name):
+            raise ConfigError(f"HYPEMAN_ACCESS_LOG_REDACT_HEADERS: {name!r} is not a header name")
+    return tuple(dict.fromkeys(canonical_header(h) for h in (*REDACTED_HEADERS, *extra)))
+
+
 def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
     """``TLS_ALLOWED_DOMAINS``: exact names, ``*.example.com`` = exactly one label, ``*`` = any; unset
     (None) allows every hostname, set but empty allows none (as hypeman)."""
@@ -316,6 +349,21 @@ class Settings:
     tls_storage_dir: str | None = None
     #: this node's name in ``/status`` and metrics (None: the host name, looked up by the daemon)
     node_name: str | None = None
+    #: Caddy counts requests per host (``apps.http.metrics.per_host``) and our /metrics serves them with an
+    #: ``ingress`` label (see reconciler.traffic)
+    traffic_metrics: bool = True
+    #: which ingresses get a JSON access log file of their own (:data:`ACCESS_LOG_MODES`)
+    access_logs: str = "opt-in"
+    #: rotation of each access log file: roll at this size, keep this many rolled files, for this many days
+    access_log_roll_mb: int = 100
+    access_log_roll_keep: int = 5
+    access_log_roll_keep_days: int = 14
+    #: request and response headers whose values never reach an access log (canonical names)
+    access_log_redact_headers: tuple[str, ...] = REDACTED_HEADERS
+
+    @property
+    def access_log_dir(self) -> str:
+        return os.path.join(self.data_dir, "logs", "access")
 
     @property
     def admin_listen(self) -> str:
@@ -398,6 +446,12 @@ class Settings:
             "fleet": _bool(env, "HYPEMAN_FLEET", False),
             "tls_storage_dir": _absolute(env, "HYPEMAN_TLS_STORAGE_DIR"),
             "node_name": _node_name(env),
+            "traffic_metrics": _bool(env, "HYPEMAN_TRAFFIC_METRICS", True),
+            "access_logs": _access_logs(env),
+            "access_log_roll_mb": _int(env, "HYPEMAN_ACCESS_LOG_ROLL_MB", 100, 1, 100_000),
+            "access_log_roll_keep": _int(env, "HYPEMAN_ACCESS_LOG_ROLL_KEEP", 5, 1, 10_000),
+            "access_log_roll_keep_days": _int(env, "HYPEMAN_ACCESS_LOG_ROLL_KEEP_DAYS", 14, 1, 36_500),
+            "access_log_redact_headers": _redact_headers(env),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

@@ -159,6 +159,7 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         rules=tuple(rules),
         origin=doc.origin,
         created_at=data.get("created_at"),
+        access_log=data.get("access_log"),
     )
     return ingress, []
 

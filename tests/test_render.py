@@ -118,6 +118,24 @@ CASES: dict[str, tuple[list[dict[str, str]], str, Settings]] = {
                  http_port=18080, https_port=18443, tls=TLSSettings(issuer="internal")),
     ),
     "empty": ([], "", SETTINGS),
+    # access logs: "logged" opts in (an exact host, a pattern, a TLS host with its redirect), "quiet" says
+    # nothing (opt-in: not logged); traffic metrics off
+    "access-logs": (
+        [
+            {
+                "a.yaml": "access_log: true\n" + m("logged", r("log.example.com", None, "web"),
+                                                   r('"{vm}.apps.example.com"', None, "{vm}"),
+                                                   r("secure.example.com", None, "api",
+                                                     extra="    tls: true\n    redirect_http: true\n")),
+                "b.yaml": m("quiet", r("quiet.example.com", None, "web")),
+            },
+        ],
+        INSTANCES,
+        Settings(data_dir="/var/lib/hypeman", admin_port=2019, listen_address="127.0.0.1", http_port=80,
+                 https_port=443, tls=TLSSettings(issuer="internal"), traffic_metrics=False,
+                 access_log_roll_mb=10, access_log_roll_keep=3, access_log_roll_keep_days=7,
+                 api_listen="127.0.0.1:8190"),
+    ),
 }
 
 

@@ -282,7 +282,9 @@ class _Endpoints:
         return JSONResponse({"ready": ok, "message": why}, status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.backend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        # on a thread: the traffic series may wait (briefly, bounded) for Caddy's admin API
+        text = await anyio.to_thread.run_sync(self.backend.metrics_text)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())

@@ -112,7 +112,10 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
         if r.redirect_http:
             rule["redirect_http"] = True
         rules.append(rule)
-    return {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
+    body: dict[str, Any] = {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
+    if ing.access_log is not None:
+        body["access_log"] = ing.access_log
+    return body
 
 
 def remove_stale_temp_files(directory: str, *, wall: Callable[[], float] = time.time,
@@ -307,7 +310,7 @@ class ManifestWriter:
 
     @staticmethod
     def _dump(data: dict[str, Any]) -> str:
-        ordered = {k: data[k] for k in ("name", "id", "created_at", "rules") if k in data}
+        ordered = {k: data[k] for k in ("name", "id", "created_at", "access_log", "rules") if k in data}
         header = "# written by the hypeman-ingress API; edits by hand are picked up like any manifest\n"
         return header + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
 
