@@ -488,3 +488,38 @@ def test_a_process_is_known_by_its_binary_after_the_file_was_replaced(tmp_path: 
         proc.kill()
         proc.wait()
     assert process_exe(proc.pid) is None
+
+
+@pytest.mark.caddy
+def test_an_upgrade_to_another_build_of_the_same_caddy_keeps_serving(
+        tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory) -> None:
+    """The reconciler is upgraded and now brings another build of the same Caddy version (an ``xcaddy``
+    build with DNS modules says the same version as the wheel's): the new copy replaces the installed one
+    in place while the old Caddy runs. The old Caddy keeps serving and is adopted -- not mistaken for a
+    stranger on the admin port -- and the new build is what the next Caddy start runs."""
+    a = backends("a")
+    manifests, instances = tmp_path / "manifests", tmp_path / "instances"
+    write(instances / "vms.yaml", instance_yaml("vm"))
+    port = free_port()
+    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
+    d = daemon_factory(manifests=[manifests], instances=instances, resync=3600).start()
+    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
+    pid = d.caddy_pid()
+    assert pid is not None
+    d.stop()  # the reconciler only: Caddy keeps serving meanwhile
+    assert routed_to(port, "web.test", "a")
+
+    rebuilt = tmp_path / "rebuilt" / "caddy"
+    rebuilt.parent.mkdir()
+    shutil.copy2(find_caddy({}), rebuilt)
+    with open(rebuilt, "ab") as fh:  # same version, other bytes (trailing data: the binary still runs)
+        fh.write(b"\0another build\0")
+    assert caddy_version(str(rebuilt)) == caddy_version(find_caddy({}))
+    d.env["CADDY_BINARY"] = str(rebuilt)
+    d.start()
+    assert [e["pid"] for e in d.log_events("caddy.adopted")] == [pid]
+    assert d.caddy_pid() == pid and routed_to(port, "web.test", "a")
+    assert os.readlink(f"/proc/{pid}/exe").endswith(" (deleted)")  # its file was replaced under it
+    installed = installed_path(d.data_dir, caddy_version(str(rebuilt)))
+    assert sha256_file(str(installed)) == sha256_file(str(rebuilt))
+    assert not d.log_events("caddy.start_failed") and d.proc is not None and d.proc.poll() is None
