@@ -7,7 +7,7 @@ is PURE: no logging, networking, processes or clock reading::
     9  cli                                          parse the flags, call the command
     8  commands                                     what each command does (run, validate, render, ...)
     7  app                                          the composition root: builds, runs and stops the daemon
-    6  api                                          the HTTP API: a thin writer onto {data}/ingresses
+    6  api                                          the HTTP API (a thin writer onto {data}/ingresses), the dashboard
     5  loop                                         the outer loop, the pass's stages, Caddy's keeper
     4  sources caddy responder state                I/O edges: readers, watcher | Caddy | DNS responder | state
     3  validate* render* diff* status* statustable* traffic*  rules, Caddy JSON, diff, statuses, status table, traffic

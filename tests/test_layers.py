@@ -99,3 +99,11 @@ def test_every_package_says_whether_it_is_pure() -> None:
     for init in PKG.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc, f"{init} has no docstring"
+
+
+def test_the_architecture_doc_shows_the_charter_as_it_stands() -> None:
+    """docs/architecture.md copies the layer table: it must not drift from the charter."""
+    doc = ast.get_docstring(ast.parse((PKG / "__init__.py").read_text())) or ""
+    rows = [line[4:] for line in doc.splitlines() if re.match(r"^\s{4}\d+\s{2}", line)]
+    text = (PKG.parent / "docs" / "architecture.md").read_text()
+    assert "```\n" + "\n".join(rows) + "\n```" in text
