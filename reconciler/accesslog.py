@@ -28,14 +28,17 @@ from reconciler.settings import Settings
 
 #: what a redacted value reads as in an access log (Caddy's own word for the headers it redacts)
 REDACTED = "REDACTED"
-#: query parameters whose values are credentials often enough to never log them (case-insensitive; a
-#: name that merely starts with one of these counts, e.g. ``token_type``, ``signature_v2``)
-SECRET_PARAMS = ("access_token", "refresh_token", "id_token", "token", "api_key", "apikey", "key", "password",
-                 "passwd", "pwd", "secret", "client_secret", "signature", "sig", "auth", "code", "session",
-                 "x-amz-credential", "x-amz-signature", "x-amz-security-token")
+#: query parameters whose values are credentials often enough to never log them (case-insensitive; ``_`` in
+#: a name also matches ``-`` or nothing, so ``api_key`` covers ``api-key`` and ``apikey``; a name that merely
+#: starts with one of these counts, e.g. ``token_type``, ``signature_v2``)
+SECRET_PARAMS = ("access_token", "refresh_token", "id_token", "token", "api_key", "key", "password", "passwd",
+                 "pwd", "pass", "secret", "client_secret", "signature", "sig", "auth", "code", "session", "jwt",
+                 "credential", "x_amz_credential", "x_amz_signature", "x_amz_security_token",
+                 "x_goog_credential", "x_goog_signature")
 #: Go (RE2) regexp over the logged ``request.uri``: a secret parameter's name, then its value up to the next
 #: ``&`` or ``#``; the value becomes :data:`REDACTED`
-QUERY_SECRET = r"(?i)([?&](?:" + "|".join(p.replace("-", "\\-") for p in SECRET_PARAMS) + r")[^=&#]*=)[^&#]*"
+QUERY_SECRET = (r"(?i)([?&](?:" + "|".join(p.replace("_", "[-_]?") for p in SECRET_PARAMS)
+                + r")[^=&#]*=)[^&#]*")
 
 
 def logged(access_log: bool | None, mode: str) -> bool:

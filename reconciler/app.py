@@ -28,7 +28,7 @@ from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.traffic import HostMaps, TrafficCollector
 from reconciler.caddy.validate import caddy_validate
-from reconciler.errors import StorageError
+from reconciler.errors import ConfigError, StorageError
 from reconciler.fsutil import StorageHealth
 from reconciler.loop.background import Background
 from reconciler.loop.changes import ChangeLog
@@ -137,6 +137,24 @@ class FirstRead:
         self.background.submit(reap)
 
 
+def shared_storage_ready(path: str) -> None:
+    """``HYPEMAN_TLS_STORAGE_DIR`` exists (made 0700 when missing) and this process may write there -- else
+    a clear error at start: without it Caddy could neither store a certificate nor take the locks that
+    make one order per name (say, a mount left out of systemd's ``ReadWritePaths=``, or not mounted yet)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        probe = os.path.join(path, f".hypeman-ingress-probe.{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"HYPEMAN_TLS_STORAGE_DIR={path} is not writable here ({exc.strerror or exc}): Caddy keeps "
+            "certificates, ACME accounts and locks there. Under systemd add it to ReadWritePaths= "
+            "(`systemctl edit hypeman-ingress`); in a container, mount it writable for the service's user"
+        ) from exc
+
+
 class Daemon:
     """``hypeman-ingress run``: :meth:`setup`, then :meth:`run` (which stops everything at its end)."""
 
@@ -189,6 +207,8 @@ class Daemon:
 
     def setup(self) -> None:
         s = self.settings
+        if s.shared_storage:
+            shared_storage_ready(s.storage_dir)
         store = StateStore(s.state_dir, health=self.storage)
         reader = InputReader(s, good=store.load_lastgood())
         good_before = reader.good()  # (copied before the first read starts updating the reader's maps)
@@ -230,7 +250,8 @@ class Daemon:
                                    responder=responder, node=node)
             if s.traffic_metrics:  # Caddy's per-host series, relabelled per ingress of the last pass
                 traffic = TrafficCollector(s.admin_url, HostMaps(
-                    lambda: snap.desired.ingresses if (snap := reconciler.snapshot) is not None else None))
+                    lambda: snap.desired.ingresses if (snap := reconciler.snapshot) is not None else None,
+                    http_port=s.http_port))
                 metrics.registry.register(traffic)
                 self._stoppable.append(traffic.close)
             if s.api_listen:  # imported here: it loads while the first read runs

@@ -1,7 +1,8 @@
 """The config hash a fleet compares: SHA-256 of the config a node loaded into Caddy, with the values that are
 this node's own -- its admin, listen, DNS and API addresses and its data dir -- written as placeholders.
 Nodes of one fleet that read the same git source then report equal hashes, whatever their addresses; any
-other difference (a manifest, a setting that changes routing, a different version of this program) shows.
+other difference in the config (a manifest, a setting that changes routing, a version of this program that
+renders differently) shows. The version itself is reported beside the hash (``node.version``).
 PURE.
 
 The placeholders are replaced in the encoded text (compact JSON, see ``reconciler.render.ConfigEncoder``)

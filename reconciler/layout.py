@@ -37,6 +37,11 @@ INSTANCE = "{hypeman.instance}"
 INSTANCE_VAR = "instance"
 
 
+def server_name(port: int) -> str:
+    """The name of the Caddy server of a port (also the ``server`` label of Caddy's metrics)."""
+    return f"ingress-{port}"
+
+
 def literal(text: str) -> str:
     """Escape Caddy placeholders: manifest/instance text quoted in a value Caddy expands (an unescaped
     ``{env.SECRET}`` would be expanded by Caddy)."""

@@ -44,6 +44,7 @@ from reconciler.layout import (
     literal,
     member,
     proxy_handlers,
+    server_name,
 )
 from reconciler.memo import IdentityMemo
 from reconciler.model import Desired, Ingress, Rule
@@ -55,10 +56,6 @@ _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options"
 
 def route_id(ingress: str, rule_index: int) -> str:
     return f"ingress.{ingress}.rule-{rule_index}"
-
-
-def server_name(port: int) -> str:
-    return f"ingress-{port}"
 
 
 def proxy_template(settings: Settings, hold: tuple[str, str] | None = None) -> dict[str, Any]:

@@ -71,8 +71,9 @@ def _absolute(env: Mapping[str, str], key: str) -> str | None:
     return os.path.normpath(raw)
 
 
-#: a node name: what a host name may hold (it labels metrics and status)
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: a node name: what a host name (or a Kubernetes node name, ``spec.nodeName``) may hold; it labels
+#: metrics and status
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
 def _node_name(env: Mapping[str, str]) -> str | None:
@@ -81,7 +82,7 @@ def _node_name(env: Mapping[str, str]) -> str | None:
         return None
     if not _NODE_NAME.match(raw):
         raise ConfigError(f"HYPEMAN_NODE_NAME={raw!r} is not a node name (letters, digits, '.', '_', '-'; "
-                          "at most 63 characters)")
+                          "at most 253 characters)")
     return raw
 
 

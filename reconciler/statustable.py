@@ -91,7 +91,9 @@ def node_lines(status: Status) -> list[str]:
         return []
     role = "fleet node" if node.get("fleet") else "single node"
     storage = f", certificates in {node.get('tls_storage')}" + (" (shared)" if node.get("shared_storage") else "")
-    return [f"node:           {node.get('name')} ({role}), config hash {node.get('config_hash') or '-'}{storage}"]
+    version = f", hypeman-ingress {node['version']}" if node.get("version") else ""
+    return [f"node:           {node.get('name')} ({role}{version}), config hash {node.get('config_hash') or '-'}"
+            f"{storage}"]
 
 
 def caddy_lines(status: Status) -> list[str]:

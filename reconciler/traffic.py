@@ -14,7 +14,8 @@ pattern.
 
 :func:`relabel` keeps those four families, drops the series of the lower-casing route of bucketed servers
 (handler ``headers``: it matches before the request's real route, so its requests are counted there) and
-gives every series an ``ingress`` label from the host -> ingress map of the last pass (:class:`HostMap`):
+gives every series an ``ingress`` label from the (server, host) -> ingress map of the last pass
+(:class:`HostMap`):
 an exact host as it is, a pattern's host as the pattern's wildcard (``*.example.com``), anything else --
 ``_other``, a host no ingress has (any more) -- as ``host="_other", ingress="_other"``. Series that end up
 with the same labels are added up (histograms bucket by bucket), so the output never has more series than
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from reconciler.layout import server_name
 from reconciler.zone import is_pattern, parse_pattern
 
 #: the families kept (name in Caddy's exposition -> type); request/response sizes and time to first byte
@@ -133,48 +135,63 @@ class _Ingress(Protocol):
 class _Rule(Protocol):
     @property
     def hostname(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def redirect_http(self) -> bool: ...
 
 
 class HostMap:
-    """Host -> (ingress, host label) of a set of resolved ingresses: exact hosts by name, patterns by their
-    wildcard (fewer ``*`` first, as Caddy's routes try them)."""
+    """(server, host) -> (ingress, host label) of a set of resolved ingresses: exact hosts by name, patterns
+    by their wildcard (fewer ``*`` first, as Caddy's routes try them). Keyed by Caddy's server (one per
+    port, :func:`reconciler.layout.server_name`) as well: a hostname is unique per port only, so one name on
+    two ports may belong to two ingresses. A TLS rule with ``redirect_http`` also owns its host on the HTTP
+    port (``http_port``: its redirect route)."""
 
-    def __init__(self, ingresses: Iterable[_Resolved]) -> None:
-        self.exact: dict[str, str] = {}
-        patterns: list[tuple[int, str, tuple[str, ...], str]] = []
+    def __init__(self, ingresses: Iterable[_Resolved], *, http_port: int = 80) -> None:
+        self.exact: dict[tuple[str, str], str] = {}
+        patterns: list[tuple[int, str, str, tuple[str, ...], str]] = []
         for resolved in ingresses:
             ing = resolved.ingress
             for rule in ing.rules:
                 host = rule.hostname.lower()
+                servers = [server_name(rule.port)]
+                if rule.tls and rule.redirect_http:
+                    servers.append(server_name(http_port))
                 if is_pattern(host):
                     parsed = parse_pattern(host)
                     if isinstance(parsed, str):
                         continue
                     labels = tuple(parsed.wildcard.split("."))
-                    patterns.append((parsed.stars, parsed.wildcard, labels, ing.name))
+                    patterns += [(parsed.stars, parsed.wildcard, server, labels, ing.name) for server in servers]
                 else:
-                    self.exact.setdefault(host, ing.name)
+                    for server in servers:
+                        self.exact.setdefault((server, host), ing.name)
         patterns.sort(key=lambda p: (p[0], p[1]))
-        self.patterns = [(wildcard, labels, name) for _, wildcard, labels, name in patterns]
-        self._seen: dict[str, tuple[str, str]] = {}
+        self.patterns = [(server, wildcard, labels, name) for _, wildcard, server, labels, name in patterns]
+        self._seen: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def lookup(self, host: str) -> tuple[str, str]:
-        """(ingress, host label) of the ``host`` label Caddy reported; ``(_other, _other)`` when no ingress
-        has it."""
-        hit = self._seen.get(host)
+    def lookup(self, host: str, server: str) -> tuple[str, str]:
+        """(ingress, host label) of the ``host`` label Caddy reported on ``server``; ``(_other, _other)``
+        when no ingress has it there."""
+        key = (server, host)
+        hit = self._seen.get(key)
         if hit is not None:
             return hit
         bare = _strip_port(host).rstrip(".").lower()
-        name = self.exact.get(bare)
+        name = self.exact.get((server, bare))
         out = (name, bare) if name is not None else (OTHER, OTHER)
         if name is None and bare != OTHER:
             given = bare.split(".")
-            for wildcard, labels, owner in self.patterns:
-                if len(labels) == len(given) and all(w == "*" or w == g for w, g in zip(labels, given, strict=True)):
+            for where, wildcard, labels, owner in self.patterns:
+                if where == server and len(labels) == len(given) and all(
+                        w == "*" or w == g for w, g in zip(labels, given, strict=True)):
                     out = (owner, wildcard)
                     break
         if len(self._seen) < 100_000:  # (bounded: hosts come from requests)
-            self._seen[host] = out
+            self._seen[key] = out
         return out
 
 
@@ -198,7 +215,7 @@ def relabel(parsed: Mapping[str, tuple[str, list[Sample]]], hosts: HostMap) -> l
             labels = dict(sample.labels)
             if "host" not in labels or labels.get("handler") in SKIPPED_HANDLERS:
                 continue
-            ingress, host = hosts.lookup(labels["host"])
+            ingress, host = hosts.lookup(labels["host"], labels.get("server", ""))
             labels["host"] = host
             labels["ingress"] = ingress
             key = (sample.name, tuple(labels.items()))

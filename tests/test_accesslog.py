@@ -111,6 +111,10 @@ def test_settings_from_env() -> None:
     ("/a?access_token=s3cr3t", f"/a?access_token={REDACTED}"),
     ("/a?monkey=banana&page=2", "/a?monkey=banana&page=2"),  # "key" only as a name's start
     ("/token=path?q=1", "/token=path?q=1"),
+    ("/a?api-key=s3cr3t&apikey=s3cr3t", f"/a?api-key={REDACTED}&apikey={REDACTED}"),  # any separator
+    ("/a?access-token=s3cr3t", f"/a?access-token={REDACTED}"),
+    ("/o?X-Goog-Signature=s3cr3t&X-Goog-Credential=c", f"/o?X-Goog-Signature={REDACTED}&X-Goog-Credential={REDACTED}"),
+    ("/o?X-Amz-Security-Token=s3cr3t", f"/o?X-Amz-Security-Token={REDACTED}"),
 ])
 def test_query_secrets_are_redacted(uri: str, expected: str) -> None:
     # Go's RE2 and Python's re agree on this pattern (no lookarounds, (?i) flag first)

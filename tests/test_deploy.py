@@ -212,6 +212,11 @@ def test_the_daemonset_feeds_the_daemon_and_probes_it() -> None:
             assert volumes["certs"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
             mounts = {m["name"]: m["mountPath"] for m in ingress["volumeMounts"]}
             assert env["HYPEMAN_FLEET"] == "true" and env["HYPEMAN_TLS_STORAGE_DIR"] == mounts["certs"]
+            # the init container hands the volume's top to the daemon's user too (NFS ignores fsGroup), and
+            # no pod start chowns the shared storage recursively
+            assert {"name": "certs", "mountPath": "/certs"} in init["volumeMounts"]
+            assert "chown 10001:10001 /certs" in init["command"][-1]
+            assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
             fleet = Settings.from_env({**{k: v for k, v in env.items() if v is not None},
                                        "ACME_EMAIL": "ops@example.com"}, manifest_dirs=(source,))
             assert fleet.fleet and fleet.storage_dir == "/certs"

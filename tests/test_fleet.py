@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,16 @@ from typing import Any
 import httpx
 import pytest
 
+from reconciler import __version__
 from reconciler.api.writer import ManifestWriter, Refusal, Refused
+from reconciler.app import shared_storage_ready
 from reconciler.errors import ConfigError
 from reconciler.fleet import config_hash, node_tokens
 from reconciler.render import ConfigEncoder, Renderer, admin_block
 from reconciler.settings import Settings
 from reconciler.sources.dirs import sources_for
 from reconciler.statustable import node_lines
-from tests.helpers import Daemon, free_port, instance_yaml, wait_for, write
+from tests.helpers import Daemon, free_port, instance_yaml, scrubbed_environ, wait_for, write
 from tests.pebble import Pebble, https_get, missing_reason, require_pebble
 from tests.test_tls import desired_of, manifest, rule, tls_env
 
@@ -42,6 +45,8 @@ def test_fleet_settings_are_read_and_checked() -> None:
     plain = Settings.from_env({"HYPEMAN_DATA_DIR": "/var/lib/x"})
     assert (plain.fleet, plain.storage_dir, plain.shared_storage, plain.node_name) == (
         False, "/var/lib/x/caddy/data", False, None)
+    long_name = "ip-10-0-0-1." + "a" * 200 + ".compute.internal"  # a Kubernetes node name may be that long
+    assert Settings.from_env({"HYPEMAN_NODE_NAME": long_name}).node_name == long_name
 
 
 @pytest.mark.parametrize(("env", "needle"), [
@@ -49,6 +54,7 @@ def test_fleet_settings_are_read_and_checked() -> None:
     ({**FLEET_ENV, "ACME_EMAIL": "ops@example.com"}, "needs HYPEMAN_TLS_STORAGE_DIR"),
     ({"HYPEMAN_TLS_STORAGE_DIR": "certs"}, "HYPEMAN_TLS_STORAGE_DIR='certs' is not an absolute path"),
     ({"HYPEMAN_NODE_NAME": "edge 1"}, "HYPEMAN_NODE_NAME='edge 1' is not a node name"),
+    ({"HYPEMAN_NODE_NAME": "n" * 254}, "at most 253 characters"),
     ({"HYPEMAN_FLEET": "maybe"}, "HYPEMAN_FLEET='maybe' is not a boolean"),
 ])
 def test_bad_fleet_settings_fail_naming_the_variable(env: dict[str, str], needle: str) -> None:
@@ -129,9 +135,9 @@ def test_what_changes_routing_changes_the_hash(change: str) -> None:
 
 
 def test_the_status_table_names_the_node_and_its_hash() -> None:
-    line = node_lines({"node": {"name": "edge-1", "fleet": True, "config_hash": "0123456789abcdef",
-                                "tls_storage": "/mnt/certs", "shared_storage": True}})
-    assert line == ["node:           edge-1 (fleet node), config hash 0123456789abcdef, "
+    line = node_lines({"node": {"name": "edge-1", "version": "0.1.0", "fleet": True, "shared_storage": True,
+                                "config_hash": "0123456789abcdef", "tls_storage": "/mnt/certs"}})
+    assert line == ["node:           edge-1 (fleet node, hypeman-ingress 0.1.0), config hash 0123456789abcdef, "
                     "certificates in /mnt/certs (shared)"]
     assert node_lines({}) == []
 
@@ -271,6 +277,7 @@ def test_two_nodes_one_git_source_one_order_per_name(tmp_path: Path, pebble_for:
     infos = wait_for(lambda: converged(first), timeout=20, message="both nodes report the first commit")
     assert infos["node-a"]["config_hash"] == infos["node-b"]["config_hash"]
     assert {i["node"] for i in infos.values()} == set(addresses) and all(i["fleet"] == "true" for i in infos.values())
+    assert {i["version"] for i in infos.values()} == {__version__}
     configs = {name: httpx.get(f"http://{addresses[name]}:{d.admin_port}/config/", timeout=5).text
                for name, d in nodes.items()}
     assert configs["node-a"] != configs["node-b"]  # their own addresses differ ...
@@ -289,8 +296,8 @@ def test_two_nodes_one_git_source_one_order_per_name(tmp_path: Path, pebble_for:
         resp2 = httpx.get(f"http://{ip}:{hp}/", headers={"Host": "plain.test"}, timeout=5)
         assert resp2.status_code == 200 and resp2.text.startswith("backend=web ")
     st = status_of(nodes["node-b"])
-    assert st["node"] == {"name": "node-b", "fleet": True, "tls_storage": str(shared), "shared_storage": True,
-                          "config_hash": infos2["node-b"]["config_hash"]}
+    assert st["node"] == {"name": "node-b", "version": __version__, "fleet": True, "tls_storage": str(shared),
+                          "shared_storage": True, "config_hash": infos2["node-b"]["config_hash"]}
     assert st["revision"]["commits"] == {str(sync.link): second}
     assert pebble.orders() == 2  # nothing ordered again
 
@@ -299,7 +306,8 @@ def test_two_nodes_one_git_source_one_order_per_name(tmp_path: Path, pebble_for:
         created = httpx.post(f"{d.api_url}/ingresses", timeout=5, json={
             "name": "x", "rules": [{"match": {"hostname": "x.test"}, "target": {"instance": "web", "port": 80}}]})
         deleted = httpx.delete(f"{d.api_url}/ingresses/app", timeout=5)
-        for resp3 in (created, deleted):
+        garbage = httpx.post(f"{d.api_url}/ingresses", timeout=5, content=b"not json")  # refused before reading
+        for resp3 in (created, deleted, garbage):
             assert resp3.status_code == 409 and resp3.json()["code"] == "fleet_read_only", resp3.text
             assert "commit the change" in resp3.json()["message"]
         assert httpx.get(f"{d.api_url}/ingresses/app", timeout=5).status_code == 200
@@ -313,3 +321,27 @@ def test_admin_names_a_loopback_address_caddy_would_not_allow(address: str, orig
     """Caddy accepts only localhost, 127.0.0.1 and ::1 as the Host of a loopback admin listener by default:
     a node on 127.0.0.2 (several nodes on one host) must name its address, or Caddy refuses its requests."""
     assert admin_block(Settings(admin_address=address)).get("origins") == origins
+
+
+def test_an_unwritable_shared_storage_stops_the_start_naming_the_variable(tmp_path: Path) -> None:
+    """A certificate storage the service cannot write (left out of systemd's ReadWritePaths=, not mounted,
+    a file in its way) is an error at start naming HYPEMAN_TLS_STORAGE_DIR and what to do -- not a Caddy
+    that fails every order later."""
+    in_the_way = tmp_path / "not-a-dir"
+    in_the_way.write_text("")
+    storage = in_the_way / "certs"
+    with pytest.raises(ConfigError) as info:
+        shared_storage_ready(str(storage))
+    assert f"HYPEMAN_TLS_STORAGE_DIR={storage} is not writable" in str(info.value)
+    assert "ReadWritePaths=" in str(info.value)
+    fine = tmp_path / "certs"
+    shared_storage_ready(str(fine))
+    assert fine.is_dir() and (fine.stat().st_mode & 0o777) == 0o700 and not list(fine.iterdir())
+
+    env = {**scrubbed_environ(), **FLEET_ENV, "HYPEMAN_MANIFESTS": str(tmp_path / "git"),
+           "HYPEMAN_TLS_STORAGE_DIR": str(storage), "HYPEMAN_API_LISTEN": "off"}
+    done = subprocess.run([sys.executable, "-m", "reconciler.cli", "run", "--data-dir", str(tmp_path / "data")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "configuration error: HYPEMAN_TLS_STORAGE_DIR=" in done.stderr
+    assert not (tmp_path / "data" / "caddy").exists()  # nothing started

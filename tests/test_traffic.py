@@ -14,13 +14,15 @@ from reconciler.traffic import OTHER, HostMap, parse, relabel
 from tests.helpers import FakeClock
 
 
-def resolved(name: str, *hosts: str) -> ResolvedIngress:
-    rules = tuple(Rule(h, 80, "vm", 8080) for h in hosts)
+def resolved(name: str, *hosts: str, port: int = 80, tls: bool = False, redirect: bool = False
+             ) -> ResolvedIngress:
+    rules = tuple(Rule(h, port, "vm", 8080, tls=tls, redirect_http=redirect) for h in hosts)
     return ResolvedIngress(Ingress(name, name, rules, Origin(0, f"{name}.yaml", 0, f"{name}.yaml", 1)), ())
 
 
 HOSTS = HostMap([resolved("shop", "shop.example.com", "www.shop.example.com"),
-                 resolved("apps", "{vm}.apps.example.com"), resolved("deep", "{a}.{b}.example.com")])
+                 resolved("apps", "{vm}.apps.example.com", port=443, tls=True),
+                 resolved("deep", "{a}.{b}.example.com", port=443, tls=True)])
 
 H = 'code="200",handler="vars",method="GET",server="ingress-443"'
 CADDY = f"""\
@@ -67,14 +69,31 @@ def series(families: list[Any], name: str) -> dict[tuple[tuple[str, str], ...], 
 
 
 def test_host_map_exact_pattern_port_and_other() -> None:
-    assert HOSTS.lookup("shop.example.com") == ("shop", "shop.example.com")
-    assert HOSTS.lookup("SHOP.example.com:8080") == ("shop", "shop.example.com")
-    assert HOSTS.lookup("vm7.apps.example.com") == ("apps", "*.apps.example.com")
-    assert HOSTS.lookup("a.apps.example.com") == ("apps", "*.apps.example.com")  # one star beats two
-    assert HOSTS.lookup("p.q.example.com") == ("deep", "*.*.example.com")
-    assert HOSTS.lookup("apps.example.com") == (OTHER, OTHER)
-    assert HOSTS.lookup(OTHER) == (OTHER, OTHER)
-    assert HOSTS.lookup("[::1]:80") == (OTHER, OTHER)
+    assert HOSTS.lookup("shop.example.com", "ingress-80") == ("shop", "shop.example.com")
+    assert HOSTS.lookup("SHOP.example.com:8080", "ingress-80") == ("shop", "shop.example.com")
+    assert HOSTS.lookup("shop.example.com", "ingress-443") == (OTHER, OTHER)  # not its port
+    assert HOSTS.lookup("vm7.apps.example.com", "ingress-443") == ("apps", "*.apps.example.com")
+    assert HOSTS.lookup("a.apps.example.com", "ingress-443") == ("apps", "*.apps.example.com")  # 1 star first
+    assert HOSTS.lookup("p.q.example.com", "ingress-443") == ("deep", "*.*.example.com")
+    assert HOSTS.lookup("apps.example.com", "ingress-443") == (OTHER, OTHER)
+    assert HOSTS.lookup(OTHER, "ingress-80") == (OTHER, OTHER)
+    assert HOSTS.lookup("[::1]:80", "ingress-80") == (OTHER, OTHER)
+
+
+def test_one_hostname_on_two_ports_is_two_ingresses() -> None:
+    """Hostnames are unique per port only: the server Caddy names tells the two apart; a TLS rule's
+    redirect on the HTTP port counts for its ingress."""
+    hosts = HostMap([resolved("plain", "x.example.com"), resolved("alt", "x.example.com", port=8080),
+                     resolved("secure", "s.example.com", port=443, tls=True, redirect=True)], http_port=80)
+    assert hosts.lookup("x.example.com", "ingress-80") == ("plain", "x.example.com")
+    assert hosts.lookup("x.example.com:8080", "ingress-8080") == ("alt", "x.example.com")
+    assert hosts.lookup("s.example.com", "ingress-443") == ("secure", "s.example.com")
+    assert hosts.lookup("s.example.com", "ingress-80") == ("secure", "s.example.com")  # its redirect
+    assert hosts.lookup("s.example.com", "ingress-8080") == (OTHER, OTHER)
+    text = ('caddy_http_requests_total{handler="vars",host="x.example.com",server="ingress-80"} 3\n'
+            'caddy_http_requests_total{handler="vars",host="x.example.com",server="ingress-8080"} 5\n')
+    assert series(relabel(parse(text), hosts), "caddy_http_requests_total") == {
+        (("host", "x.example.com"), ("ingress", "plain")): 3, (("host", "x.example.com"), ("ingress", "alt")): 5}
 
 
 def test_parse_keeps_only_the_traffic_families() -> None:
@@ -160,5 +179,5 @@ def test_host_maps_are_built_once_per_pass() -> None:
     first = maps()
     assert maps() is first
     current = [resolved("b", "b.example.com")]
-    assert maps() is not first and maps().lookup("b.example.com") == ("b", "b.example.com")
-    assert HostMaps(lambda: None)().lookup("a.example.com") == (OTHER, OTHER)
+    assert maps() is not first and maps().lookup("b.example.com", "ingress-80") == ("b", "b.example.com")
+    assert HostMaps(lambda: None)().lookup("a.example.com", "ingress-80") == (OTHER, OTHER)

@@ -423,3 +423,39 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     state = wait_page(page, banner, "the page's error banner")
     assert "cannot load the status" in state["error"] and "showing the last one" in state["error"]
     assert set(state["ingresses"]) == {"shop", "reports", "secure"}
+
+
+VALID = ('{"name": "evil", "rules": [{"match": {"hostname": "evil.example.com"}, '
+         '"target": {"instance": "vm", "port": 80}}]}')
+
+
+@pytest.mark.parametrize("token", [TOKEN, None], ids=["token", "no-token"])
+def test_a_web_page_cannot_write_through_the_browser(token: str | None, tmp_path: Path,
+                                                     client_for: Callable[[str | None], TestClient]) -> None:
+    """Cross-site request forgery: a page the operator visits makes the browser POST (a form's text/plain
+    body is valid JSON) or DELETE, with the Basic login it keeps for the dashboard. Refused: Basic is for
+    reads only, and a browser's Origin / Sec-Fetch-Site of another site is refused whatever the login."""
+    client = client_for(token)
+    creds = basic("admin", TOKEN) if token else {}
+    api_dir = tmp_path / "data" / "ingresses"
+    forged = [{"Origin": "http://evil.example", "Content-Type": "text/plain"},
+              {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+              {"Origin": "http://testserver.evil.example"}]
+    for headers in forged:
+        for method, path, body in (("POST", "/ingresses", VALID), ("DELETE", "/ingresses/web", None)):
+            r = client.request(method, path, content=body, headers={**creds, **headers})
+            assert r.status_code == 403 and r.json()["code"] == "cross_origin", (method, headers, r.text)
+            assert "another" in r.json()["message"]
+    assert not list(api_dir.iterdir())  # nothing written
+    if token:  # Basic credentials never write, even from no page at all
+        r = client.post("/ingresses", content=VALID, headers=creds)
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        assert client.get("/ingresses", headers=creds).status_code == 200  # they read
+        creds = {"Authorization": f"Bearer {token}"}
+    # API clients (no Origin, or this API's own, or a same-origin page) get through to the writer: a body
+    # that breaks the schema is its 400, not a refusal at the door
+    for headers in ({}, {"Origin": "http://testserver"}, {"Sec-Fetch-Site": "same-origin"},
+                    {"Sec-Fetch-Site": "none"}):
+        r = client.post("/ingresses", content='{"name": "x"}', headers={**creds, **headers})
+        assert r.status_code == 400 and r.json()["code"] == "bad_request", (headers, r.text)
+    assert not list(api_dir.iterdir())

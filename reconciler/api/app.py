@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from reconciler.api.auth import authorized, refusal
+from reconciler.api.auth import authorized, cross_origin_write, refusal
 from reconciler.api.openapi import openapi_document
 from reconciler.api.ui import ui_routes
 from reconciler.api.writer import Found, ManifestWriter, Refusal, Refused, check_ref, ingress_body
@@ -117,9 +117,14 @@ class _Auth(BaseHTTPMiddleware):
         self._token = token.encode() if token else None
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        path = request.url.path
+        path, headers = request.url.path, request.headers
+        forged = cross_origin_write(request.method, headers.get("host"), headers.get("origin"),
+                                    headers.get("sec-fetch-site"))
+        if forged is not None:
+            log.warning("api.cross_origin_refused", method=request.method, path=path, why=forged)
+            return error(403, "cross_origin", f"refused: {forged}; writes come from API clients, not web pages")
         if (self._token is not None and path not in OPEN_PATHS
-                and not authorized(request.headers.get("authorization", ""), self._token)):
+                and not authorized(headers.get("authorization", ""), self._token, request.method)):
             message, challenge = refusal(path)
             response = error(401, "unauthorized", message)
             response.headers["WWW-Authenticate"] = challenge  # RFC 9110: a 401 names the scheme
@@ -209,6 +214,7 @@ class _Endpoints:
 
     @_handled
     async def create(self, request: Request) -> Response:
+        self.writer.check_writable()  # a fleet node refuses before it reads a body
         body = await _body(request, self.max_body)
         ingress = await anyio.to_thread.run_sync(self.writer.create, body)
         ticket = self.backend.request_pass(os.path.abspath(ingress.origin.file))

@@ -2,6 +2,11 @@
 (any user name) -- what a browser sends after its login prompt, for the dashboard. Both are compared in
 constant time. A 401 of the dashboard asks for Basic (the browser then prompts, and sends the credentials
 it keeps for the realm to the dashboard's later requests); a 401 elsewhere asks for Bearer, as before.
+
+A browser sends the Basic credentials it keeps *by itself*, also with a request another web page makes
+(cross-site request forgery), so Basic only reads (GET, HEAD: the dashboard never writes); and a write
+that a browser says comes from another origin (``Origin``, ``Sec-Fetch-Site``) is refused whatever its
+credentials -- with no token configured as well. API clients (curl, hypeman) send neither header.
 """
 
 from __future__ import annotations
@@ -16,15 +21,34 @@ REALM = "hypeman-ingress"
 UI_PREFIX = "/ui"
 
 
-def authorized(header: str, token: bytes) -> bool:
-    """``header`` (an ``Authorization`` value) carries ``token``, as Bearer or as a Basic password."""
+#: the methods Basic credentials may be used for (a browser sends them along with forged requests too)
+READS = frozenset({"GET", "HEAD"})
+
+
+def authorized(header: str, token: bytes, method: str = "GET") -> bool:
+    """``header`` (an ``Authorization`` value) carries ``token``, as Bearer or -- for a read -- as a Basic
+    password."""
     scheme, _, given = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
         return hmac.compare_digest(given.strip().encode(), token)
-    if scheme == "basic":
+    if scheme == "basic" and method.upper() in READS:
         return hmac.compare_digest(basic_password(given.strip()), token)
     return False
+
+
+def cross_origin_write(method: str, host: str | None, origin: str | None, fetch_site: str | None) -> str | None:
+    """Why a write is refused as coming from a web page of another origin (None: it is not): the browser's
+    ``Sec-Fetch-Site`` says cross-site or same-site, or its ``Origin`` is not this API's own."""
+    if method.upper() in READS or method.upper() == "OPTIONS":
+        return None
+    if fetch_site is not None and fetch_site.strip().lower() in ("cross-site", "same-site"):
+        return f"a {method} from a web page of another site (Sec-Fetch-Site: {fetch_site.strip()[:20]})"
+    if origin is not None:
+        _scheme, sep, authority = origin.strip().partition("://")
+        if not sep or host is None or authority.lower() != host.strip().lower():
+            return f"a {method} from a web page of another origin (Origin: {origin.strip()[:100]})"
+    return None
 
 
 def basic_password(credentials: str) -> bytes:

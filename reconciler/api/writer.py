@@ -240,7 +240,7 @@ class ManifestWriter:
         raise Refused(Refusal.NOT_FOUND, f"no ingress with name, id or id prefix {ref!r}")
 
     # -- writing ------------------------------------------------------------------------------
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
         """A fleet node takes no writes: every node must render the same config from the one git source."""
         if self.settings.fleet:
             raise Refused(Refusal.FLEET_READ_ONLY,
@@ -249,7 +249,7 @@ class ManifestWriter:
                           "commit the change to that repository instead")
 
     def create(self, body: Any) -> Ingress:
-        self._check_writable()
+        self.check_writable()
         if not isinstance(body, dict):
             raise Refused(Refusal.BAD_REQUEST, "the body must be a JSON object (an ingress)")
         data = dict(body)
@@ -315,7 +315,7 @@ class ManifestWriter:
         return header + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
 
     def delete(self, ref: str) -> Found:
-        self._check_writable()
+        self.check_writable()
         check_ref(ref)
         sources = self._sources()
         with self.lock:

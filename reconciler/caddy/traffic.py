@@ -25,15 +25,16 @@ class HostMaps:
     """The :class:`HostMap` of the last pass's resolved ingresses, built once per pass (``ingresses``:
     None before the first pass)."""
 
-    def __init__(self, ingresses: Callable[[], Any]) -> None:
+    def __init__(self, ingresses: Callable[[], Any], *, http_port: int = 80) -> None:
         self._ingresses = ingresses
+        self._http_port = http_port
         self._last: tuple[Any, HostMap] | None = None
 
     def __call__(self) -> HostMap:
         current = self._ingresses()
         last = self._last
         if last is None or last[0] is not current:
-            last = self._last = (current, HostMap(current or ()))
+            last = self._last = (current, HostMap(current or (), http_port=self._http_port))
         return last[1]
 
 

@@ -31,8 +31,9 @@ Certificates = Callable[[list[str]], Mapping[str, Mapping[str, Any]]]
 
 class AppliedHash:
     """The node-neutral hash (:mod:`reconciler.fleet`) of the config Caddy runs, worked out on the report
-    thread from the encoded config of the pass that applied it, off the pass's path. ``value`` is None
-    until the first applied config is hashed."""
+    thread from the encoded config of the pass that applied it: the very bytes it loaded (a pass that found
+    Caddy running it already encodes it once, reusing every unchanged route's text). ``value`` is None until
+    the first applied config is hashed."""
 
     def __init__(self, tokens: Tokens) -> None:
         self.tokens = tokens

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from reconciler import __version__
 from reconciler.caddy.admin import AdminClient
 from reconciler.fsutil import StorageHealth
 from reconciler.loop.daemon import Loop
@@ -37,7 +38,7 @@ def health(keeper: Keeper, storage: StorageHealth, responder: Keeper | None = No
 def node_state(settings: Settings, name: str, applied_hash: AppliedHash) -> dict[str, Any]:
     """``node`` of the status: who this node is, whether it is one of a fleet, where its certificates are,
     and the hash of the config its Caddy runs (equal on every node of a converged fleet)."""
-    return {"name": name, "fleet": settings.fleet, "tls_storage": settings.storage_dir,
+    return {"name": name, "version": __version__, "fleet": settings.fleet, "tls_storage": settings.storage_dir,
             "shared_storage": settings.shared_storage, "config_hash": applied_hash.value}
 
 
@@ -128,7 +129,8 @@ class Service:
             node = self.node()
             snap = self.loop.reconciler.snapshot
             applied = snap.document.last_applied if snap is not None else None
-            self.metrics.observe_node(name=node["name"], fleet=node["fleet"], config_hash=node["config_hash"],
+            self.metrics.observe_node(name=node["name"], version=node["version"], fleet=node["fleet"],
+                                      config_hash=node["config_hash"],
                                       revision=applied.get("revision") if applied else None,
                                       commits=(applied or {}).get("commits", {}).values())
         return self.metrics.render()

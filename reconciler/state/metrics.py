@@ -66,9 +66,10 @@ class Metrics:
                                        "name, its id, hashed forms of references that are no DNS label)",
                                        registry=r)
         self.node = Info("hypeman_ingress_node",
-                         "This node: its name, whether it is one of a fleet, and what its Caddy runs -- the "
-                         "revision of the inputs, the git commit(s) of the sources and the node-neutral config "
-                         "hash, equal on every node of a converged fleet", registry=r)
+                         "This node: its name, the version of hypeman-ingress, whether it is one of a fleet, "
+                         "and what its Caddy runs -- the revision of the inputs, the git commit(s) of the "
+                         "sources and the node-neutral config hash, equal on every node of a converged fleet",
+                         registry=r)
         self._answers: dict[str, int] = {}
         r.register(_Answers(self))
 
@@ -104,9 +105,10 @@ class Metrics:
             self.responder_records.set(records)
         self._answers = dict(counters)
 
-    def observe_node(self, *, name: str, fleet: bool, config_hash: str | None, revision: str | None,
-                     commits: Iterable[str]) -> None:
-        self.node.info({"node": name, "fleet": "true" if fleet else "false", "config_hash": config_hash or "",
+    def observe_node(self, *, name: str, version: str, fleet: bool, config_hash: str | None,
+                     revision: str | None, commits: Iterable[str]) -> None:
+        self.node.info({"node": name, "version": version, "fleet": "true" if fleet else "false",
+                        "config_hash": config_hash or "",
                         "revision": revision or "", "commit": ",".join(sorted(set(commits)))})
 
     def observe_storage(self, failing: int) -> None:
