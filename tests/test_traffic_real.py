@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Backend, Daemon, free_port, ingress_yaml, instance_yaml, wait_for, write
@@ -35,11 +36,15 @@ def scrape(d: Daemon) -> str:
     return r.text
 
 
-def test_per_ingress_metrics_and_access_logs(daemon_factory: Callable[..., Daemon],
+@pytest.mark.parametrize("bucketed", [False, True], ids=["routes", "bucketed"])
+def test_per_ingress_metrics_and_access_logs(bucketed: bool, daemon_factory: Callable[..., Daemon],
                                              backends: Callable[[str], Backend], tmp_path: Path) -> None:
+    """With a route per host, and with the bucketed layout of large nodes (threshold 0: every host in a
+    bucket), where Caddy must still know every host for its per-host guard."""
     backend = backends("a")
     port = free_port()
-    d = daemon_factory(env={"HYPEMAN_ACCESS_LOG_ROLL_MB": "1", "HYPEMAN_ACCESS_LOG_ROLL_KEEP": "2",
+    d = daemon_factory(env={"HYPEMAN_BUCKET_THRESHOLD": "0" if bucketed else "256",
+                            "HYPEMAN_ACCESS_LOG_ROLL_MB": "1", "HYPEMAN_ACCESS_LOG_ROLL_KEEP": "2",
                             "HYPEMAN_ACCESS_LOG_REDACT_HEADERS": "X-Team-Secret"})
     src = d.manifests[0]
     write(src / "one.yaml", "access_log: true\n" + ingress_yaml("one", "one.example.com", port, "vm", backend.port))
