@@ -114,6 +114,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "api-100": lambda a: scenarios.scenario_api_100(),
     "burst-idle": lambda a: scenarios.scenario_burst_and_idle(),
     "request-50k": lambda a: scenarios.scenario_request_latency(a.big),
+    "request-paths-50k": lambda a: scenarios.scenario_request_latency_paths(a.big),
     "vs-caddyfile": lambda a: scenarios.scenario_vs_caddyfile(),
     "churn": lambda a: churn.scenario_churn(a.big),
     "restarts": lambda a: churn.scenario_restarts(),

@@ -33,11 +33,22 @@ def manifest(i: int, port: int, target: int) -> str:
             f"    target: {{instance: vm, port: {target}}}\n")
 
 
-def write_tree(manifests: Path, n: int, port: int, target: int) -> None:
+#: the paths of every host in the paths scenario: a catch-all, a prefix, a longer prefix
+PATHS = ("", "/api", "/api/v2")
+
+
+def manifest_with_paths(i: int, port: int, target: int) -> str:
+    rules = "".join(f"  - match: {{hostname: h{i}.example.com, port: {port}{', path: ' + p if p else ''}}}\n"
+                    f"    target: {{instance: vm, port: {target}}}\n" for p in PATHS)
+    return f"name: ing-{i}\nrules:\n{rules}"
+
+
+def write_tree(manifests: Path, n: int, port: int, target: int, *, paths: bool = False) -> None:
+    make = manifest_with_paths if paths else manifest
     for i in range(n):
         sub = manifests / f"team-{i % 20:02d}"
         sub.mkdir(parents=True, exist_ok=True)
-        (sub / f"ing-{i:06d}.yaml").write_text(manifest(i, port, target))
+        (sub / f"ing-{i:06d}.yaml").write_text(make(i, port, target))
 
 
 def path_of(manifests: Path, i: int) -> Path:
@@ -70,12 +81,13 @@ def wait_routed(client: httpx.Client, port: int, host: str, backend: str, timeou
 
 
 @contextmanager
-def daemon_with(n: int, *, resync: int = 3600) -> Iterator[tuple[Daemon, Backend, Backend, int, Path]]:
+def daemon_with(n: int, *, resync: int = 3600, paths: bool = False
+                ) -> Iterator[tuple[Daemon, Backend, Backend, int, Path]]:
     tmp = Path(tempfile.mkdtemp(prefix="hypeman-bench-"))
     a, b = Backend("a"), Backend("b")
     port = free_port()
     manifests = tmp / "manifests"
-    write_tree(manifests, n, port, a.port)
+    write_tree(manifests, n, port, a.port, paths=paths)
     (tmp / "instances").mkdir()
     (tmp / "instances" / "vm.yaml").write_text("name: vm\nip: 127.0.0.1\n")
     d = Daemon(tmp, manifests=[manifests], instances=tmp / "instances", resync=resync,
@@ -366,6 +378,54 @@ def scenario_request_latency(n: int = 50_000, samples: int = 400) -> list[Figure
         Figure(f"request latency, last-defined host at {n // 1000}k", last * 1000, "ms"),
         Figure(f"request latency last / first at {n // 1000}k", last / first, "x", target=1.5),
     ]
+
+
+def scenario_request_latency_paths(n: int = 50_000, samples: int = 400) -> list[Figure]:
+    """Request latency with paths: every one of ``n`` hosts has a catch-all, ``/api`` and ``/api/v2``
+    (3n rules); the first- and the last-defined host, on the longest prefix and on the catch-all. Also
+    how long the start took until the last host answered (what Caddy provisions for 3n rules)."""
+    with daemon_with(n, paths=True) as (d, _a, _b, port, _manifests), httpx.Client(timeout=10) as client:
+        start = time.perf_counter()
+        d.start(wait_ready=False)
+        last_host = f"h{n - 1}.example.com"
+        wait_routed(client, port, last_host, "a", timeout=900)
+        cold = time.perf_counter() - start
+
+        def timing(host: str, path: str) -> float:
+            out = []
+            for _ in range(samples):
+                t = time.perf_counter()
+                r = client.get(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
+                out.append(time.perf_counter() - t)
+                assert r.status_code == 200 and r.text.startswith("backend=a "), r.text
+            return statistics.median(out)
+
+        timing("h0.example.com", "/api/v2/x")  # warm up
+        figures = [Figure(f"cold start to the last host routed, {n // 1000}k hosts x {len(PATHS)} paths", cold, "s")]
+        for path in ("/api/v2/x", "/"):
+            first, last = timing("h0.example.com", path), timing(last_host, path)
+            what = "longest prefix" if path != "/" else "catch-all"
+            figures += [
+                Figure(f"request latency with paths ({what}), first-defined host at {n // 1000}k", first * 1000, "ms"),
+                Figure(f"request latency with paths ({what}), last-defined host at {n // 1000}k", last * 1000, "ms"),
+                Figure(f"request latency with paths ({what}) last / first at {n // 1000}k", last / first, "x",
+                       target=1.5),
+            ]
+        pid = d.caddy_pid()
+        rss = rss_mb(pid) if pid is not None else None
+    return figures + ([Figure(f"Caddy RSS, {n // 1000}k hosts x {len(PATHS)} paths", rss, "MB")] if rss else [])
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident memory now (``VmRSS``), in MB."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def caddyfile(n: int, port: int, targets: dict[int, int], default: int, admin: int) -> str:

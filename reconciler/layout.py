@@ -55,7 +55,11 @@ def proxy_handlers(instance: str, dial: str, proxy: dict[str, Any]) -> list[dict
 
 
 def _simple(route: dict[str, Any], proxy: dict[str, Any]) -> tuple[str, str] | None:
-    """(dial, instance) of a route that only proxies to one fixed upstream with the common handler, else None."""
+    """(dial, instance) of a route that only proxies to one fixed upstream with the common handler and
+    matches its host alone (no path), else None."""
+    match = route.get("match")
+    if not isinstance(match, list) or len(match) != 1 or not isinstance(match[0], dict) or set(match[0]) != {"host"}:
+        return None
     handle = route.get("handle")
     if not isinstance(handle, list) or len(handle) != 2:
         return None
@@ -121,7 +125,8 @@ Placement = dict[int, tuple[list[int], int]]
 def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, threshold: int, proxy: dict[str, Any],
            members: list[Member] | None = None, previous: Buckets | None = None,
            kept: Buckets | None = None, placement: Placement | None = None) -> list[dict[str, Any]]:
-    """Routes for ``entries`` (hostname, route), already sorted; unique hostnames. ``members``: the
+    """Routes for ``entries`` (hostname, route), already sorted; a hostname more than once only for rules of
+    its paths (they go to one bucket, by hostname). ``members``: the
     :func:`member` of each entry when the caller has them already (then a simple route may be None: a
     bucket needs only its member). ``previous``: the buckets of the last layout, reused when their
     members are the same; ``kept`` receives the buckets of this one, ``placement`` where each entry went
@@ -154,17 +159,37 @@ def layout(entries: list[tuple[str, dict[str, Any] | None]], *, port: int, thres
     return routes
 
 
+def _paths(route: dict[str, Any]) -> list[str] | None:
+    match = route.get("match")
+    if isinstance(match, list) and match and isinstance(match[0], dict):
+        paths = match[0].get("path")
+        return paths if isinstance(paths, list) else None
+    return None
+
+
+def _path_order(route: dict[str, Any]) -> tuple[int, int, str, str]:
+    """A path route's place in a bucket: Exact (one path) before Prefix (the path and ``path/*``), longer
+    before shorter, then by path and route id (never by member order)."""
+    paths = _paths(route) or [""]
+    exact = len(paths) == 1
+    return (0 if exact else 1, -len(paths[0]), paths[0], str(route.get("@id", "")))
+
+
 def bucket_route(port: int, k: int, members: tuple[Member, ...], proxy: dict[str, Any]) -> dict[str, Any]:
     """The route of bucket ``k`` of ``port`` holding ``members`` (a function of them and ``proxy``)."""
     simple = [(h, d, i) for h, d, i, _ in members if d is not None and i is not None]
     others = [json.loads(r) for _, d, _, r in members if d is None and r is not None]
-    sub: list[dict[str, Any]] = []
+    # the routes of paths first -- a host's catch-all may be in the map -- in Kubernetes' precedence
+    with_path = sorted((r for r in others if _paths(r) is not None), key=_path_order)
+    sub: list[dict[str, Any]] = list(with_path)
     if simple:
         sub += [
             {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM, INSTANCE],
                          "mappings": [_exact(h, d, i) for h, d, i in simple], "defaults": ["", ""]}]},
             _proxy_if(proxy),
         ]
-    sub += others
-    return {"@id": f"bucket.{port}.{k}", "match": [{"host": [m[0] for m in members]}],
+    sub += [r for r in others if _paths(r) is None]
+    # a host with several paths has several members (in one bucket: buckets go by host); Caddy refuses a
+    # host listed twice in one matcher
+    return {"@id": f"bucket.{port}.{k}", "match": [{"host": list(dict.fromkeys(m[0] for m in members))}],
             "handle": [{"handler": "subroute", "routes": sub}]}

@@ -153,6 +153,25 @@ class GoodFile:
     since: float  # wall-clock time it was first seen valid
 
 
+PREFIX, EXACT = "Prefix", "Exact"
+PATH_TYPES = (PREFIX, EXACT)
+
+
+def path_rank(path_key: str) -> tuple[int, int, str]:
+    """Where a rule of a host goes among the host's rules (Kubernetes' precedence, never file order):
+    Exact paths first, then prefixes, longest first, then the host's catch-all (``""``)."""
+    if not path_key:
+        return (2, 0, "")
+    if path_key.startswith("="):
+        return (0, -len(path_key), path_key)
+    return (1, -len(path_key), path_key)
+
+
+def path_display(path_key: str) -> str:
+    """A claim's path as messages and statuses show it: ``/api`` (prefix), ``/api (exact)``, or nothing."""
+    return f"{path_key[1:]} (exact)" if path_key.startswith("=") else path_key
+
+
 @dataclass(frozen=True, slots=True)
 class Rule(Record):
     """One routing rule after defaults: (hostname, port) -> instance:target_port."""
@@ -165,11 +184,26 @@ class Rule(Record):
     redirect_http: bool = False
     #: (duration, interval) a request waits for an unreachable instance; None: the settings' default
     hold: tuple[str, str] | None = None
+    #: the request path this rule takes (None: every path, as a rule without ``match.path``); a Prefix is
+    #: segment-bounded (``/api``: ``/api`` and ``/api/x``, never ``/apix``), stored without a trailing ``/``
+    path: str | None = None
+    #: ``Prefix`` or ``Exact`` (:data:`PATH_TYPES`)
+    path_type: str = "Prefix"
+    #: the matched prefix is removed from the path before the request is proxied
+    strip_prefix: bool = False
 
     @property
     def pattern(self) -> bool:
         """The hostname is a pattern (``{instance}.example.com``, see :mod:`reconciler.zone`)."""
         return "{" in self.hostname
+
+    @property
+    def path_key(self) -> str:
+        """What the rule claims of a host's paths: ``""`` (every path), ``/api`` (a prefix), ``=/api``
+        (exactly that path)."""
+        if self.path is None:
+            return ""
+        return f"={self.path}" if self.path_type == EXACT else self.path
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ from reconciler.layout import (
     server_name,
 )
 from reconciler.memo import IdentityMemo
-from reconciler.model import Desired, Ingress, Rule
+from reconciler.model import EXACT, Desired, Ingress, Rule, path_rank
 from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport
 from reconciler.zone import is_pattern, label, parse_pattern, template
 
@@ -98,11 +98,27 @@ def upstream(rule: Rule, zone: str) -> tuple[str, str]:
     return f"{label(rule.instance)}.{zone}.:{rule.target_port}", literal(rule.instance)
 
 
+def path_matcher(rule: Rule) -> list[str] | None:
+    """Caddy's ``path`` matcher of a rule (None: every path). A prefix is segment-bounded: ``/api`` and
+    ``/api/*`` (never ``/apix``)."""
+    if rule.path is None:
+        return None
+    return [rule.path] if rule.path_type == EXACT else [rule.path, f"{rule.path}/*"]
+
+
+def _match(rule: Rule, host: str) -> dict[str, Any]:
+    paths = path_matcher(rule)
+    return {"host": [host]} if paths is None else {"host": [host], "path": paths}
+
+
 def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
-    """One host-matched route."""
+    """One host-matched route (and path-matched, for a rule with a path)."""
     dial, instance = upstream(rule, settings.dns_zone)
-    return {"@id": rid, "match": [{"host": [matcher_host(rule.hostname)]}],
-            "handle": proxy_handlers(instance, dial, proxy_template(settings, rule.hold)), "terminal": True}
+    handle = proxy_handlers(instance, dial, proxy_template(settings, rule.hold))
+    if rule.strip_prefix and rule.path is not None:
+        # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
+        handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
+    return {"@id": rid, "match": [_match(rule, matcher_host(rule.hostname))], "handle": handle, "terminal": True}
 
 
 def error_routes() -> list[dict[str, Any]]:
@@ -219,11 +235,15 @@ def issuer(tls: TLSSettings) -> dict[str, Any]:
     return acme
 
 
-def _redirect_route(name: str, index: int, hostname: str, tls_port: int) -> dict[str, Any]:
+def _redirect_route(name: str, index: int, hostname: str, tls_port: int, rule: Rule | None = None) -> dict[str, Any]:
     suffix = "" if tls_port == 443 else f":{tls_port}"
+    match: dict[str, Any] = {"host": [hostname], "protocol": "http"}
+    paths = path_matcher(rule) if rule is not None else None
+    if paths is not None:  # the rule's own paths only: another rule may own the host's others
+        match["path"] = paths
     return {
         "@id": f"{route_id(name, index)}.redirect",
-        "match": [{"host": [hostname], "protocol": "http"}],
+        "match": [match],
         "handle": [{"handler": "static_response", "status_code": 308,
                     "headers": {"Location": [f"https://{{http.request.host}}{suffix}{{http.request.uri}}"]}}],
         "terminal": True,
@@ -258,19 +278,22 @@ class _Port:
     bucket: dict[int, int] = field(default_factory=dict)  # entry index -> its bucket (bucketed layouts)
 
 
-def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool, str | None]]:
+def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool, str | None, str]]:
     """What decides where an ingress's routes go (and what else of the config they touch): port, hostname,
-    route id, TLS, pattern, access log."""
-    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None, e.logger) for e in entries]
+    route id, TLS, pattern, access log, path."""
+    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None, e.logger, e.rule.path_key)
+            for e in entries]
 
 
-def _order(e: _Entry) -> tuple[int, int, int, str, str]:
+def _order(e: _Entry) -> tuple[int, int, int, str, tuple[int, int, str], str]:
     """Routes of a server: exact hosts first (by name), then patterns -- fewer captures first, then more
-    labels (more specific), then by name; never by file order."""
+    labels (more specific), then by name; a host's (or pattern's) rules by path -- Exact, longer prefix,
+    shorter, then none (Kubernetes' precedence); never by file order."""
+    rank = path_rank(e.rule.path_key)
     if e.pattern is None:
-        return (0, 0, 0, e.hostname, e.route_id)
+        return (0, 0, 0, e.hostname, rank, e.route_id)
     stars, labels, wildcard = e.pattern
-    return (1, stars, -labels, wildcard, e.route_id)
+    return (1, stars, -labels, wildcard, rank, e.route_id)
 
 
 class Renderer:
@@ -361,14 +384,14 @@ class Renderer:
             rid = route_id(name, index)
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
-            if pattern is None and r.hold is None:
+            if pattern is None and r.hold is None and r.path is None:
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:
                 route = _route(rid, r, self.settings)
                 out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern, logger))
             if r.tls and r.redirect_http:
-                redirect = _redirect_route(name, index, host, r.port)
+                redirect = _redirect_route(name, index, host, r.port, r)
                 out.append(_Entry(self.settings.http_port, host, redirect["@id"], r, redirect,
                                   member(host, redirect, proxy), False, pattern, logger))
         return out

@@ -16,7 +16,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reconciler.memo import IdentityMemo
-from reconciler.model import CertificateState, Desired, Outcome, Problem, Reason, ResolvedIngress, Unavailable
+from reconciler.model import (
+    CertificateState,
+    Desired,
+    Outcome,
+    Problem,
+    Reason,
+    ResolvedIngress,
+    Unavailable,
+    path_display,
+)
 
 #: every ``reason`` an ingress status can carry (README "Revisions and status"; the OpenAPI
 #: ``IngressReason`` enum lists exactly these)
@@ -105,7 +114,7 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
               stale_since: Mapping[str, float], applied: bool, pass_error: str | None,
               rejected: Mapping[str, str]) -> IngressStatus:
     ing = ri.ingress
-    hosts = tuple(f"{r.hostname}:{r.port}" for r in ing.rules)
+    hosts = tuple(f"{r.hostname}:{r.port}{path_display(r.path_key)}" for r in ing.rules)
     targets = tuple(f"{r.instance}:{r.target_port}" for r in ing.rules)
     base = {"name": ing.name, "id": ing.id, "file": ing.origin.file, "line": ing.origin.line,
             "hosts": hosts, "targets": targets, "problems": tuple(p.format() for p in problems)}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from reconciler.model import (
+    PREFIX,
     Desired,
     Document,
     Ingress,
@@ -29,6 +30,7 @@ from reconciler.model import (
     Unavailable,
     Upstream,
     derive_ingress_id,
+    path_display,
 )
 from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
 from reconciler.settings import HOLD_MAX_SECONDS, Settings, domain_allowed, hold_seconds
@@ -124,7 +126,7 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         return None, [_problem(doc, line, msg, ingress=label) for line, msg in errors]
     problems: list[Problem] = []
     rules: list[Rule] = []
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[str, int, str], int] = {}
     for i, raw in enumerate(data["rules"]):
         where = f"rules[{i}]"
         hostname = raw["match"]["hostname"].lower()
@@ -142,14 +144,17 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         # int(): JSON Schema counts 8080.0 as an integer; Caddy would get "8080.0" in listen/dial. An explicit
         # 0 means the default port, as in hypeman.
         port = int(raw["match"].get("port") or (443 if tls else 80))
-        key = (host_key(hostname), port)
+        path, path_type = rule_path(raw["match"])
+        rule = Rule(hostname, port, instance, int(raw["target"]["port"]), tls, redirect, hold, path, path_type,
+                    bool(raw.get("strip_prefix", False)))
+        key = (host_key(hostname), port, rule.path_key)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
-                                     f"{where}: {hostname}:{port} is already matched by rules[{seen[key]}]",
-                                     ingress=name))
+                                     f"{where}: {hostname}:{port}{path_display(rule.path_key)} is already matched by "
+                                     f"rules[{seen[key]}]", ingress=name))
             continue
         seen[key] = i
-        rules.append(Rule(hostname, port, instance, int(raw["target"]["port"]), tls, redirect, hold))
+        rules.append(rule)
     if problems:
         return None, problems
     valid_name: str = data["name"]
@@ -164,9 +169,25 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
     return ingress, []
 
 
+def rule_path(match: dict[str, Any]) -> tuple[str | None, str]:
+    """A rule's (path, path type) after defaults: no path and the Prefix ``/`` both mean every path (None);
+    a prefix's trailing ``/`` is dropped (``/api/`` is ``/api``, as in Kubernetes)."""
+    path, path_type = match.get("path"), match.get("path_type", PREFIX)
+    if path is None:
+        return None, PREFIX
+    if path_type == PREFIX:
+        path = path.rstrip("/") or None
+    return path, path_type if path is not None else PREFIX
+
+
 def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple[str, str] | str | None
                   ) -> tuple[tuple[str, ...], str] | None:
     """What is wrong with one rule on its own: (the field it is about, the message after ``rules[i].``)."""
+    path = raw["match"].get("path")
+    if path is not None and any(segment in (".", "..") for segment in path.split("/")):
+        return ("match", "path"), f"match.path: {path!r} holds a '.' or '..' segment (Caddy matches cleaned paths)"
+    if raw.get("strip_prefix") and rule_path(raw["match"])[0] is None:
+        return ("strip_prefix",), "strip_prefix: requires match.path (a prefix to strip)"
     if is_pattern(hostname) or is_pattern(instance):
         err = pattern_error(hostname, instance)
         if err:
@@ -350,21 +371,31 @@ def host_key(hostname: str) -> str:
     return parsed if isinstance(parsed, str) else parsed.wildcard
 
 
-def claims_of(ing: Ingress, settings: Settings) -> list[tuple[str, int, bool, int]]:
-    """Every (hostname, port, tls, rule index) an ingress occupies; a redirect also occupies the HTTP port."""
-    out = [(host_key(r.hostname), r.port, r.tls, i) for i, r in enumerate(ing.rules)]
-    out += [(host_key(r.hostname), settings.http_port, False, i) for i, r in enumerate(ing.rules) if r.redirect_http]
+#: (hostname -- a pattern's wildcard --, port, path key -- see :attr:`Rule.path_key` --, tls, rule index)
+Claim = tuple[str, int, str, bool, int]
+
+
+def claims_of(ing: Ingress, settings: Settings) -> list[Claim]:
+    """Every (hostname, port, path) an ingress occupies, with TLS and the rule; a redirect also occupies
+    the HTTP port (for the same path)."""
+    out = [(host_key(r.hostname), r.port, r.path_key, r.tls, i) for i, r in enumerate(ing.rules)]
+    out += [(host_key(r.hostname), settings.http_port, r.path_key, False, i)
+            for i, r in enumerate(ing.rules) if r.redirect_http]
     return out
 
 
-def _own_problem(ing: Ingress, mine: list[tuple[str, int, bool, int]], settings: Settings) -> Why | None:
+def claim_text(host: str, port: int, path_key: str) -> str:
+    return f"{host}:{port}{path_display(path_key)}"
+
+
+def _own_problem(ing: Ingress, mine: list[Claim], settings: Settings) -> Why | None:
     """What is wrong with ``ing`` on its own with these settings; None when fine."""
-    own: dict[tuple[str, int], int] = {}
-    for h, p, _, i in mine:
-        if (h, p) in own and own[(h, p)] != i:
-            return Why(f"rules[{i}]: {h}:{p} is also used by rules[{own[(h, p)]}] (redirect_http occupies the HTTP "
-                       f"port {settings.http_port})", Reason.INVALID_MANIFEST)
-        own[(h, p)] = i
+    own: dict[tuple[str, int, str], int] = {}
+    for h, p, path, _, i in mine:
+        if (h, p, path) in own and own[(h, p, path)] != i:
+            return Why(f"rules[{i}]: {claim_text(h, p, path)} is also used by rules[{own[(h, p, path)]}] "
+                       f"(redirect_http occupies the HTTP port {settings.http_port})", Reason.INVALID_MANIFEST)
+        own[(h, p, path)] = i
     return None
 
 
@@ -381,8 +412,8 @@ class _Own:
     """What resolving needs of one ingress on its own (kept between passes while the ingress is the same)."""
 
     ingress: Ingress
-    claims: tuple[tuple[str, int, bool, int], ...]
-    keys: tuple[tuple[str, int], ...]  # the (hostname, port) of each claim
+    claims: tuple[Claim, ...]
+    keys: tuple[tuple[str, int, str], ...]  # the (hostname, port, path) of each claim
     early: Why | None  # checked right after hostname conflicts
     late: Why | None  # checked after port modes
 
@@ -433,7 +464,7 @@ class Resolver:
         if own is not None and own.ingress is ing:
             return own
         mine = claims_of(ing, self.settings)
-        return _Own(ing, tuple(mine), tuple((h, p) for h, p, _, _ in mine),
+        return _Own(ing, tuple(mine), tuple((h, p, path) for h, p, path, _, _ in mine),
                     _own_problem(ing, mine, self.settings), _late_problem(ing, self.settings))
 
     def _same_verdicts(self, given: list[Ingress]) -> dict[int, tuple[Ingress, _Own]] | None:
@@ -542,14 +573,14 @@ class Taken:
 
     names: dict[str, Ingress] = field(default_factory=dict)
     ids: dict[str, Ingress] = field(default_factory=dict)
-    claims: dict[tuple[str, int], Ingress] = field(default_factory=dict)
+    claims: dict[tuple[str, int, str], Ingress] = field(default_factory=dict)
     port_mode: dict[int, PortMode] = field(default_factory=dict)
 
     def take(self, ing: Ingress, own: _Own) -> None:
         self.names[ing.name] = ing
         self.ids[ing.id] = ing
-        for h, p, tls, _ in own.claims:
-            self.claims[(h, p)] = ing
+        for h, p, path, tls, _ in own.claims:
+            self.claims[(h, p, path)] = ing
             if p not in self.port_mode:
                 self.port_mode[p] = PortMode(tls, ing)
 
@@ -574,7 +605,7 @@ class Taken:
         for key in own.keys:
             if key in self.claims:
                 w = self.claims[key]
-                return (f"{key[0]}:{key[1]} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
+                return (f"{claim_text(*key)} is already claimed by ingress {w.name!r} in {w.origin.describe()}",
                         Reason.HOSTNAME_CONFLICT, w.name)
         if own.early is not None:
             return (*own.early, None)
@@ -582,7 +613,7 @@ class Taken:
 
     def _port_problem(self, own: _Own) -> tuple[str, str, str | None] | None:
         modes: dict[int, bool] = {}
-        for _, p, tls, _ in own.claims:
+        for _, p, _, tls, _ in own.claims:
             mode = self.port_mode.get(p)
             if mode is not None and mode.tls != tls:
                 return (f"port {p} serves {'TLS' if mode.tls else 'plain HTTP'} for ingress {mode.owner.name!r} in "

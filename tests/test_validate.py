@@ -194,11 +194,11 @@ def test_unknown_top_level_field_names_the_field_and_line() -> None:
 
 
 def test_unknown_nested_field_names_the_path_and_line() -> None:
-    text = ("name: x\nrules:\n  - match:\n      hostname: a.example.com\n      path: /api\n"
+    text = ("name: x\nrules:\n  - match:\n      hostname: a.example.com\n      paths: /api\n"
             "    target: {instance: vm, port: 80}\n")
     (p,) = bad(text)
-    assert p.message.startswith("rules[0].match.path: unknown field")
-    assert "hostname, port" in p.message
+    assert p.message.startswith("rules[0].match.paths: unknown field")
+    assert "hostname, path, path_type, port" in p.message
     assert p.line == 5
 
 

@@ -111,6 +111,13 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
             rule["tls"] = True
         if r.redirect_http:
             rule["redirect_http"] = True
+        if r.path is not None:
+            rule["match"]["path"] = r.path
+            rule["match"]["path_type"] = r.path_type
+        if r.strip_prefix:
+            rule["strip_prefix"] = True
+        if r.hold is not None:
+            rule["hold"] = {k: v for k, v in (("duration", r.hold[0]), ("interval", r.hold[1])) if v}
         rules.append(rule)
     body: dict[str, Any] = {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
     if ing.access_log is not None:
