@@ -54,16 +54,26 @@ def proxy_handlers(instance: str, dial: str, proxy: dict[str, Any]) -> list[dict
     return [{"handler": "vars", INSTANCE_VAR: instance}, {**proxy, "upstreams": [{"dial": dial}]}]
 
 
-def _simple(route: dict[str, Any], proxy: dict[str, Any]) -> tuple[str, str] | None:
-    """(dial, instance) of a route that only proxies to one fixed upstream with the common handler and
-    matches its host alone (no path), else None."""
+def _simple(route: dict[str, Any], proxy: dict[str, Any]) -> tuple[str, str, str | None] | None:
+    """(dial, instance, path group) of a route that only proxies to one fixed upstream with the common
+    handler, matching its host alone (group None) or its host and a path, maybe stripping that prefix
+    (the group: :func:`_group` of the path matcher and the stripped prefix); else None."""
     match = route.get("match")
-    if not isinstance(match, list) or len(match) != 1 or not isinstance(match[0], dict) or set(match[0]) != {"host"}:
+    if not isinstance(match, list) or len(match) != 1 or not isinstance(match[0], dict):
+        return None
+    keys = set(match[0])
+    if keys not in ({"host"}, {"host", "path"}):
         return None
     handle = route.get("handle")
-    if not isinstance(handle, list) or len(handle) != 2:
+    if not isinstance(handle, list) or len(handle) not in (2, 3):
         return None
-    var, h = handle
+    strip: str | None = None
+    if len(handle) == 3:
+        rewrite = handle[1]
+        if set(rewrite) != {"handler", "strip_path_prefix"} or rewrite["handler"] != "rewrite":
+            return None
+        strip = rewrite["strip_path_prefix"]
+    var, h = handle[0], handle[-1]
     if set(var) != {"handler", INSTANCE_VAR} or var["handler"] != "vars":
         return None
     ups = h.get("upstreams")
@@ -72,7 +82,17 @@ def _simple(route: dict[str, Any], proxy: dict[str, Any]) -> tuple[str, str] | N
     dial, instance = ups[0].get("dial"), var[INSTANCE_VAR]
     if not isinstance(dial, str) or "{" in dial or not isinstance(instance, str):
         return None
-    return dial, instance
+    paths = match[0].get("path")
+    if paths is None:
+        return (dial, instance, None) if strip is None else None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return None
+    return dial, instance, _group(paths, strip)
+
+
+def _group(paths: list[str], strip: str | None) -> str:
+    """The key of a path group of a bucket: the hosts proxied alike for one path matcher."""
+    return json.dumps([paths, strip])
 
 
 def _exact(host: str, dial: str, instance: str) -> dict[str, Any]:
@@ -87,9 +107,21 @@ def lowercase_host_route(port: int) -> dict[str, Any]:
                 {"search": c, "replace": c.lower()} for c in string.ascii_uppercase]}}}]}
 
 
-def _proxy_if(proxy: dict[str, Any]) -> dict[str, Any]:
-    return {"match": [{"not": [{"vars": {UPSTREAM: [""]}}]}],
-            "handle": proxy_handlers(INSTANCE, UPSTREAM, proxy), "terminal": True}
+def _proxy_if(proxy: dict[str, Any], paths: list[str] | None = None, strip: str | None = None) -> dict[str, Any]:
+    """Proxy to the upstream a ``map`` found (none: the request goes on); for a path group, on its paths
+    only, stripping its prefix when asked."""
+    handle = proxy_handlers(INSTANCE, UPSTREAM, proxy)
+    if strip is not None:
+        handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": strip}, *handle[1:]]
+    match: dict[str, Any] = {"not": [{"vars": {UPSTREAM: [""]}}]}
+    if paths is not None:
+        match = {"path": paths, **match}
+    return {"match": [match], "handle": handle, "terminal": True}
+
+
+def _host_map(members: list[tuple[str, str, str]]) -> dict[str, Any]:
+    return {"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM, INSTANCE],
+            "mappings": [_exact(h, d, i) for h, d, i in members], "defaults": ["", ""]}
 
 
 def bucket_count(n: int) -> int:
@@ -101,16 +133,18 @@ def bucket_of(hostname: str, buckets: int) -> int:
     return zlib.crc32(hostname.encode()) % buckets
 
 
-#: (host, upstream, instance, None) for a plain proxy, (host, None, None, route as JSON) for the others
+#: (host, upstream, instance, None) for a plain proxy, (host, upstream, instance, path group) for a plain
+#: proxy of one path, (host, None, None, route as JSON) for the others
 Member = tuple[str, str | None, str | None, str | None]
 
 
 def member(hostname: str, route: dict[str, Any], proxy: dict[str, Any]) -> Member:
-    """What a bucket needs of one route: (host, upstream, instance) -- or the whole route as JSON, for the
-    rare others. A bucket is a function of its members, so an unchanged bucket is reused from the last render."""
+    """What a bucket needs of one route: (host, upstream, instance, its path group or None) -- or the whole
+    route as JSON, for the rare others. A bucket is a function of its members, so an unchanged bucket is
+    reused from the last render."""
     simple = _simple(route, proxy)
     if simple is not None:
-        return (hostname, simple[0], simple[1], None)
+        return (hostname, *simple)
     return (hostname, None, None, json.dumps(route, sort_keys=True))
 
 
@@ -177,17 +211,23 @@ def _path_order(route: dict[str, Any]) -> tuple[int, int, str, str]:
 
 def bucket_route(port: int, k: int, members: tuple[Member, ...], proxy: dict[str, Any]) -> dict[str, Any]:
     """The route of bucket ``k`` of ``port`` holding ``members`` (a function of them and ``proxy``)."""
-    simple = [(h, d, i) for h, d, i, _ in members if d is not None and i is not None]
+    simple = [(h, d, i) for h, d, i, r in members if d is not None and i is not None and r is None]
+    grouped: dict[str, list[tuple[str, str, str]]] = {}
+    for h, d, i, r in members:
+        if d is not None and i is not None and r is not None:
+            grouped.setdefault(r, []).append((h, d, i))
     others = [json.loads(r) for _, d, _, r in members if d is None and r is not None]
-    # the routes of paths first -- a host's catch-all may be in the map -- in Kubernetes' precedence
-    with_path = sorted((r for r in others if _paths(r) is not None), key=_path_order)
-    sub: list[dict[str, Any]] = list(with_path)
+    # paths first -- a host's catch-all may be in the last map -- in Kubernetes' precedence: the plain
+    # proxies of one path matcher as one map (the hosts that have it) and one proxy, other routes as they are
+    with_path: list[tuple[tuple[int, int, str, str], list[dict[str, Any]]]] = []
+    for key, hosts in grouped.items():
+        paths, strip = json.loads(key)
+        with_path.append((_path_order({"match": [{"path": paths}]}),
+                          [{"match": [{"path": paths}], "handle": [_host_map(hosts)]}, _proxy_if(proxy, paths, strip)]))
+    with_path += [(_path_order(r), [r]) for r in others if _paths(r) is not None]
+    sub: list[dict[str, Any]] = [r for _, routes in sorted(with_path, key=lambda item: item[0]) for r in routes]
     if simple:
-        sub += [
-            {"handle": [{"handler": "map", "source": "{http.request.host}", "destinations": [UPSTREAM, INSTANCE],
-                         "mappings": [_exact(h, d, i) for h, d, i in simple], "defaults": ["", ""]}]},
-            _proxy_if(proxy),
-        ]
+        sub += [{"handle": [_host_map(simple)]}, _proxy_if(proxy)]
     sub += [r for r in others if _paths(r) is None]
     # a host with several paths has several members (in one bucket: buckets go by host); Caddy refuses a
     # host listed twice in one matcher

@@ -107,7 +107,7 @@ def route_paths(routes: list[dict[str, Any]]) -> list[tuple[str, list[str] | Non
 
 MANIFESTS = [manifest("site", rule("shop.test", "web")),
              manifest("api", rule("shop.test", "api", path="/api", strip=True),
-                      rule("shop.test", "api", path="/api", path_type="Exact")),
+                      rule("shop.test", "exact", path="/api", path_type="Exact")),
              manifest("v2", rule("shop.test", "v2", path="/api/v2"))]
 
 
@@ -133,19 +133,30 @@ def test_the_rendered_order_never_depends_on_file_order(threshold: int) -> None:
     else:
         (bucket,) = [r for r in routes if r.get("@id", "").startswith("bucket.")]
         sub = bucket["handle"][0]["routes"]
-        assert route_paths(sub[:3]) == [("ingress.api.rule-1", ["/api"]),
-                                        ("ingress.v2.rule-0", ["/api/v2", "/api/v2/*"]),
-                                        ("ingress.api.rule-0", ["/api", "/api/*"])]
+        # per path matcher, one map of the hosts that have it and one proxy (stripping when asked), in
+        # precedence; then the catch-alls' map and proxy
+        assert [(r["match"][0].get("path") if "match" in r else None, r["handle"][0]["handler"]) for r in sub] == [
+            (["/api"], "map"), (["/api"], "vars"),
+            (["/api/v2", "/api/v2/*"], "map"), (["/api/v2", "/api/v2/*"], "vars"),
+            (["/api", "/api/*"], "map"), (["/api", "/api/*"], "vars"),
+            (None, "map"), (None, "vars")]
+        assert [m["outputs"][1] for m in sub[0]["handle"][0]["mappings"]] == ["exact"]
+        assert sub[5]["handle"][1] == {"handler": "rewrite", "strip_path_prefix": "/api"}
+        assert "rewrite" not in [h["handler"] for h in sub[3]["handle"]]
         assert bucket["match"] == [{"host": ["shop.test"]}]  # listed once (Caddy refuses a repeated host)
-        assert sub[3]["handle"][0]["handler"] == "map"  # the catch-alls, after every path of the bucket
 
 
-def test_a_route_with_a_path_is_never_a_map_entry() -> None:
+def test_a_route_with_a_path_joins_its_paths_group_never_the_catch_all_map() -> None:
     proxy = proxy_template(SETTINGS)
     plain = {"@id": "r", "match": [{"host": ["a.test"]}], "handle": proxy_handlers("vm", "vm.z.:80", proxy)}
     with_path = {**plain, "match": [{"host": ["a.test"], "path": ["/api", "/api/*"]}]}
-    assert member("a.test", plain, proxy)[1] == "vm.z.:80"
-    assert member("a.test", with_path, proxy)[1] is None
+    handle = plain["handle"]
+    stripped = {**with_path, "handle": [handle[0], {"handler": "rewrite", "strip_path_prefix": "/api"}, handle[1]]}
+    assert member("a.test", plain, proxy) == ("a.test", "vm.z.:80", "vm", None)
+    assert member("a.test", with_path, proxy) == ("a.test", "vm.z.:80", "vm", '[["/api", "/api/*"], null]')
+    assert member("a.test", stripped, proxy) == ("a.test", "vm.z.:80", "vm", '[["/api", "/api/*"], "/api"]')
+    odd = {**plain, "handle": [handle[0], {"handler": "rewrite", "uri": "/x"}, handle[1]]}
+    assert member("a.test", odd, proxy)[1] is None  # anything else stays a route of its own
 
 
 # -- against the real Caddy -----------------------------------------------------------------------------------
