@@ -261,3 +261,17 @@ def test_the_api_shows_a_rules_path_and_hold() -> None:
     assert rules[1]["match"] == {"hostname": "a.test", "port": 80, "path": "/x", "path_type": "Exact"}
     assert rules[2] == {"match": {"hostname": "a.test", "port": 80}, "target": {"instance": "vm", "port": 8080},
                         "hold": {"duration": "30s"}}
+
+
+@pytest.mark.parametrize("threshold", [256, 0], ids=["flat", "bucketed"])
+def test_an_incremental_render_with_paths_is_a_fresh_render(threshold: int) -> None:
+    """The renderer patches its last config when only targets changed; with paths the result is still
+    exactly a fresh render's -- and a path that changes renders afresh."""
+    settings = Settings(bucket_threshold=threshold)
+    renderer = Renderer(settings)
+    renderer(desired_of(MANIFESTS, settings))
+    for changed in ([MANIFESTS[0], manifest("api", rule("shop.test", "api2", path="/api", strip=True),
+                                            rule("shop.test", "exact", path="/api", path_type="Exact")), MANIFESTS[2]],
+                    [MANIFESTS[0], MANIFESTS[1], manifest("v2", rule("shop.test", "v2", path="/api/v3"))]):
+        desired = desired_of(changed, settings)
+        assert ConfigEncoder()(renderer(desired)) == ConfigEncoder()(Renderer(settings)(desired))
