@@ -184,6 +184,8 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
                   ) -> tuple[tuple[str, ...], str] | None:
     """What is wrong with one rule on its own: (the field it is about, the message after ``rules[i].``)."""
     path = raw["match"].get("path")
+    if path is not None and "//" in path:
+        return ("match", "path"), f"match.path: {path!r} holds an empty segment (Caddy matches cleaned paths)"
     if path is not None and any(segment in (".", "..") for segment in path.split("/")):
         return ("match", "path"), f"match.path: {path!r} holds a '.' or '..' segment (Caddy matches cleaned paths)"
     if raw.get("strip_prefix") and rule_path(raw["match"])[0] is None:

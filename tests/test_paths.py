@@ -66,6 +66,11 @@ def test_precedence_is_exact_then_longer_prefix_then_the_catch_all() -> None:
 @pytest.mark.parametrize(("rules", "needle"), [
     ([rule("a.test", "vm", path="/a/../b")], "rules[0].match.path: '/a/../b' holds a '.' or '..' segment"),
     ([rule("a.test", "vm", path="/api?x=1")], "rules[0].match.path"),
+    ([rule("a.test", "vm", path="/a//b")], "rules[0].match.path: '/a//b' holds an empty segment"),
+    # a long path with one bad character at its end: refused at once (the schema's pattern is linear; a
+    # nested repetition there would backtrack for hours on this -- in the API too)
+    ([rule("a.test", "vm", path="/" + "a" * 4000 + "!?")], "rules[0].match.path"),
+    ([rule("a.test", "vm", path="/" + "ab/" * 300 + "^")], "rules[0].match.path"),
     ([rule("a.test", "vm", path="/api/*")], "rules[0].match.path"),
     ([rule("a.test", "vm", path="api")], "rules[0].match.path"),
     ([rule("a.test", "vm", strip=True)], "rules[0].strip_prefix: requires match.path"),
