@@ -228,6 +228,10 @@ class Daemon:
         try:
             keeper, supervisor, binary = self._caddy()
             tracker = CertificateTracker(s.storage_dir, supervisor.log_path, issuer_key=issuer_storage_key(s.tls))
+            node_name = s.node_name or socket.gethostname()
+
+            def node() -> dict[str, Any]:  # (called once the reconciler below exists)
+                return node_state(s, node_name, reconciler.applied_hash)
             reconciler = Reconciler(
                 settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
                 validate=lambda config: caddy_validate(binary, config),
@@ -235,12 +239,7 @@ class Daemon:
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
                 certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
                 good_before=good_before)
-            node_name = s.node_name or socket.gethostname()
-            applied_hash = reconciler.applied_hash
-
-            def node() -> dict[str, Any]:
-                return node_state(s, node_name, applied_hash)
-            metrics = Metrics()
+            metrics = self._metrics(reconciler)
             self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
                              changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
                              housekeeping=Housekeeping(storage=self.storage, background=background,
@@ -248,12 +247,6 @@ class Daemon:
                              prefetched=first.take)
             self.service = Service(loop=self.loop, storage=self.storage, metrics=metrics, client=self.client,
                                    responder=responder, node=node)
-            if s.traffic_metrics:  # Caddy's per-host series, relabelled per ingress of the last pass
-                traffic = TrafficCollector(s.admin_url, HostMaps(
-                    lambda: snap.desired.ingresses if (snap := reconciler.snapshot) is not None else None,
-                    http_port=s.http_port))
-                metrics.registry.register(traffic)
-                self._stoppable.append(traffic.close)
             if s.api_listen:  # imported here: it loads while the first read runs
                 from reconciler.api.server import serve
 
@@ -286,6 +279,18 @@ class Daemon:
                                       on_started=self._caddy_started)
         keeper.start()
         return keeper, supervisor, binary
+
+    def _metrics(self, reconciler: Reconciler) -> Metrics:
+        """The daemon's metrics, with Caddy's per-host traffic series relabelled per ingress of the last pass
+        (``HYPEMAN_TRAFFIC_METRICS``)."""
+        s, metrics = self.settings, Metrics()
+        if s.traffic_metrics:
+            traffic = TrafficCollector(s.admin_url, HostMaps(
+                lambda: snap.desired.ingresses if (snap := reconciler.snapshot) is not None else None,
+                http_port=s.http_port))
+            metrics.registry.register(traffic)
+            self._stoppable.append(traffic.close)
+        return metrics
 
     def _api_dir_ready(self, reader: InputReader) -> None:
         """Make the API-owned dir on a fresh data dir -- but never in place of one that was lost: when the

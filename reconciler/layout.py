@@ -201,12 +201,11 @@ def _paths(route: dict[str, Any]) -> list[str] | None:
     return None
 
 
-def _path_order(route: dict[str, Any]) -> tuple[int, int, str, str]:
-    """A path route's place in a bucket: Exact (one path) before Prefix (the path and ``path/*``), longer
-    before shorter, then by path and route id (never by member order)."""
-    paths = _paths(route) or [""]
+def _path_order(paths: list[str], route_id: str = "") -> tuple[int, int, str, str]:
+    """The place in a bucket of what matches ``paths``: Exact (one path) before Prefix (the path and
+    ``path/*``), longer before shorter, then by path and route id (never by member order)."""
     exact = len(paths) == 1
-    return (0 if exact else 1, -len(paths[0]), paths[0], str(route.get("@id", "")))
+    return (0 if exact else 1, -len(paths[0]), paths[0], route_id)
 
 
 def bucket_route(port: int, k: int, members: tuple[Member, ...], proxy: dict[str, Any]) -> dict[str, Any]:
@@ -222,9 +221,10 @@ def bucket_route(port: int, k: int, members: tuple[Member, ...], proxy: dict[str
     with_path: list[tuple[tuple[int, int, str, str], list[dict[str, Any]]]] = []
     for key, hosts in grouped.items():
         paths, strip = json.loads(key)
-        with_path.append((_path_order({"match": [{"path": paths}]}),
+        with_path.append((_path_order(paths),
                           [{"match": [{"path": paths}], "handle": [_host_map(hosts)]}, _proxy_if(proxy, paths, strip)]))
-    with_path += [(_path_order(r), [r]) for r in others if _paths(r) is not None]
+    with_path += [(_path_order(paths, str(r.get("@id", ""))), [r]) for r in others
+                  if (paths := _paths(r)) is not None]
     sub: list[dict[str, Any]] = [r for _, routes in sorted(with_path, key=lambda item: item[0]) for r in routes]
     if simple:
         sub += [{"handle": [_host_map(simple)]}, _proxy_if(proxy)]

@@ -230,12 +230,10 @@ def reconcile_events(d: Daemon, since: int) -> list[dict[str, Any]]:
     return d.log_events("reconcile.finished")[since:]
 
 
-@pytest.mark.caddy
-def test_unreachable_caddy_is_retried_with_backoff_until_it_answers(
-        tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory) -> None:
-    """Caddy keeps running but its admin API is gone (an out-of-band load moved it to another port): the
-    pass ends ``unavailable``, retries follow with growing jittered delays and without restarting Caddy,
-    and once the admin API answers again a retry pass converges."""
+def routed_web(tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory
+               ) -> tuple[Daemon, int, int, Backend]:
+    """A daemon routing ``web.test`` on a free port to backend ``a``: (the daemon, the port, Caddy's pid,
+    the backend)."""
     a = backends("a")
     manifests, instances = tmp_path / "manifests", tmp_path / "instances"
     write(instances / "vms.yaml", instance_yaml("vm"))
@@ -245,6 +243,16 @@ def test_unreachable_caddy_is_retried_with_backoff_until_it_answers(
     wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
     pid = d.caddy_pid()
     assert pid is not None
+    return d, port, pid, a
+
+
+@pytest.mark.caddy
+def test_unreachable_caddy_is_retried_with_backoff_until_it_answers(
+        tmp_path: Path, daemon_factory: DaemonFactory, backends: BackendFactory) -> None:
+    """Caddy keeps running but its admin API is gone (an out-of-band load moved it to another port): the
+    pass ends ``unavailable``, retries follow with growing jittered delays and without restarting Caddy,
+    and once the admin API answers again a retry pass converges."""
+    d, port, pid, a = routed_web(tmp_path, daemon_factory, backends)
     # the running Caddy is the installed copy, not the venv's file
     exe = os.path.realpath(f"/proc/{pid}/exe")
     assert exe.startswith(str((d.data_dir / "system" / "binaries" / "caddy").resolve()) + os.sep), exe
@@ -261,7 +269,7 @@ def test_unreachable_caddy_is_retried_with_backoff_until_it_answers(
         httpx.get(admin + "/config/", timeout=1)
 
     n = d.passes()
-    write(manifests / "more.yaml", ingress_yaml("more", "more.test", port, "vm", a.port))
+    write(d.manifests[0] / "more.yaml", ingress_yaml("more", "more.test", port, "vm", a.port))
 
     def unavailable() -> list[dict[str, Any]]:
         return [e for e in reconcile_events(d, n) if e["outcome"] == "unavailable"]
@@ -497,15 +505,7 @@ def test_an_upgrade_to_another_build_of_the_same_caddy_keeps_serving(
     build with DNS modules says the same version as the wheel's): the new copy replaces the installed one
     in place while the old Caddy runs. The old Caddy keeps serving and is adopted -- not mistaken for a
     stranger on the admin port -- and the new build is what the next Caddy start runs."""
-    a = backends("a")
-    manifests, instances = tmp_path / "manifests", tmp_path / "instances"
-    write(instances / "vms.yaml", instance_yaml("vm"))
-    port = free_port()
-    write(manifests / "web.yaml", ingress_yaml("web", "web.test", port, "vm", a.port))
-    d = daemon_factory(manifests=[manifests], instances=instances, resync=3600).start()
-    wait_for(lambda: routed_to(port, "web.test", "a"), timeout=10, message="routed")
-    pid = d.caddy_pid()
-    assert pid is not None
+    d, port, pid, _backend = routed_web(tmp_path, daemon_factory, backends)
     d.stop()  # the reconciler only: Caddy keeps serving meanwhile
     assert routed_to(port, "web.test", "a")
 
