@@ -173,6 +173,16 @@ def path_display(path_key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Target(Record):
+    """One target of a rule's pool (``targets``): an instance reference, its port, its share of requests."""
+
+    instance: str
+    port: int
+    #: requests go to a target in proportion to its weight; 0: out of the pool (drained, e.g. a canary at 0)
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Rule(Record):
     """One routing rule after defaults: (hostname, port) -> instance:target_port."""
 
@@ -191,11 +201,21 @@ class Rule(Record):
     path_type: str = "Prefix"
     #: the matched prefix is removed from the path before the request is proxied
     strip_prefix: bool = False
+    #: the manifest's ``targets`` (load balanced); empty for a rule with one ``target`` (``instance``,
+    #: ``target_port``), which are the first target's otherwise
+    targets: tuple[Target, ...] = ()
+    #: the name of the cookie that keeps a client on one target of ``targets`` (None: not sticky)
+    sticky_cookie: str | None = None
 
     @property
     def pattern(self) -> bool:
         """The hostname is a pattern (``{instance}.example.com``, see :mod:`reconciler.zone`)."""
         return "{" in self.hostname
+
+    @property
+    def pool(self) -> tuple[Target, ...]:
+        """Every target of the rule (one for a rule with ``target``)."""
+        return self.targets or (Target(self.instance, self.target_port),)
 
     @property
     def path_key(self) -> str:
@@ -233,9 +253,11 @@ class Instance(Record):
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """The rule's instance is known and running: proxy to ``dial``."""
+    """The rule's instance is known and running: proxy to ``dial`` (a pool: its first running target's).
+    ``down``: why each target of a pool left it (unknown or not running), while others serve."""
 
     dial: str
+    down: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,10 +111,47 @@ def _match(rule: Rule, host: str) -> dict[str, Any]:
     return {"host": [host]} if paths is None else {"host": [host], "path": paths}
 
 
+def selection_policy(rule: Rule) -> dict[str, Any]:
+    """How a pool's reverse_proxy picks a target: round robin, weighted when the weights differ, by cookie
+    (falling back to those for a client without one, or whose target left the pool) when sticky."""
+    weights = [t.weight for t in rule.targets if t.weight]
+    policy: dict[str, Any] = ({"policy": "round_robin"} if len(set(weights)) <= 1
+                              else {"policy": "weighted_round_robin", "weights": weights})
+    if rule.sticky_cookie is not None:
+        policy = {"policy": "cookie", "name": rule.sticky_cookie, "fallback": policy}
+    return policy
+
+
+def pool_handlers(rule: Rule, settings: Settings) -> list[dict[str, Any]]:
+    """The handlers of a rule with ``targets``: each target with a weight is an upstream (its instance's name
+    in the zone); a request that could not reach one (stopped: no address; not accepting) is tried at once on
+    the next, and the one that failed is left out for a while (passive health), so a stopped instance leaves
+    the pool without a failed request. The hold then covers the whole pool."""
+    zone = settings.dns_zone
+    members = [t for t in rule.targets if t.weight]
+    proxy = proxy_template(settings, rule.hold)
+    balancing = {**proxy.get("load_balancing", {}), "selection_policy": selection_policy(rule),
+                 "retries": max(0, len(members) - 1)}
+    names = ", ".join(t.instance for t in members)
+    return [{"handler": "vars", INSTANCE_VAR: literal(names), POOL_VAR: "pool"},
+            {**proxy, "load_balancing": balancing, "health_checks": {"passive": dict(POOL_PASSIVE)},
+             "upstreams": [{"dial": f"{label(t.instance)}.{zone}.:{t.port}"} for t in members]}]
+
+
+#: the request variable set on requests of a rule with a pool (the error routes word its 503 for the pool)
+POOL_VAR = "pool"
+#: a pool's passive health check when the rule sets none: one failure leaves a target out for 3s (short: a
+#: target back from a stop waits at most that long, within the default hold)
+POOL_PASSIVE = {"fail_duration": "3s", "max_fails": 1}
+
+
 def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     """One host-matched route (and path-matched, for a rule with a path)."""
-    dial, instance = upstream(rule, settings.dns_zone)
-    handle = proxy_handlers(instance, dial, proxy_template(settings, rule.hold))
+    if rule.targets:
+        handle = pool_handlers(rule, settings)
+    else:
+        dial, instance = upstream(rule, settings.dns_zone)
+        handle = proxy_handlers(instance, dial, proxy_template(settings, rule.hold))
     if rule.strip_prefix and rule.path is not None:
         # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
         handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
@@ -134,8 +171,13 @@ def error_routes() -> list[dict[str, Any]]:
             route["match"] = [{k: v for m in match for k, v in m.items()}]
         return route
 
+    pool = f"{{http.vars.{POOL_VAR}}}"
     return [
         answer("{http.error.status_code}", "{http.error.status_code} {http.error.status_text}", {"vars": {var: [""]}}),
+        # a pool: every target was tried (or left out after failing) -- none is running, known or accepting
+        answer(503, f"503 Service Unavailable: no target is running or known (instances: {var})",
+               {"vars": {pool: ["pool"]}},
+               {"vars_regexp": {message: {"pattern": "no such host|no upstreams available"}}}),
         answer(503, f'503 Service Unavailable: instance "{var}" is not running or not known',
                {"vars_regexp": {message: {"pattern": "no such host"}}}),
         # the lookup itself failed: the DNS responder is down or hung (not the instance's fault)
@@ -384,7 +426,7 @@ class Renderer:
             rid = route_id(name, index)
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
-            if pattern is None and r.hold is None and r.path is None:
+            if pattern is None and r.hold is None and r.path is None and not r.targets:
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:

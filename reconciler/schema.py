@@ -92,6 +92,11 @@ def _message(err: jsonschema.ValidationError) -> tuple[tuple[str | int, ...], st
         return path, f"{where or 'document'}: expected {err.validator_value}, got {_short(err.instance)}"
     if err.validator == "pattern":
         return path, f"{where}: {_short(err.instance)} does not match {err.validator_value}"
+    options: Any = err.validator_value
+    if (err.validator == "oneOf" and isinstance(options, list)
+            and all(isinstance(sub, dict) and list(sub) == ["required"] for sub in options)):
+        names = " or ".join(str(sub["required"][0]) for sub in options)
+        return path, f"{where or 'document'}: exactly one of {names} is required"
     if err.validator == "anyOf" and path and path[-1] == "ip":
         return path, f"{where}: {_short(err.instance)} is not an IPv4 or IPv6 address"
     return path, f"{where or 'document'}: {err.message}"

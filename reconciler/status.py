@@ -23,7 +23,10 @@ from reconciler.model import (
     Problem,
     Reason,
     ResolvedIngress,
+    Rule,
+    Target,
     Unavailable,
+    Upstream,
     path_display,
 )
 
@@ -115,7 +118,7 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
               rejected: Mapping[str, str]) -> IngressStatus:
     ing = ri.ingress
     hosts = tuple(f"{r.hostname}:{r.port}{path_display(r.path_key)}" for r in ing.rules)
-    targets = tuple(f"{r.instance}:{r.target_port}" for r in ing.rules)
+    targets = tuple(target_text(r, t) for r in ing.rules for t in r.pool)
     base = {"name": ing.name, "id": ing.id, "file": ing.origin.file, "line": ing.origin.line,
             "hosts": hosts, "targets": targets, "problems": tuple(p.format() for p in problems)}
     file_stale = stale.get(ing.origin.file)
@@ -137,7 +140,17 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
             return IngressStatus(ready=False, reason=r.backend.reason,
                                  message=f"{r.rule.hostname}:{r.rule.port} answers 503: {r.backend.message}",
                                  **base)  # type: ignore[arg-type]
-    return IngressStatus(ready=True, reason=Reason.APPLIED, message="routes are live", **base)  # type: ignore[arg-type]
+    down = [f"{r.rule.hostname}:{r.rule.port}{path_display(r.rule.path_key)}: {why}, left out of the pool"
+            for r in ri.rules if isinstance(r.backend, Upstream) for why in r.backend.down]
+    message = "routes are live" + ("; " + "; ".join(down) if down else "")
+    return IngressStatus(ready=True, reason=Reason.APPLIED, message=message, **base)  # type: ignore[arg-type]
+
+
+def target_text(rule: Rule, target: Target) -> str:
+    """A target as statuses show it: ``web:8080``; in a pool, with its weight when weights differ."""
+    if len({t.weight for t in rule.targets}) > 1:
+        return f"{target.instance}:{target.port} (weight {target.weight})"
+    return f"{target.instance}:{target.port}"
 
 
 class StatusMemo(IdentityMemo[ResolvedIngress, IngressStatus]):

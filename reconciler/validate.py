@@ -27,6 +27,7 @@ from reconciler.model import (
     ResolvedIngress,
     ResolvedRule,
     Rule,
+    Target,
     Unavailable,
     Upstream,
     derive_ingress_id,
@@ -130,7 +131,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
     for i, raw in enumerate(data["rules"]):
         where = f"rules[{i}]"
         hostname = raw["match"]["hostname"].lower()
-        instance = lower_captures(raw["target"]["instance"]) if is_pattern(hostname) else raw["target"]["instance"]
+        first = raw["target"] if "target" in raw else raw["targets"][0]
+        instance = lower_captures(first["instance"]) if is_pattern(hostname) else first["instance"]
         hold = hold_of(raw)
         found = _rule_problem(raw, hostname, instance, hold)
         if found is not None:
@@ -145,8 +147,9 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         # 0 means the default port, as in hypeman.
         port = int(raw["match"].get("port") or (443 if tls else 80))
         path, path_type = rule_path(raw["match"])
-        rule = Rule(hostname, port, instance, int(raw["target"]["port"]), tls, redirect, hold, path, path_type,
-                    bool(raw.get("strip_prefix", False)))
+        pool = tuple(Target(t["instance"], int(t["port"]), int(t.get("weight", 1))) for t in raw.get("targets", ()))
+        rule = Rule(hostname, port, instance, int(first["port"]), tls, redirect, hold, path, path_type,
+                    bool(raw.get("strip_prefix", False)), pool, (raw.get("sticky") or {}).get("cookie"))
         key = (host_key(hostname), port, rule.path_key)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -181,7 +184,7 @@ def rule_path(match: dict[str, Any]) -> tuple[str | None, str]:
 
 
 def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple[str, str] | str | None
-                  ) -> tuple[tuple[str, ...], str] | None:
+                  ) -> tuple[tuple[str | int, ...], str] | None:
     """What is wrong with one rule on its own: (the field it is about, the message after ``rules[i].``)."""
     path = raw["match"].get("path")
     if path is not None and "//" in path:
@@ -190,6 +193,12 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         return ("match", "path"), f"match.path: {path!r} holds a '.' or '..' segment (Caddy matches cleaned paths)"
     if raw.get("strip_prefix") and rule_path(raw["match"])[0] is None:
         return ("strip_prefix",), "strip_prefix: requires match.path (a prefix to strip)"
+    if "targets" in raw:
+        found = _pool_problem(raw["targets"], hostname)
+        if found is not None:
+            return found
+    elif raw.get("sticky"):
+        return ("sticky",), "sticky: requires targets (a pool to keep each client in)"
     if is_pattern(hostname) or is_pattern(instance):
         err = pattern_error(hostname, instance)
         if err:
@@ -206,6 +215,26 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         return ("hold",), hold
     if raw.get("redirect_http", False) and not raw.get("tls", False):
         return ("redirect_http",), "redirect_http: requires tls: true"
+    return None
+
+
+def _pool_problem(targets: list[dict[str, Any]], hostname: str) -> tuple[tuple[str | int, ...], str] | None:
+    """What is wrong with a rule's ``targets`` (the field, the message after ``rules[i].``)."""
+    if is_pattern(hostname):
+        return ("targets",), ("targets: a pattern hostname takes its instance from the request's host; use target "
+                              "with a capture (e.g. {instance})")
+    seen: dict[tuple[str, int], int] = {}
+    for j, t in enumerate(targets):
+        m = CAPTURE.search(t["instance"])
+        if m is not None:
+            return ("targets", j, "instance"), (f"targets[{j}].instance references unknown capture {{{m.group(1)}}} "
+                                                "(match.hostname is not a pattern)")
+        key = (t["instance"], int(t["port"]))
+        if key in seen:
+            return ("targets", j), f"targets[{j}]: {key[0]}:{key[1]} is already targets[{seen[key]}]"
+        seen[key] = j
+    if not any(t.get("weight", 1) for t in targets):
+        return ("targets",), "targets: every weight is 0 (at least one target must take requests)"
     return None
 
 
@@ -260,13 +289,23 @@ class InstanceIndex:
     def backend(self, rule: Rule) -> Upstream | Unavailable:
         if rule.pattern:  # each request names its instance: resolved by the responder, per request
             return Upstream(rule.instance)
-        inst = self.lookup(rule.instance)
+        if not rule.targets:
+            return self._target(rule.instance, rule.target_port)
+        found = [self._target(t.instance, t.port) for t in rule.targets if t.weight]
+        up = [b for b in found if isinstance(b, Upstream)]
+        down = tuple(b.message for b in found if isinstance(b, Unavailable))
+        if up:
+            return Upstream(up[0].dial, down)
+        first = next(b for b in found if isinstance(b, Unavailable))
+        return Unavailable(first.reason, "no target is running: " + "; ".join(down))
+
+    def _target(self, ref: str, port: int) -> Upstream | Unavailable:
+        inst = self.lookup(ref)
         if inst is None:
-            return Unavailable(Reason.INSTANCE_NOT_FOUND, f"instance {rule.instance!r} not found")
+            return Unavailable(Reason.INSTANCE_NOT_FOUND, f"instance {ref!r} not found")
         if not inst.running:
-            return Unavailable(Reason.INSTANCE_NOT_RUNNING,
-                               f"instance {rule.instance!r} is not running (state: {inst.state})")
-        return Upstream(dial_address(inst.ip, rule.target_port))
+            return Unavailable(Reason.INSTANCE_NOT_RUNNING, f"instance {ref!r} is not running (state: {inst.state})")
+        return Upstream(dial_address(inst.ip, port))
 
 
 def zone_records(instances: Iterable[Instance]) -> dict[str, str]:
@@ -433,7 +472,7 @@ def _changed_refs(old: InstanceIndex, new: InstanceIndex) -> set[str]:
 
 def _refers(ing: Ingress, refs: set[str]) -> bool:
     """``ing`` has a rule naming one of ``refs`` (a pattern names none: its instance is per request)."""
-    return any(not r.pattern and r.instance in refs for r in ing.rules)
+    return any(not r.pattern and any(t.instance in refs for t in r.pool) for r in ing.rules)
 
 
 class Resolver:

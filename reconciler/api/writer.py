@@ -105,8 +105,13 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
     """The ingress object as hypeman's API has it."""
     rules = []
     for r in ing.rules:
-        rule: dict[str, Any] = {"match": {"hostname": r.hostname, "port": r.port},
-                                "target": {"instance": r.instance, "port": r.target_port}}
+        rule: dict[str, Any] = {"match": {"hostname": r.hostname, "port": r.port}}
+        if r.targets:
+            rule["targets"] = [{"instance": t.instance, "port": t.port, "weight": t.weight} for t in r.targets]
+        else:
+            rule["target"] = {"instance": r.instance, "port": r.target_port}
+        if r.sticky_cookie is not None:
+            rule["sticky"] = {"cookie": r.sticky_cookie}
         if r.tls:
             rule["tls"] = True
         if r.redirect_http:
@@ -285,9 +290,10 @@ class ManifestWriter:
                                                       "right now; fix or delete it first)")
             index = InstanceIndex(instances.items)
             for r in candidate.rules:  # the API's own rule (as hypeman's): a file may name one yet to come
-                if not r.pattern and index.lookup(r.instance) is None:  # (a pattern's: resolved per request)
-                    raise Refused(Refusal.INSTANCE_NOT_FOUND,
-                                  f"rules: instance {r.instance!r} not found (by name or id)")
+                for t in () if r.pattern else r.pool:  # (a pattern's: resolved per request)
+                    if index.lookup(t.instance) is None:
+                        raise Refused(Refusal.INSTANCE_NOT_FOUND,
+                                      f"rules: instance {t.instance!r} not found (by name or id)")
             error = self._validate(render(admission.desired, self.settings))
             if error is not None:  # Caddy may quote the config it refused: never a secret in the answer
                 raise Refused(Refusal.CONFIG_VALIDATION_FAILED,
