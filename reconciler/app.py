@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import structlog
 
 from reconciler.caddy.admin import AdminClient, AdminContact
@@ -27,6 +28,7 @@ from reconciler.caddy.configfile import ConfigFile
 from reconciler.caddy.modules import preflight
 from reconciler.caddy.supervisor import CaddySupervisor
 from reconciler.caddy.traffic import HostMaps, TrafficCollector
+from reconciler.caddy.upstreams import read_upstreams
 from reconciler.caddy.validate import caddy_validate
 from reconciler.errors import ConfigError, StorageError
 from reconciler.fsutil import StorageHealth
@@ -34,12 +36,14 @@ from reconciler.loop.background import Background
 from reconciler.loop.changes import ChangeLog
 from reconciler.loop.daemon import Housekeeping, Loop
 from reconciler.loop.fastpath import InstanceFastPath
+from reconciler.loop.health import HealthWatch
 from reconciler.loop.keeper import Keeper
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.reconcile import Reconciler
 from reconciler.loop.service import Service, health, node_state
 from reconciler.loop.signals import SignalPolicy
 from reconciler.loop.triggers import Trigger, Triggers
+from reconciler.model import Desired
 from reconciler.responder.client import Publisher
 from reconciler.responder.supervisor import ResponderSupervisor
 from reconciler.settings import Settings
@@ -232,13 +236,14 @@ class Daemon:
 
             def node() -> dict[str, Any]:  # (called once the reconciler below exists)
                 return node_state(s, node_name, reconciler.applied_hash)
+            watch = self._health_watch(lambda: snap.desired if (snap := reconciler.snapshot) is not None else None)
             reconciler = Reconciler(
                 settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
                 validate=lambda config: caddy_validate(binary, config),
                 health=lambda: health(keeper, self.storage, responder, node),
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
                 certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
-                good_before=good_before)
+                good_before=good_before, upstreams=watch.states)
             metrics = self._metrics(reconciler)
             self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
                              changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
@@ -258,6 +263,18 @@ class Daemon:
                         message="the loop starts now; Caddy is converged once it answers")
         if keeper.first_error is not None:
             raise keeper.first_error
+
+    def _health_watch(self, desired: Callable[[], Desired | None]) -> HealthWatch:
+        """Caddy's verdicts on health-checked targets between passes (started: it reads only while some rule
+        has health checks)."""
+        s = self.settings
+        client = httpx.Client(base_url=s.admin_url, timeout=2.0)
+        watch = HealthWatch(read=lambda: read_upstreams(client), desired=desired, zone=s.dns_zone,
+                            notify=lambda: self.triggers.notify(Trigger.HEALTH))
+        watch.start()
+        self._stoppable.append(watch.stop)
+        self._stoppable.append(client.close)
+        return watch
 
     def _caddy(self) -> tuple[Keeper, CaddySupervisor, str]:
         """The binary (installed into the data dir, or run from its source when it cannot be copied), the

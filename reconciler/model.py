@@ -58,6 +58,9 @@ class Reason(StrEnum):
     INVALID_INSTANCE = "InvalidInstance"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
     STALE = "Stale"
+    TARGET_UNHEALTHY = "TargetUnhealthy"  # no target of a health-checked rule passes its checks
+    PROGRESSING = "Progressing"  # a rule's new target is probed before traffic moves to it
+    STALLED = "Stalled"  # ... and has not passed its health check by the deadline (the old one serves)
     INVALID_SETTINGS = "InvalidSettings"  # (validate: the TLS settings cannot work with this Caddy)
     REMOVED = "Removed"  # (log events only: an ingress no longer defined)
 
@@ -183,6 +186,29 @@ class Target(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck(Record):
+    """A rule's health checks (Caddy's ``health_checks``). Active: Caddy asks each target ``GET path``
+    every ``interval`` (``timeout``), expecting ``expect_status`` (None: any 2xx); ``passes``/``fails``
+    answers in a row make it healthy/unhealthy. Passive: ``passive_fails`` failed requests within
+    ``passive_window`` take a target out for that long. ``cutover_deadline``: how long a changed target may
+    take to pass before the change is reported Stalled (the old target serving on)."""
+
+    path: str | None = None
+    interval: str = "10s"
+    timeout: str = "2s"
+    expect_status: int | None = None
+    passes: int = 1
+    fails: int = 1
+    passive_fails: int | None = None
+    passive_window: str = "30s"
+    cutover_deadline: str = "5m"
+
+    @property
+    def active(self) -> bool:
+        return self.path is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Rule(Record):
     """One routing rule after defaults: (hostname, port) -> instance:target_port."""
 
@@ -206,6 +232,8 @@ class Rule(Record):
     targets: tuple[Target, ...] = ()
     #: the name of the cookie that keeps a client on one target of ``targets`` (None: not sticky)
     sticky_cookie: str | None = None
+    #: the rule's health checks (None: none -- a pool still leaves a failed target out for a moment)
+    health: HealthCheck | None = None
 
     @property
     def pattern(self) -> bool:

@@ -49,7 +49,7 @@ from reconciler.layout import (
 from reconciler.memo import IdentityMemo
 from reconciler.model import EXACT, Desired, Ingress, Rule, path_rank
 from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport
-from reconciler.zone import is_pattern, label, parse_pattern, template
+from reconciler.zone import dial_name, is_pattern, parse_pattern, template
 
 _TEXT = {"Content-Type": ["text/plain; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}
 
@@ -95,7 +95,7 @@ def upstream(rule: Rule, zone: str) -> tuple[str, str]:
         name = template(rule.instance, parsed)
         assert name is not None, rule.instance
         return f"{name}.{zone}.:{rule.target_port}", name
-    return f"{label(rule.instance)}.{zone}.:{rule.target_port}", literal(rule.instance)
+    return dial_name(rule.instance, rule.target_port, zone), literal(rule.instance)
 
 
 def path_matcher(rule: Rule) -> list[str] | None:
@@ -134,8 +134,8 @@ def pool_handlers(rule: Rule, settings: Settings) -> list[dict[str, Any]]:
                  "retries": max(0, len(members) - 1)}
     names = ", ".join(t.instance for t in members)
     return [{"handler": "vars", INSTANCE_VAR: literal(names), POOL_VAR: "pool"},
-            {**proxy, "load_balancing": balancing, "health_checks": {"passive": dict(POOL_PASSIVE)},
-             "upstreams": [{"dial": f"{label(t.instance)}.{zone}.:{t.port}"} for t in members]}]
+            {**proxy, "load_balancing": balancing,
+             "upstreams": [{"dial": dial_name(t.instance, t.port, zone)} for t in members]}]
 
 
 #: the request variable set on requests of a rule with a pool (the error routes word its 503 for the pool)
@@ -145,6 +145,24 @@ POOL_VAR = "pool"
 POOL_PASSIVE = {"fail_duration": "3s", "max_fails": 1}
 
 
+def health_checks(rule: Rule) -> dict[str, Any]:
+    """Caddy's ``health_checks`` of a rule: its own (see :class:`reconciler.model.HealthCheck`), and for a pool
+    at least :data:`POOL_PASSIVE`."""
+    out: dict[str, Any] = {"passive": dict(POOL_PASSIVE)} if rule.targets else {}
+    check = rule.health
+    if check is None:
+        return out
+    if check.active:
+        active: dict[str, Any] = {"uri": check.path, "interval": check.interval, "timeout": check.timeout,
+                                  "passes": check.passes, "fails": check.fails}
+        if check.expect_status is not None:
+            active["expect_status"] = check.expect_status
+        out["active"] = active
+    if check.passive_fails is not None:
+        out["passive"] = {"fail_duration": check.passive_window, "max_fails": check.passive_fails}
+    return out
+
+
 def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     """One host-matched route (and path-matched, for a rule with a path)."""
     if rule.targets:
@@ -152,6 +170,9 @@ def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     else:
         dial, instance = upstream(rule, settings.dns_zone)
         handle = proxy_handlers(instance, dial, proxy_template(settings, rule.hold))
+    checks = health_checks(rule)
+    if checks:
+        handle = [*handle[:-1], {**handle[-1], "health_checks": checks}]
     if rule.strip_prefix and rule.path is not None:
         # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
         handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
@@ -175,11 +196,14 @@ def error_routes() -> list[dict[str, Any]]:
     return [
         answer("{http.error.status_code}", "{http.error.status_code} {http.error.status_text}", {"vars": {var: [""]}}),
         # a pool: every target was tried (or left out after failing) -- none is running, known or accepting
-        answer(503, f"503 Service Unavailable: no target is running or known (instances: {var})",
+        answer(503, f"503 Service Unavailable: no target is running, known and healthy (instances: {var})",
                {"vars": {pool: ["pool"]}},
                {"vars_regexp": {message: {"pattern": "no such host|no upstreams available"}}}),
         answer(503, f'503 Service Unavailable: instance "{var}" is not running or not known',
                {"vars_regexp": {message: {"pattern": "no such host"}}}),
+        # left out by its health checks (failing the active check, or failed requests just now)
+        answer(503, f'503 Service Unavailable: instance "{var}" is unhealthy (failing its health checks)',
+               {"vars_regexp": {message: {"pattern": "no upstreams available"}}}),
         # the lookup itself failed: the DNS responder is down or hung (not the instance's fault)
         answer(503, f'503 Service Unavailable: instance "{var}": its address could not be looked up (the DNS '
                "responder did not answer)", {"vars_regexp": {message: {"pattern": "lookup [^ ]+"}}}),
@@ -426,7 +450,7 @@ class Renderer:
             rid = route_id(name, index)
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
-            if pattern is None and r.hold is None and r.path is None and not r.targets:
+            if pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None:
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:

@@ -216,6 +216,17 @@ def hold_seconds(text: str) -> float | None:
     return value if value <= HOLD_MAX_SECONDS else None
 
 
+_DURATION = re.compile(r"^([0-9]{1,6}(\.[0-9]{1,3})?)(ms|s|m|h)$")
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds of a manifest's duration (``"250ms"``, ``"10s"``, ``"5m"``, ``"1h"``), None when it is not one."""
+    m = _DURATION.match(text)
+    if m is None:
+        return None
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(3)]
+
+
 def _hold(env: Mapping[str, str], key: str, default: str) -> str:
     raw = env.get(key)
     if raw is None or raw == "":

@@ -20,6 +20,7 @@ from reconciler.model import (
     PREFIX,
     Desired,
     Document,
+    HealthCheck,
     Ingress,
     Instance,
     Problem,
@@ -34,7 +35,7 @@ from reconciler.model import (
     path_display,
 )
 from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
-from reconciler.settings import HOLD_MAX_SECONDS, Settings, domain_allowed, hold_seconds
+from reconciler.settings import HOLD_MAX_SECONDS, Settings, domain_allowed, duration_seconds, hold_seconds
 from reconciler.zone import CAPTURE, Pattern, is_pattern, parse_pattern, records, unknown_capture
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -149,7 +150,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         path, path_type = rule_path(raw["match"])
         pool = tuple(Target(t["instance"], int(t["port"]), int(t.get("weight", 1))) for t in raw.get("targets", ()))
         rule = Rule(hostname, port, instance, int(first["port"]), tls, redirect, hold, path, path_type,
-                    bool(raw.get("strip_prefix", False)), pool, (raw.get("sticky") or {}).get("cookie"))
+                    bool(raw.get("strip_prefix", False)), pool, (raw.get("sticky") or {}).get("cookie"),
+                    health_of(raw.get("health_check")))
         key = (host_key(hostname), port, rule.path_key)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -193,6 +195,11 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         return ("match", "path"), f"match.path: {path!r} holds a '.' or '..' segment (Caddy matches cleaned paths)"
     if raw.get("strip_prefix") and rule_path(raw["match"])[0] is None:
         return ("strip_prefix",), "strip_prefix: requires match.path (a prefix to strip)"
+    checks = raw.get("health_check")
+    if checks is not None:
+        found = _health_problem(checks, hostname)
+        if found is not None:
+            return found
     if "targets" in raw:
         found = _pool_problem(raw["targets"], hostname)
         if found is not None:
@@ -215,6 +222,32 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         return ("hold",), hold
     if raw.get("redirect_http", False) and not raw.get("tls", False):
         return ("redirect_http",), "redirect_http: requires tls: true"
+    return None
+
+
+def health_of(raw: dict[str, Any] | None) -> HealthCheck | None:
+    """A rule's ``health_check`` after defaults (None: it has none)."""
+    if raw is None:
+        return None
+    active, passive = raw.get("active") or {}, raw.get("passive")
+    d = HealthCheck()
+    return HealthCheck(path=active.get("path"), interval=active.get("interval", d.interval),
+                       timeout=active.get("timeout", d.timeout), expect_status=active.get("expect_status"),
+                       passes=int(active.get("passes", d.passes)), fails=int(active.get("fails", d.fails)),
+                       passive_fails=int(passive.get("fails", 1)) if passive is not None else None,
+                       passive_window=(passive or {}).get("window", d.passive_window),
+                       cutover_deadline=active.get("cutover_deadline", d.cutover_deadline))
+
+
+def _health_problem(raw: dict[str, Any], hostname: str) -> tuple[tuple[str | int, ...], str] | None:
+    """What is wrong with a rule's ``health_check`` (the field, the message after ``rules[i].``)."""
+    if is_pattern(hostname):
+        return ("health_check",), ("health_check: a pattern hostname's targets are per request (one per instance "
+                                   "its host names); health checks need fixed targets")
+    for section, key in (("active", "interval"), ("active", "timeout"), ("passive", "window")):
+        value = (raw.get(section) or {}).get(key)
+        if value is not None and not duration_seconds(value):
+            return ("health_check", section, key), f"health_check.{section}.{key}: must be more than 0"
     return None
 
 

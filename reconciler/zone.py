@@ -45,6 +45,12 @@ def label(ref: str) -> str:
     return "xh--" + hashlib.sha1(ref.encode()).hexdigest()[:24]
 
 
+def dial_name(ref: str, port: int, zone: str) -> str:
+    """The upstream address Caddy dials for instance reference ``ref`` (rooted: never tried with the host's
+    resolv.conf search domains first) -- also how Caddy names that upstream in its admin API and metrics."""
+    return f"{label(ref)}.{zone}.:{port}"
+
+
 def records(by_name: Mapping[str, Instance], by_id: Mapping[str, Instance]) -> dict[str, str]:
     """label -> IP of every reference that resolves to a running instance (a name wins over an id, as
     :meth:`reconciler.validate.InstanceIndex.lookup` decides: a stopped instance found by name hides an

@@ -259,7 +259,8 @@ def test_a_stopped_instance_leaves_the_pool_without_a_failed_request(
         return r.status_code, r.text
 
     wait_for(lambda: answer()[0] == 503, timeout=15, message="503 once no target runs")
-    assert answer()[1].strip() == "503 Service Unavailable: no target is running or known (instances: a, b)"
+    assert answer()[1].strip() == ("503 Service Unavailable: no target is running, known and healthy "
+                                   "(instances: a, b)")
     st = _status(d, "web")
     assert st["ready"] is False and st["reason"] == Reason.INSTANCE_NOT_RUNNING
     assert "no target is running" in st["message"]

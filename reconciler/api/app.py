@@ -332,4 +332,7 @@ def create_app(*, writer: ManifestWriter, backend: Backend, token: str | None, w
 def _short_status(st: dict[str, Any] | None) -> dict[str, Any]:
     if st is None:
         return {"ready": False, "reason": Reason.PENDING, "message": "not seen by a reconcile pass yet"}
-    return {k: st.get(k) for k in ("ready", "reason", "message", "stale_since")}
+    out = {k: st.get(k) for k in ("ready", "reason", "message", "stale_since")}
+    if st.get("health"):  # (health-checked rules only: what Caddy says of each target)
+        out["health"] = st["health"]
+    return out

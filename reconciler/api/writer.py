@@ -41,7 +41,7 @@ import yaml
 
 from reconciler.errors import StorageError
 from reconciler.fsutil import atomic_write, pid_alive, storage_error
-from reconciler.model import Document, GoodFile, Ingress, Instance, Origin, Problem, Source
+from reconciler.model import Document, GoodFile, HealthCheck, Ingress, Instance, Origin, Problem, Source
 from reconciler.parse import ParsedDocument
 from reconciler.render import render, scrub
 from reconciler.schema import control_character_path, format_path
@@ -101,6 +101,21 @@ class Found:
     path: str  # the manifest file
 
 
+def health_body(check: HealthCheck) -> dict[str, Any]:
+    """A rule's ``health_check`` as the manifest has it, with its defaults."""
+    out: dict[str, Any] = {}
+    if check.active:
+        active: dict[str, Any] = {"path": check.path, "interval": check.interval, "timeout": check.timeout,
+                                  "passes": check.passes, "fails": check.fails,
+                                  "cutover_deadline": check.cutover_deadline}
+        if check.expect_status is not None:
+            active["expect_status"] = check.expect_status
+        out["active"] = active
+    if check.passive_fails is not None:
+        out["passive"] = {"fails": check.passive_fails, "window": check.passive_window}
+    return out
+
+
 def ingress_body(ing: Ingress) -> dict[str, Any]:
     """The ingress object as hypeman's API has it."""
     rules = []
@@ -112,6 +127,8 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
             rule["target"] = {"instance": r.instance, "port": r.target_port}
         if r.sticky_cookie is not None:
             rule["sticky"] = {"cookie": r.sticky_cookie}
+        if r.health is not None:
+            rule["health_check"] = health_body(r.health)
         if r.tls:
             rule["tls"] = True
         if r.redirect_http:

@@ -94,7 +94,8 @@ class Reconciler:
                  generation: Callable[[], int] | None = None, certs: Certificates | None = None,
                  defer: Callable[[Job], None] | None = None, on_load: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 include_api: bool = True, good_before: tuple[GoodMap, GoodMap] | None = None) -> None:
+                 include_api: bool = True, good_before: tuple[GoodMap, GoodMap] | None = None,
+                 upstreams: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None) -> None:
         if reader is None:  # (the daemon's composition root reads the last good versions itself)
             good = store.load_lastgood() if store is not None else ({}, {})
             reader = InputReader(settings, good=good, wall=wall, include_api=include_api)
@@ -109,7 +110,7 @@ class Reconciler:
         #: the node-neutral hash of the config Caddy runs (what the nodes of a fleet compare)
         self.applied_hash = AppliedHash(node_tokens(settings))
         self.reporter = Reporter(store=store, config_file=config_file, certs=certs, defer=defer, health=health,
-                                 applied_hash=self.applied_hash)
+                                 applied_hash=self.applied_hash, upstreams=upstreams, zone=settings.dns_zone)
         #: how many times Caddy was (re)started: what a pass trusts about Caddy holds for one generation
         self._generation = generation or (lambda: 0)
         self._clock, self._wall = clock, wall
@@ -155,6 +156,7 @@ class Reconciler:
                 timing: tuple[float, float, tuple[tuple[str, float], ...]]) -> PassResult:
         start, started_at, phases = timing
         statuses, certificates = self.reporter.certificates(inputs.desired, planned.config, statuses)
+        statuses = self.reporter.upstream_health(inputs.desired, statuses)
         error = applied.error
         if applied.rejected and error is None:
             error = "; ".join(f"{n}: {m}" for n, m in sorted(applied.rejected.items()))

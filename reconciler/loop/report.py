@@ -22,6 +22,7 @@ from reconciler.status import (
     ingress_statuses,
     status_document,
     with_certificates,
+    with_health,
 )
 from reconciler.validate import pattern_hosts
 
@@ -58,8 +59,12 @@ class Reporter:
     def __init__(self, *, store: StateStore | None, config_file: ConfigFile | None,
                  certs: Certificates | None = None, defer: Callable[[Job], None] | None = None,
                  health: Callable[[], dict[str, Any]] | None = None,
-                 applied_hash: AppliedHash | None = None) -> None:
+                 applied_hash: AppliedHash | None = None,
+                 upstreams: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+                 zone: str = "hypeman.internal") -> None:
         self.store = store
+        self._upstreams = upstreams
+        self._zone = zone
         self.applied_hash = applied_hash
         self.config_file = config_file
         self._certs = certs
@@ -95,6 +100,12 @@ class Reporter:
             return statuses, {}
         certificates = {h: dict(c) for h, c in self._certs(hosts).items()}
         return with_certificates(statuses, tls_hosts, certificates, on_demand), certificates
+
+    def upstream_health(self, desired: Desired, statuses: list[IngressStatus]) -> list[IngressStatus]:
+        """The statuses with what Caddy says of their health-checked targets (see :func:`with_health`)."""
+        if self._upstreams is None:
+            return statuses
+        return with_health(statuses, desired, self._upstreams(), self._zone)
 
     # -- the status document and the files -----------------------------------------------------------
     def document(self, record: PassRecord, inputs: Inputs, *, applied: bool, certificates: dict[str, Any],

@@ -39,6 +39,11 @@ class Trigger(StrEnum):
     CADDY_RESTART = "caddy-restart"  # Caddy was (re)started
     SIGHUP = "sighup"
     APPLY = "apply"  # ``hypeman-ingress apply``: one pass, then exit
+    HEALTH = "health"  # what Caddy says of health-checked targets changed, or a cutover's probe answered
+
+
+#: triggers that change nothing on disk: a pass they ask for reads no file again (unless others ask)
+NO_READ = frozenset({Trigger.HEALTH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,7 @@ class Burst:
     @property
     def trusted(self) -> bool:
         """Only file events and API writes: Caddy still runs what this process loaded (no read back)."""
-        return bool(self.triggers) and self.triggers <= {Trigger.WATCH, Trigger.API}
+        return bool(self.triggers) and self.triggers <= {Trigger.WATCH, Trigger.API, Trigger.HEALTH}
 
     @property
     def resync(self) -> bool:
@@ -90,7 +95,9 @@ class _Pending:
             self.first = self.first_event = now
             self.paths = set()
         self.reasons.add(Trigger(reason))
-        if path is None or self.paths is None or (path not in self.paths and len(self.paths) >= max_paths):
+        if path is None and reason in NO_READ:
+            pass
+        elif path is None or self.paths is None or (path not in self.paths and len(self.paths) >= max_paths):
             self.paths = None
         else:
             self.paths.add(path)

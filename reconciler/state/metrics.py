@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -29,6 +29,10 @@ class _StatusLike(Protocol):
     def reason(self) -> str: ...
     @property
     def ready(self) -> bool: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def health(self) -> tuple[Mapping[str, Any], ...]: ...
 
 
 class Metrics:
@@ -46,6 +50,10 @@ class Metrics:
                                 registry=r)
         self.ingresses = Gauge("hypeman_ingress_ingresses", "Ingresses by state", ["reason", "ready"], registry=r)
         self.problems = Gauge("hypeman_ingress_input_problems", "Problems found in the inputs", registry=r)
+        self.target_healthy = Gauge("hypeman_ingress_target_healthy",
+                                    "1 when Caddy counts the target of a health-checked rule healthy, 0 when not "
+                                    "(absent: not reported yet)", ["ingress", "rule", "target"], registry=r)
+        self._targets: set[tuple[str, str, str]] = set()
         self.caddy_up = Gauge("hypeman_ingress_caddy_up", "1 when Caddy is running", registry=r)
         self.caddy_restarts = Gauge("hypeman_ingress_caddy_restarts", "Caddy restarts by the supervisor",
                                     registry=r)
@@ -92,6 +100,16 @@ class Metrics:
         for key, n in counts.items():
             self.ingresses.labels(*key).set(n)
         self._seen |= set(counts)
+        targets: dict[tuple[str, str, str], bool] = {}
+        for st in statuses:
+            for row in st.health:
+                if row.get("healthy") is not None:
+                    targets[(st.name, str(row.get("rule")), str(row.get("target")))] = bool(row["healthy"])
+        for gone in self._targets - set(targets):
+            self.target_healthy.remove(*gone)
+        for target, ok in targets.items():
+            self.target_healthy.labels(*target).set(1 if ok else 0)
+        self._targets = set(targets)
 
     def observe_caddy(self, *, up: bool, restarts: int, flapping: bool = False) -> None:
         self.caddy_up.set(1 if up else 0)
