@@ -12,6 +12,7 @@ is PURE: no logging, networking, processes or clock reading::
     4  sources caddy responder state                I/O edges: readers, watcher | Caddy | DNS responder | state
     3  validate* render* diff* status* statustable* traffic*  rules, Caddy JSON, diff, statuses, status table, traffic
     3  fleet*                                       the node-neutral config hash a fleet compares
+    3  cutover*                                     health-gated cutover: which targets a changed rule serves
     2  model* schema* layout* zone* accesslog* procutil  dataclasses, schema, layout, DNS names, access logs | processes
     1  settings* parse* memo* jsonutil* fsutil      values, YAML/JSON parsing, memo, JSON | file writes
     0  errors*                                      the error tree

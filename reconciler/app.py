@@ -36,7 +36,7 @@ from reconciler.loop.background import Background
 from reconciler.loop.changes import ChangeLog
 from reconciler.loop.daemon import Housekeeping, Loop
 from reconciler.loop.fastpath import InstanceFastPath
-from reconciler.loop.health import HealthWatch
+from reconciler.loop.health import HealthWatch, Prober
 from reconciler.loop.keeper import Keeper
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.reconcile import Reconciler
@@ -243,7 +243,7 @@ class Daemon:
                 health=lambda: health(keeper, self.storage, responder, node),
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
                 certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
-                good_before=good_before, upstreams=watch.states)
+                good_before=good_before, upstreams=watch.states, prober=self._prober())
             metrics = self._metrics(reconciler)
             self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
                              changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
@@ -275,6 +275,13 @@ class Daemon:
         self._stoppable.append(watch.stop)
         self._stoppable.append(client.close)
         return watch
+
+    def _prober(self) -> Prober:
+        """The prober of health-gated cutovers (started: idle until a pass holds a rule)."""
+        prober = Prober(notify=lambda: self.triggers.notify(Trigger.HEALTH))
+        prober.start()
+        self._stoppable.append(prober.stop)
+        return prober
 
     def _caddy(self) -> tuple[Keeper, CaddySupervisor, str]:
         """The binary (installed into the data dir, or run from its source when it cannot be copied), the

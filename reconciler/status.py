@@ -11,9 +11,9 @@ Ingresses that were refused before rendering keep the reason of their problem (`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from reconciler.memo import IdentityMemo
 from reconciler.model import (
@@ -128,6 +128,36 @@ def _health_verdict(st: IngressStatus, rules: tuple[Rule, ...],
                                    + ", ".join(t for t, _ in seen) + " unhealthy")
     out = [f"{t} fails its health checks, left out" for seen in by_rule.values() for t, h in seen if h is False]
     return replace(st, message=st.message + "; " + "; ".join(out)) if out else st
+
+
+class Progress(Protocol):
+    """A rule held by a cutover (:class:`reconciler.cutover.Progress`)."""
+
+    @property
+    def ingress(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+
+def with_progress(statuses: list[IngressStatus], progress: Iterable[Progress]) -> list[IngressStatus]:
+    """Rules held on their old targets by a health-gated cutover (see :mod:`reconciler.cutover`): their
+    ingress is not ready -- ``Progressing``, or ``Stalled`` past the deadline -- and says what it waits for
+    and which targets still serve (a reason of its own, say a conflict, is kept)."""
+    by_name: dict[str, list[Progress]] = {}
+    for p in progress:
+        by_name.setdefault(p.ingress, []).append(p)
+    if not by_name:
+        return statuses
+    out = []
+    for st in statuses:
+        mine = by_name.get(st.name)
+        if mine and st.reason in (Reason.APPLIED, Reason.TARGET_UNHEALTHY):
+            reason = Reason.STALLED if any(p.reason == Reason.STALLED for p in mine) else Reason.PROGRESSING
+            st = replace(st, ready=False, reason=reason, message="; ".join(p.message for p in mine))
+        out.append(st)
+    return out
 
 
 def with_certificates(statuses: list[IngressStatus], tls_hosts: Mapping[str, list[str]],

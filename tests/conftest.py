@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.helpers import Backend, CaddyProcess, Daemon, Responder
+from tests.helpers import Backend, CaddyProcess, Daemon, Responder, Service
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +63,17 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             failures.append(exc)
     if failures:
         raise failures[0]
+
+
+@pytest.fixture
+def services() -> Iterator[Callable[[str], Service]]:
+    made: list[Service] = []
+
+    def make(name: str) -> Service:
+        s = Service(name)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()

@@ -143,6 +143,54 @@ class Backend:
         self.server.server_close()
 
 
+class Service:
+    """A real HTTP backend whose ``/healthz`` answers 200 or 500 as the test says, and ``/slow?s=N``
+    takes N seconds; anything else answers ``backend=<name> path=<path>``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.healthy = True
+        self.checks = 0
+        self.requests = 0
+        self.slow_started = threading.Event()
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/healthz"):
+                    service.checks += 1
+                    self._answer(200 if service.healthy else 500, f"health {service.name}")
+                    return
+                service.requests += 1
+                if self.path.startswith("/slow"):
+                    service.slow_started.set()
+                    time.sleep(float(self.path.partition("s=")[2] or 1))
+                self._answer(200, f"backend={service.name} path={self.path}")
+
+            def _answer(self, status: int, text: str) -> None:
+                body = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def get(port: int, host: str, path: str = "/", timeout: float = 5.0) -> httpx.Response:
     """A real request to Caddy on 127.0.0.1:port with the given Host header."""
     return httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Host": host}, timeout=timeout)

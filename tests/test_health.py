@@ -11,11 +11,8 @@ comes back when healthy; a rule whose only target is unhealthy answers 503 sayin
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,70 +24,10 @@ from reconciler.model import HealthCheck, Reason
 from reconciler.render import Renderer
 from reconciler.settings import Settings
 from reconciler.status import IngressStatus, with_health
-from tests.helpers import Daemon, free_port, instance_yaml, wait_for, write
+from tests.helpers import Daemon, Service, free_port, instance_yaml, wait_for, write
 from tests.test_tls import desired_of
 
 SETTINGS = Settings()
-
-
-class Service:
-    """A real HTTP backend whose ``/healthz`` answers 200 or 500 as the test says, and ``/slow?s=N``
-    takes N seconds; anything else answers ``backend=<name> path=<path>``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.healthy = True
-        self.checks = 0
-        self.requests = 0
-        service = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def do_GET(self) -> None:
-                if self.path.startswith("/healthz"):
-                    service.checks += 1
-                    self._answer(200 if service.healthy else 500, f"health {service.name}")
-                    return
-                service.requests += 1
-                if self.path.startswith("/slow"):
-                    time.sleep(float(self.path.partition("s=")[2] or 1))
-                self._answer(200, f"backend={service.name} path={self.path}")
-
-            def _answer(self, status: int, text: str) -> None:
-                body = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def services() -> Iterator[Callable[[str], Service]]:
-    made: list[Service] = []
-
-    def make(name: str) -> Service:
-        s = Service(name)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def health_rule(host: str, targets: list[tuple[str, int]], *, listen: int = 80, check: str = "") -> str:

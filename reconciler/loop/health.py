@@ -5,16 +5,23 @@ Caddy checks the targets (``health_checks`` in the config); :class:`HealthWatch`
 health-checked rules, keeps the latest for the next pass's statuses, and asks for a pass (``health``: it
 reads no file) when a target turned healthy or unhealthy -- so ``TargetUnhealthy`` shows within an interval
 of Caddy's own verdict (Caddy refreshes it every 10 s), and a node with no health checks never asks Caddy.
+
+:class:`Prober` probes the new targets of rules a health-gated cutover holds (:mod:`reconciler.cutover`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import httpx
+
+from reconciler.cutover import ProbeKey, ProbeResult
 from reconciler.errors import CaddyError
-from reconciler.model import Desired
+from reconciler.model import Desired, HealthCheck
+from reconciler.settings import duration_seconds
 from reconciler.status import health_targets
 
 Upstreams = dict[str, dict[str, Any]]
@@ -78,3 +85,118 @@ class HealthWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+#: what a pass asks the prober: probe key -> (the rule's check, the instance's address; None: not running)
+Wanted = dict[ProbeKey, tuple[HealthCheck, str | None]]
+
+
+def answer_of(exc: httpx.HTTPError) -> str:
+    """A probe's failure as statuses quote it (short, no traceback)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    if "Connection refused" in text or "[Errno 111]" in text:
+        return "connection refused"
+    return text[:200]
+
+
+class Prober:
+    """Probes the new targets of rules held by a cutover (see :mod:`reconciler.cutover`) from the
+    reconciler itself -- ``GET path`` on the instance's address, as Caddy's active check would -- each at its
+    rule's interval, and asks for a pass (``health``) when a target's verdict or last answer changes, or a
+    held rule's deadline comes (its status turns Stalled)."""
+
+    def __init__(self, *, notify: Callable[[], object], clock: Callable[[], float] = time.monotonic,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._notify = notify
+        self._clock = clock
+        self._client = httpx.Client(transport=transport, follow_redirects=False)
+        self._lock = threading.Lock()
+        self._wanted: Wanted = {}
+        self._results: dict[ProbeKey, ProbeResult] = {}
+        self._due: dict[ProbeKey, float] = {}
+        self._deadline: float | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def results(self) -> Mapping[ProbeKey, ProbeResult]:
+        with self._lock:
+            return dict(self._results)
+
+    def want(self, wanted: Wanted, *, deadline_in: float | None = None) -> None:
+        """What to probe from now on (results of anything else are dropped), and when to ask for a pass
+        for a deadline."""
+        with self._lock:
+            self._wanted = dict(wanted)
+            self._results = {k: v for k, v in self._results.items() if k in wanted}
+            self._due = {k: self._due.get(k, 0.0) for k in wanted}
+            self._deadline = None if deadline_in is None else self._clock() + deadline_in
+        self._wake.set()
+
+    def probe_once(self, key: ProbeKey, check: HealthCheck, address: str | None) -> ProbeResult:
+        """Probe one target now (and remember the result)."""
+        instance, port, path, expect = key
+        if address is None:
+            ok, answer = False, f"instance {instance!r} is not running or not known"
+        else:
+            host = f"[{address}]" if ":" in address else address
+            try:
+                r = self._client.get(f"http://{host}:{port}{path}", timeout=duration_seconds(check.timeout) or 2.0)
+                ok = r.status_code == expect if expect is not None else 200 <= r.status_code < 300
+                answer = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                ok, answer = False, answer_of(exc)
+        with self._lock:
+            last = self._results.get(key)
+            streak = last.streak + 1 if last is not None and last.ok == ok else 1
+            result = ProbeResult(ok, streak, answer)
+            if key in self._wanted:
+                self._results[key] = result
+        return result
+
+    def tick(self) -> float:
+        """Probe what is due; ask for a pass when something changed. Returns seconds until the next thing."""
+        now = self._clock()
+        with self._lock:
+            due = [(k, self._wanted[k]) for k, at in self._due.items() if at <= now and k in self._wanted]
+            deadline = self._deadline
+        changed = False
+        for key, (check, address) in due:
+            with self._lock:
+                before = self._results.get(key)
+            after = self.probe_once(key, check, address)
+            passed = (after.ok and after.streak >= check.passes)
+            was = before is not None and before.ok and before.streak >= check.passes
+            if before is None or passed != was or after.answer != before.answer:
+                changed = True
+            with self._lock:
+                if key in self._due:
+                    self._due[key] = self._clock() + (duration_seconds(check.interval) or 1.0)
+        if deadline is not None and self._clock() >= deadline:
+            with self._lock:
+                self._deadline = None
+            changed = True
+        if changed:
+            self._notify()
+        with self._lock:
+            times = [*self._due.values(), *([self._deadline] if self._deadline is not None else [])]
+        return max(0.05, min(times) - self._clock()) if times else 3600.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cutover-prober", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self.tick()
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._client.close()

@@ -19,16 +19,18 @@ from typing import Any
 
 from reconciler.caddy.admin import AdminClient
 from reconciler.caddy.configfile import ConfigFile
+from reconciler.cutover import Cutover, Decision
 from reconciler.fleet import node_tokens
 from reconciler.loop.apply import Applied, Applier, Culprits, Plan, plan
+from reconciler.loop.health import Prober
 from reconciler.loop.read import InputReader, Inputs
 from reconciler.loop.report import AppliedHash, Certificates, Job, Reporter
 from reconciler.loop.triggers import Burst
-from reconciler.model import Desired, Outcome, Problem
+from reconciler.model import Desired, Instance, Outcome, Problem
 from reconciler.render import Renderer
 from reconciler.settings import Settings
 from reconciler.state.store import GoodMap, StateStore
-from reconciler.status import IngressStatus, PassRecord, StatusDocument
+from reconciler.status import IngressStatus, PassRecord, StatusDocument, with_progress
 
 # the outcomes, by their old names (scripts and tests import them)
 APPLIED, UNCHANGED, PARTIAL = Outcome.APPLIED, Outcome.UNCHANGED, Outcome.PARTIAL
@@ -95,7 +97,8 @@ class Reconciler:
                  defer: Callable[[Job], None] | None = None, on_load: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  include_api: bool = True, good_before: tuple[GoodMap, GoodMap] | None = None,
-                 upstreams: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None) -> None:
+                 upstreams: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+                 prober: Prober | None = None) -> None:
         if reader is None:  # (the daemon's composition root reads the last good versions itself)
             good = store.load_lastgood() if store is not None else ({}, {})
             reader = InputReader(settings, good=good, wall=wall, include_api=include_api)
@@ -109,6 +112,10 @@ class Reconciler:
                                clock=clock)
         #: the node-neutral hash of the config Caddy runs (what the nodes of a fleet compare)
         self.applied_hash = AppliedHash(node_tokens(settings))
+        #: health-gated cutover: what health-checked rules serve, and the prober of their new targets (None:
+        #: no gating -- offline commands, where no change is ever held)
+        self.cutover = Cutover()
+        self.prober = prober
         self.reporter = Reporter(store=store, config_file=config_file, certs=certs, defer=defer, health=health,
                                  applied_hash=self.applied_hash, upstreams=upstreams, zone=settings.dns_zone)
         #: how many times Caddy was (re)started: what a pass trusts about Caddy holds for one generation
@@ -125,14 +132,17 @@ class Reconciler:
         start, started_at, generation = self._clock(), self._wall(), self._generation()
         inputs = self.reader.read(burst.paths) if prefetched is None else prefetched[0]
         read_done = self._clock()
-        planned = plan(inputs.desired, burst, self.culprits, self.render)
+        decision = self._cutover(inputs.desired)
+        planned = plan(decision.desired, burst, self.culprits, self.render)
         render_done = self._clock()
         speculative: list[list[IngressStatus]] = []  # the statuses if the load works, worked out meanwhile
         applied = self.applier.apply(planned, generation, lambda: speculative.append(
             self.reporter.statuses(inputs, applied=True, error=None, rejected=dict(planned.known_bad))))
         self.culprits.remember(inputs.desired, applied.rejected)
+        if applied.outcome.converged:
+            self.cutover.served(planned.target)
         apply_done = self._clock()
-        statuses = self._statuses(inputs, planned, applied, speculative)
+        statuses = with_progress(self._statuses(inputs, planned, applied, speculative), decision.progress)
         read_time = read_done - start if prefetched is None else prefetched[1]
         phases = (("read", read_time), ("render", render_done - read_done), ("load", applied.load_time),
                   ("apply", apply_done - render_done - applied.load_time))
@@ -141,6 +151,35 @@ class Reconciler:
         result = replace(result, phases=(*phases, ("status", self._clock() - apply_done)))
         self.applier.forget_body()
         return result
+
+    def _cutover(self, desired: Desired) -> Decision:
+        """Which targets each health-checked rule serves this pass (see :mod:`reconciler.cutover`), and what
+        the prober probes next."""
+        prober = self.prober
+        if prober is None:
+            return Decision(desired, {}, {}, ())
+        by_id: dict[str, Instance] | None = None
+
+        def lookup(ref: str) -> Instance | None:
+            nonlocal by_id
+            inst = desired.instances.get(ref)
+            if inst is None:
+                if by_id is None:
+                    by_id = {i.id: i for i in desired.instances.values() if i.id}
+                inst = by_id.get(ref)
+            return inst
+
+        def alive(ref: str) -> bool:
+            inst = lookup(ref)
+            return inst is not None and inst.running
+
+        decision = self.cutover.decide(desired, now=self._clock(), probes=prober.results(), alive=alive)
+        wanted = {}
+        for key, check in decision.probes.items():
+            inst = lookup(key[0])
+            wanted[key] = (check, inst.ip if inst is not None and inst.running else None)
+        prober.want(wanted, deadline_in=decision.next_deadline)
+        return decision
 
     def _statuses(self, inputs: Inputs, planned: Plan, applied: Applied,
                   speculative: list[list[IngressStatus]]) -> list[IngressStatus]:
@@ -156,7 +195,7 @@ class Reconciler:
                 timing: tuple[float, float, tuple[tuple[str, float], ...]]) -> PassResult:
         start, started_at, phases = timing
         statuses, certificates = self.reporter.certificates(inputs.desired, planned.config, statuses)
-        statuses = self.reporter.upstream_health(inputs.desired, statuses)
+        statuses = self.reporter.upstream_health(planned.target, statuses)  # (the targets Caddy was given)
         error = applied.error
         if applied.rejected and error is None:
             error = "; ".join(f"{n}: {m}" for n, m in sorted(applied.rejected.items()))
