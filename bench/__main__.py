@@ -111,6 +111,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], list[Figure]]] = {
     "pipeline": lambda a: bench_pipeline(a.n, a.repeats),
     "change-100": lambda a: scenarios.scenario_change_100(),
     "change-10k": lambda a: scenarios.scenario_change_10k(a.n),
+    "weights-10k": lambda a: scenarios.scenario_weights_10k(a.n),
     "api-100": lambda a: scenarios.scenario_api_100(),
     "burst-idle": lambda a: scenarios.scenario_burst_and_idle(),
     "request-50k": lambda a: scenarios.scenario_request_latency(a.big),

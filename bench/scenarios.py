@@ -482,3 +482,39 @@ def scenario_vs_caddyfile(sizes: tuple[int, ...] = (1000, 10_000), changes: int 
             Figure(f"our change->live / caddy reload at {label}", ours / theirs, "x", target=0.5),
         ]
     return figures
+
+
+def pool_manifest(port: int, weights: tuple[int, int], a: Backend, b: Backend) -> str:
+    return (f"name: canary\nrules:\n  - match: {{hostname: canary.example.com, port: {port}}}\n"
+            f"    targets: [{{instance: vm, port: {a.port}, weight: {weights[0]}}}, "
+            f"{{instance: vm, port: {b.port}, weight: {weights[1]}}}]\n")
+
+
+def scenario_weights_10k(n: int = 10_000, changes: int = 7) -> list[Figure]:
+    """Change -> live when only a pool's weights change (a canary's step: all of the traffic from one target
+    to the other), at ``n`` ingresses, next to an ordinary target change on the same daemon."""
+    with daemon_with(n) as (d, a, b, port, manifests), httpx.Client(timeout=5) as client:
+        pool = manifests / "canary.yaml"
+        atomic(pool, pool_manifest(port, (1, 0), a, b))
+        d.start(wait_ready=False)
+        wait_routed(client, port, f"h{n - 1}.example.com", "a", timeout=120)
+        wait_routed(client, port, "canary.example.com", "a", timeout=30)
+        weights, targets = [], []
+        current: dict[int, int] = {}
+        for k in range(changes):
+            to = (0, 1) if k % 2 == 0 else (1, 0)
+            before = len(d.log_events("reconcile.finished"))
+            start = time.perf_counter()
+            atomic(pool, pool_manifest(port, to, a, b))
+            wait_routed(client, port, "canary.example.com", "b" if to[1] else "a")
+            weights.append(time.perf_counter() - start)
+            wait_for(partial(_passes_logged, d, before + 1), timeout=30, message="the pass's reports written")
+            before = len(d.log_events("reconcile.finished"))
+            targets += change_to_live(manifests, port, (a, b), [n // 2 + k], client, current)
+            wait_for(partial(_passes_logged, d, before + 1), timeout=30, message="the pass's reports written")
+    return [
+        Figure(f"change->live, weights only (a canary step) at {n // 1000}k (median of {changes})",
+               statistics.median(weights), "s"),
+        Figure(f"change->live, a target changed at {n // 1000}k, same run (median of {changes})",
+               statistics.median(targets), "s"),
+    ]

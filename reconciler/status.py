@@ -212,7 +212,7 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
               rejected: Mapping[str, str]) -> IngressStatus:
     ing = ri.ingress
     hosts = tuple(f"{r.hostname}:{r.port}{path_display(r.path_key)}" for r in ing.rules)
-    targets = tuple(target_text(r, t) for r in ing.rules for t in r.pool)
+    targets = tuple(", ".join(target_text(r, t) for t in r.pool) for r in ing.rules)
     base = {"name": ing.name, "id": ing.id, "file": ing.origin.file, "line": ing.origin.line,
             "hosts": hosts, "targets": targets, "problems": tuple(p.format() for p in problems)}
     file_stale = stale.get(ing.origin.file)

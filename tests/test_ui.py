@@ -397,13 +397,19 @@ def _run_dashboard_scenario(tmp_path: Path, browser: Browser, daemon: Daemon, ba
     loaded = page_state(page)["loaded"]
     write(daemon.instances / "vms.yaml", instance_yaml("web") + "---\n" + instance_yaml("db"))
     hostile = write(manifests / "<img src=x onerror=window.pwned=1>.yaml", "name: [\n")
+    # and shop gets a health check: its target shows Caddy's verdict (Caddy reports it within 10 s)
+    write(good, ingress_yaml("shop", "shop.example.test", port, "web", backend.port)
+          + "    health_check: {active: {path: /healthz, interval: 500ms}}\n")
 
     def refreshed() -> dict[str, Any] | None:
         state = page_state(page)
         return state if (state["ingresses"]["reports"]["ready"] and len(state["problems"]) == 2
-                         and state["loaded"] > loaded) else None
+                         and state["loaded"] > loaded
+                         and "healthy web:" in "".join(state["ingresses"]["shop"]["routes"])) else None
 
-    state = wait_page(page, refreshed, "the page refreshing to the started instance and the new file")
+    state = wait_page(page, refreshed, "the page refreshing to the started instance, the new file, shop's health")
+    assert state["ingresses"]["shop"]["routes"] == [
+        f"shop.example.test:{port} \u2192 web:{backend.port}healthy web:{backend.port}"]
     assert any(f"manifests/{hostile.name}" in p for p in state["problems"])
     assert f"{hostile}:2" in state["problemPaths"]
     assert page.evaluate("document.querySelectorAll('body img').length") == 0

@@ -119,8 +119,14 @@
     const targets = i.targets || [];
     const certs = i.certificates || {};
     const tls = Object.keys(certs).length > 0;
+    const health = i.health || [];
     const routes = el("ul", {class: "routes"}, hosts.map((h, n) =>
-      el("li", {}, el("code", {}, str(h)), " \u2192 ", el("code", {}, str(targets[n] || "")))));
+      el("li", {}, el("code", {}, str(h)), " \u2192 ", el("code", {}, str(targets[n] || "")),
+         // the targets of a health-checked rule, as Caddy sees them
+         health.filter((t) => t.rule === n).map((t) => el("div", {class: "target-health", data: {target: str(t.target)}},
+           badge(t.healthy === true ? "healthy" : t.healthy === false ? "unhealthy" : "unknown",
+                 t.healthy === true ? "ok" : t.healthy === false ? "bad" : "muted"),
+           " ", el("code", {}, str(t.target)))))));
     const certList = el("ul", {class: "certs"}, Object.entries(certs).map(([host, c]) =>
       el("li", {}, badge(str(c.state || "-"), CERT_KIND[c.state] || "muted"), " ", el("code", {}, host),
          c.not_after ? el("div", {class: "muted expiry"}, expiry(c.not_after)) : null,
