@@ -15,7 +15,7 @@ Declarative: the manifest says where traffic should go; the status says where it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 from reconciler.model import (
@@ -106,6 +106,11 @@ class Cutover:
         self.gates: dict[RuleKey, Gate] = {}
         #: id(original ingress) -> (original, the held rules, the ResolvedIngress rendered instead)
         self._memo: dict[int, tuple[ResolvedIngress, tuple[Rule, ...], ResolvedIngress]] = {}
+        #: id(ingress) -> (it, whether it has a rule with an active check): most have none, and a pass at 10k
+        #: ingresses must not look at every rule to learn that
+        self._kinds: dict[int, tuple[ResolvedIngress, bool]] = {}
+        #: the last decision's ingresses with active checks, as it rendered them
+        self._checked: list[ResolvedIngress] = []
 
     def decide(self, desired: Desired, *, now: float, probes: Mapping[ProbeKey, ProbeResult],
                alive: Callable[[str], bool]) -> Decision:
@@ -116,7 +121,18 @@ class Cutover:
         progress: list[Progress] = []
         out: list[ResolvedIngress] = []
         memo: dict[int, tuple[ResolvedIngress, tuple[Rule, ...], ResolvedIngress]] = {}
+        kinds: dict[int, tuple[ResolvedIngress, bool]] = {}
+        checked: list[ResolvedIngress] = []  # the ingresses with active checks, as rendered
+        same = True
+        known = self._kinds.get
         for ri in desired.ingresses:
+            kind = known(id(ri))
+            if kind is None or kind[0] is not ri:
+                kind = (ri, any(gated(r) for r in ri.ingress.rules))
+            kinds[id(ri)] = kind
+            if not kind[1]:
+                out.append(ri)
+                continue
             name = ri.ingress.name
             held: list[Rule] = []
             for rule in ri.ingress.rules:
@@ -124,6 +140,7 @@ class Cutover:
                 held.append(serving)
             if all(a is b for a, b in zip(held, ri.ingress.rules, strict=True)):
                 out.append(ri)
+                checked.append(ri)
                 continue
             key = tuple(held)
             hit = self._memo.get(id(ri))
@@ -133,10 +150,11 @@ class Cutover:
                                                            for r, rr in zip(key, ri.rules, strict=True))))
             memo[id(ri)] = hit
             out.append(hit[2])
-        self._memo = memo
+            checked.append(hit[2])
+            same = False
+        self._memo, self._kinds, self._checked = memo, kinds, checked
         self.gates = gates
-        result = desired if all(a is b for a, b in zip(out, desired.ingresses, strict=True)) else replace(
-            desired, ingresses=tuple(out))
+        result = desired if same else replace(desired, ingresses=tuple(out))
         left = [(duration_seconds(g.serving.health.cutover_deadline) or 0.0) - (now - g.since)
                 for g in gates.values() if g.serving.health is not None]
         pending = [x for x in left if x > 0]
@@ -170,10 +188,11 @@ class Cutover:
         progress.append(_progress(name, rule, old, check, results, now - since))
         return serving
 
-    def served(self, desired: Desired) -> None:
-        """The rendered ``desired`` (see :meth:`decide`) is what Caddy runs now."""
-        self.serving = {rule_key(ri.ingress.name, r): r for ri in desired.ingresses for r in ri.ingress.rules
-                        if gated(r)}
+    def served(self, left_out: Collection[str] = ()) -> None:
+        """What the last :meth:`decide` rendered is what Caddy runs now, but for the ingresses ``left_out``
+        (culprits Caddy refused)."""
+        self.serving = {rule_key(ri.ingress.name, r): r for ri in self._checked if ri.ingress.name not in left_out
+                        for r in ri.ingress.rules if gated(r)}
 
 
 def _progress(name: str, rule: Rule, old: Rule, check: HealthCheck,

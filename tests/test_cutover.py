@@ -60,7 +60,7 @@ def test_a_changed_target_is_held_until_it_passes() -> None:
     first = cut.decide(_desired(manifest("old", 1)), now=0.0, probes={}, alive=always)
     assert _targets(first.desired) == [("old", 1)]
     assert not first.gates and not first.progress  # first sight: nothing to protect
-    cut.served(first.desired)
+    cut.served()
 
     changed = _desired(manifest("new", 2))
     held = cut.decide(changed, now=10.0, probes={}, alive=always)
@@ -91,7 +91,8 @@ def test_a_changed_target_is_held_until_it_passes() -> None:
 def test_what_is_never_held() -> None:
     cut = Cutover()
     pool = [("old", 1, 1), ("new", 2, 1)]
-    cut.served(cut.decide(_desired(manifest("", 0, weight_pool=pool)), now=0, probes={}, alive=always).desired)
+    cut.decide(_desired(manifest("", 0, weight_pool=pool)), now=0, probes={}, alive=always)
+    cut.served()
     # weights only (a canary's step): at once
     weights = _desired(manifest("", 0, weight_pool=[("old", 1, 1), ("new", 2, 5)]))
     assert not cut.decide(weights, now=1, probes={}, alive=always).progress

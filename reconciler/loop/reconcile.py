@@ -140,7 +140,7 @@ class Reconciler:
             self.reporter.statuses(inputs, applied=True, error=None, rejected=dict(planned.known_bad))))
         self.culprits.remember(inputs.desired, applied.rejected)
         if applied.outcome.converged:
-            self.cutover.served(planned.target)
+            self.cutover.served(left_out=set(applied.rejected) | set(planned.known_bad))
         apply_done = self._clock()
         statuses = with_progress(self._statuses(inputs, planned, applied, speculative), decision.progress)
         read_time = read_done - start if prefetched is None else prefetched[1]
