@@ -65,6 +65,7 @@ _EVENT_LEVELS = {
     "caddy.storage_not_private": "warning", "caddy.binary_not_installed": "warning",
     "caddy.config_changed_on_disk": "warning", "caddy.config_corrupt": "error", "caddy.config_unreadable": "error",
     "caddy.start_failed": "error", "caddy.restart_failed": "error", "caddy.keeper_error": "error",
+    "health.watch_error": "error", "health.prober_error": "error",
 }
 
 
@@ -236,7 +237,8 @@ class Daemon:
 
             def node() -> dict[str, Any]:  # (called once the reconciler below exists)
                 return node_state(s, node_name, reconciler.applied_hash)
-            watch = self._health_watch(lambda: snap.desired if (snap := reconciler.snapshot) is not None else None)
+            watch = self._health_watch(lambda: (snap.rendered or snap.desired)
+                                       if (snap := reconciler.snapshot) is not None else None)
             reconciler = Reconciler(
                 settings=s, client=self.client, reader=reader, store=store, config_file=supervisor.config,
                 validate=lambda config: caddy_validate(binary, config),
@@ -244,6 +246,7 @@ class Daemon:
                 generation=lambda: keeper.generation, defer=background.submit, on_load=background.resume,
                 certs=lambda hosts: {h: c.to_dict() for h, c in tracker.states(hosts).items()},
                 good_before=good_before, upstreams=watch.states, prober=self._prober())
+            watch.start()  # (it reads the reconciler's snapshots)
             metrics = self._metrics(reconciler)
             self.loop = Loop(reconciler=reconciler, triggers=self.triggers, keeper=keeper, watcher=watcher,
                              changes=ChangeLog(metrics, reconciler.reporter.before), background=background,
@@ -265,20 +268,19 @@ class Daemon:
             raise keeper.first_error
 
     def _health_watch(self, desired: Callable[[], Desired | None]) -> HealthWatch:
-        """Caddy's verdicts on health-checked targets between passes (started: it reads only while some rule
-        has health checks)."""
+        """Caddy's verdicts on health-checked targets between passes (to start once ``desired`` can be called:
+        it reads only while some rule has health checks)."""
         s = self.settings
-        client = httpx.Client(base_url=s.admin_url, timeout=2.0)
-        watch = HealthWatch(read=lambda: read_upstreams(client), desired=desired, zone=s.dns_zone,
-                            notify=lambda: self.triggers.notify(Trigger.HEALTH))
-        watch.start()
+        client = httpx.Client(base_url=s.admin_url, timeout=2.0, trust_env=False)
+        watch = HealthWatch(read=lambda metrics: read_upstreams(client, metrics=metrics), desired=desired,
+                            zone=s.dns_zone, notify=lambda: self.triggers.notify(Trigger.HEALTH), log=log_event)
+        self._stoppable.append(client.close)  # (stopped in reverse order: the watch first)
         self._stoppable.append(watch.stop)
-        self._stoppable.append(client.close)
         return watch
 
     def _prober(self) -> Prober:
         """The prober of health-gated cutovers (started: idle until a pass holds a rule)."""
-        prober = Prober(notify=lambda: self.triggers.notify(Trigger.HEALTH))
+        prober = Prober(notify=lambda: self.triggers.notify(Trigger.HEALTH), log=log_event)
         prober.start()
         self._stoppable.append(prober.stop)
         return prober

@@ -26,9 +26,13 @@ from reconciler.model import (
     ResolvedIngress,
     ResolvedRule,
     Rule,
+    Upstream,
     path_display,
 )
 from reconciler.settings import duration_seconds
+
+#: the backend a held rule's status counts with: its old targets serve (one of them runs, or it is not held)
+HELD = Upstream("(held by a cutover: its previous targets serve)")
 
 #: a rule across passes: (ingress name, hostname, port, path key) -- a rule whose match changes is a new one
 RuleKey = tuple[str, str, int, str]
@@ -95,6 +99,12 @@ class Decision:
     progress: tuple[Progress, ...]
     #: seconds until the first held rule's deadline (None: no rule is Progressing)
     next_deadline: float | None = None
+    #: what statuses are worked out from: the manifests' rules, held ones counted as served (None: ``desired``)
+    status: Desired | None = None
+
+    @property
+    def for_status(self) -> Desired:
+        return self.status if self.status is not None else self.desired
 
 
 class Cutover:
@@ -105,7 +115,7 @@ class Cutover:
         self.serving: dict[RuleKey, Rule] = {}
         self.gates: dict[RuleKey, Gate] = {}
         #: id(original ingress) -> (original, the held rules, the ResolvedIngress rendered instead)
-        self._memo: dict[int, tuple[ResolvedIngress, tuple[Rule, ...], ResolvedIngress]] = {}
+        self._memo: dict[int, tuple[ResolvedIngress, tuple[Rule, ...], ResolvedIngress, ResolvedIngress]] = {}
         #: id(ingress) -> (it, whether it has a rule with an active check): most have none, and a pass at 10k
         #: ingresses must not look at every rule to learn that
         self._kinds: dict[int, tuple[ResolvedIngress, bool]] = {}
@@ -120,9 +130,10 @@ class Cutover:
         wanted: dict[ProbeKey, HealthCheck] = {}
         progress: list[Progress] = []
         out: list[ResolvedIngress] = []
-        memo: dict[int, tuple[ResolvedIngress, tuple[Rule, ...], ResolvedIngress]] = {}
+        memo: dict[int, tuple[ResolvedIngress, tuple[Rule, ...], ResolvedIngress, ResolvedIngress]] = {}
         kinds: dict[int, tuple[ResolvedIngress, bool]] = {}
         checked: list[ResolvedIngress] = []  # the ingresses with active checks, as rendered
+        shown: list[ResolvedIngress] = []  # every ingress as its status is worked out
         same = True
         known = self._kinds.get
         for ri in desired.ingresses:
@@ -132,6 +143,7 @@ class Cutover:
             kinds[id(ri)] = kind
             if not kind[1]:
                 out.append(ri)
+                shown.append(ri)
                 continue
             name = ri.ingress.name
             held: list[Rule] = []
@@ -140,25 +152,32 @@ class Cutover:
                 held.append(serving)
             if all(a is b for a, b in zip(held, ri.ingress.rules, strict=True)):
                 out.append(ri)
+                shown.append(ri)
                 checked.append(ri)
                 continue
             key = tuple(held)
             hit = self._memo.get(id(ri))
             if hit is None or hit[0] is not ri or hit[1] != key:
                 ing: Ingress = replace(ri.ingress, rules=key)
-                hit = (ri, key, ResolvedIngress(ing, tuple(ResolvedRule(r, rr.index, rr.backend)
-                                                           for r, rr in zip(key, ri.rules, strict=True))))
+                pairs = list(zip(key, ri.rules, strict=True))
+                rendered = ResolvedIngress(ing, tuple(ResolvedRule(r, rr.index, rr.backend) for r, rr in pairs))
+                # its status: the manifest's rules, a held one served (an old target runs) whatever its new
+                # targets' state -- the progress says what they wait for
+                shown_rules = tuple(rr if r is rr.rule else ResolvedRule(rr.rule, rr.index, HELD) for r, rr in pairs)
+                hit = (ri, key, rendered, ResolvedIngress(ri.ingress, shown_rules))
             memo[id(ri)] = hit
             out.append(hit[2])
+            shown.append(hit[3])
             checked.append(hit[2])
             same = False
         self._memo, self._kinds, self._checked = memo, kinds, checked
         self.gates = gates
         result = desired if same else replace(desired, ingresses=tuple(out))
+        status = desired if same else replace(desired, ingresses=tuple(shown))
         left = [(duration_seconds(g.serving.health.cutover_deadline) or 0.0) - (now - g.since)
                 for g in gates.values() if g.serving.health is not None]
         pending = [x for x in left if x > 0]
-        return Decision(result, gates, wanted, tuple(progress), min(pending) if pending else None)
+        return Decision(result, gates, wanted, tuple(progress), min(pending) if pending else None, status)
 
     def _hold(self, name: str, rule: Rule, now: float, probes: Mapping[ProbeKey, ProbeResult],
               alive: Callable[[str], bool], gates: dict[RuleKey, Gate], wanted: dict[ProbeKey, HealthCheck],

@@ -124,14 +124,18 @@ def selection_policy(rule: Rule) -> dict[str, Any]:
 
 def pool_handlers(rule: Rule, settings: Settings) -> list[dict[str, Any]]:
     """The handlers of a rule with ``targets``: each target with a weight is an upstream (its instance's name
-    in the zone); a request that could not reach one (stopped: no address; not accepting) is tried at once on
-    the next, and the one that failed is left out for a while (passive health), so a stopped instance leaves
-    the pool without a failed request. The hold then covers the whole pool."""
+    in the zone); a request that could not reach one (stopped: no address; not accepting) is tried again on
+    the next -- after the hold's interval, or at once without a hold --, and the one that failed is left out
+    for a while (passive health), so a stopped instance leaves the pool without a failed request. The hold
+    covers the whole pool: while no target can be reached, requests wait as for one target."""
     zone = settings.dns_zone
     members = [t for t in rule.targets if t.weight]
     proxy = proxy_template(settings, rule.hold)
-    balancing = {**proxy.get("load_balancing", {}), "selection_policy": selection_policy(rule),
-                 "retries": max(0, len(members) - 1)}
+    balancing = {**proxy.get("load_balancing", {}), "selection_policy": selection_policy(rule)}
+    if "try_duration" not in balancing and len(members) > 1:
+        # no hold: one try per target (with a hold, its duration bounds the tries -- a retries limit would
+        # end them first: Caddy stops at whichever comes first)
+        balancing["retries"] = len(members) - 1
     names = ", ".join(t.instance for t in members)
     return [{"handler": "vars", INSTANCE_VAR: literal(names), POOL_VAR: "pool"},
             {**proxy, "load_balancing": balancing,

@@ -228,3 +228,23 @@ def test_cutover_under_traffic(daemon_factory: Callable[..., Daemon], services: 
     assert flow.failures == [], flow.failures[:5]
     assert count_loads(d.caddy_log) == loads + 1  # one load: the switch
     wait_for(lambda: _status(d)["reason"] == Reason.APPLIED, timeout=15, message="Applied")
+
+
+def test_a_held_rule_whose_new_instance_is_not_running_yet_is_progressing_not_down() -> None:
+    from reconciler.status import ingress_statuses, with_progress
+
+    def desired(text: str) -> Desired:  # (the new instance is not known yet)
+        return desired_of([text], SETTINGS, instances="name: old\nip: 10.0.0.1\n")
+
+    cut = Cutover()
+    cut.decide(desired(manifest("old", 1)), now=0.0, probes={}, alive=always)
+    cut.served()
+    changed = desired(manifest("new", 2))
+    decision = cut.decide(changed, now=1.0, probes={}, alive=lambda ref: ref == "old")
+    assert _targets(decision.desired) == [("old", 1)]
+    plain = ingress_statuses(changed)  # the manifest's own view: its only target is unknown
+    assert plain[0].reason == Reason.INSTANCE_NOT_FOUND
+    (st,) = with_progress(ingress_statuses(decision.for_status), decision.progress)
+    assert st.reason == Reason.PROGRESSING and not st.ready
+    assert st.targets == ("new:2",)  # the status shows what the manifest wants
+    assert "(last answer: new:2: not probed yet); " not in st.message and "from old:1" in st.message

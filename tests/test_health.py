@@ -231,3 +231,34 @@ def test_the_readme_example_of_health_checks_is_valid() -> None:
     assert not desired.problems, desired.problems
     (rule,) = desired.ingresses[0].ingress.rules
     assert rule.health == HealthCheck("/healthz", "10s", "2s", 200, 1, 2, 3, "30s", "5m")
+
+
+def test_the_watch_reads_the_gauge_as_often_as_caddy_refreshes_it_and_asks_for_a_pass_on_a_turn() -> None:
+    from reconciler.loop.health import HealthWatch
+    from tests.helpers import FakeClock
+
+    desired = desired_of([manifest("web", health_rule("a.test", [("a", 1)]))], SETTINGS)
+    clock = FakeClock()
+    gauge = {"a.hypeman.internal.:1": True}
+    reads: list[bool] = []
+    notified: list[int] = []
+
+    def read(metrics: bool) -> tuple[Any, dict[str, bool] | None]:
+        reads.append(metrics)
+        return [{"address": "a.hypeman.internal.:1", "num_requests": 0, "fails": 0}], dict(gauge) if metrics else None
+
+    watch = HealthWatch(read=read, desired=lambda: desired, notify=lambda: notified.append(1),
+                        zone="hypeman.internal", clock=clock)
+    assert watch.poll() and reads == [True] and notified == [1]  # a first verdict: a pass
+    assert watch.states()["a.hypeman.internal.:1"]["healthy"] is True
+    clock.advance(2)
+    gauge["a.hypeman.internal.:1"] = False
+    assert not watch.poll() and reads == [True, False]  # the gauge is not read again within 10 s
+    clock.advance(8)
+    assert watch.poll() and reads == [True, False, True] and notified == [1, 1]  # it turned: a pass
+    assert watch.states()["a.hypeman.internal.:1"]["healthy"] is False
+    empty = HealthWatch(read=read, desired=lambda: desired_of([manifest("x", "  - match: {hostname: b.test}\n"
+                                                                          "    target: {instance: a, port: 1}\n")],
+                                                              SETTINGS),
+                        notify=lambda: notified.append(1), zone="hypeman.internal", clock=clock)
+    assert not empty.poll() and len(reads) == 3  # no health checks: Caddy is never asked

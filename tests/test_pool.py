@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -97,7 +98,10 @@ def test_a_pool_renders_upstreams_by_name_with_its_policy() -> None:
     assert [u["dial"] for u in proxy["upstreams"]] == ["web-1.hypeman.internal.:8080", "web-2.hypeman.internal.:8081"]
     assert proxy["load_balancing"]["selection_policy"] == {
         "policy": "cookie", "name": "lb", "fallback": {"policy": "weighted_round_robin", "weights": [3, 1]}}
-    assert proxy["load_balancing"]["retries"] == 1  # a target that fails is retried on the other at once
+    # with the hold (5s by default) its duration bounds the tries: a retries limit would end them first
+    assert proxy["load_balancing"]["try_duration"] == "5s" and "retries" not in proxy["load_balancing"]
+    unheld = Renderer(Settings(hold="0s"))(desired)["apps"]["http"]["servers"]["ingress-80"]["routes"][0]
+    assert unheld["handle"][-1]["load_balancing"]["retries"] == 1  # no hold: each target tried once, at once
     assert proxy["health_checks"]["passive"]["max_fails"] == 1
     assert route["handle"][0]["instance"] == "web-1, web-2"
 
@@ -337,3 +341,29 @@ def test_the_readme_example_of_a_pool_is_valid() -> None:
     assert not desired.problems, desired.problems
     (rule,) = desired.ingresses[0].ingress.rules
     assert [t.weight for t in rule.targets] == [9, 9, 2] and rule.sticky_cookie == "shop-lb"
+
+
+def test_a_pool_with_no_target_running_holds_requests_like_one_target(
+        daemon_factory: Callable[..., Daemon], backends: Callable[[str], Backend]) -> None:
+    a, b = backends("a"), backends("b")
+    port = free_port()
+    d = daemon_factory(env={"HYPEMAN_HOLD": "10s"})
+    write(d.instances / "vms.yaml", instance_yaml("a", state="Stopped") + "---\n" + instance_yaml("b", state="Stopped"))
+    write(d.manifests[0] / "web.yaml", manifest("web", pool_rule("w.test", [("a", a.port, None), ("b", b.port, None)],
+                                                                 listen=port)))
+    d.start()
+    wait_for(lambda: _status(d, "web")["reason"] == Reason.INSTANCE_NOT_RUNNING, timeout=15, message="both stopped")
+    answers: list[str] = []
+
+    def request() -> None:
+        r = httpx.get(f"http://127.0.0.1:{port}/", headers={"Host": "w.test"}, timeout=30)
+        answers.append(f"{r.status_code} {r.text.split()[0]}")
+
+    worker = threading.Thread(target=request)
+    started = time.monotonic()
+    worker.start()
+    wait_for(lambda: time.monotonic() - started > 1.0, timeout=5, message="the request waiting")
+    assert not answers  # held: neither target can be reached yet
+    write(d.instances / "vms.yaml", instance_yaml("a", state="Stopped") + "---\n" + instance_yaml("b"))
+    worker.join(timeout=30)
+    assert answers == ["200 backend=b"]

@@ -308,7 +308,7 @@ class ManifestWriter:
             index = InstanceIndex(instances.items)
             for r in candidate.rules:  # the API's own rule (as hypeman's): a file may name one yet to come
                 for t in () if r.pattern else r.pool:  # (a pattern's: resolved per request)
-                    if index.lookup(t.instance) is None:
+                    if t.weight and index.lookup(t.instance) is None:  # (weight 0: out of the pool, as in files)
                         raise Refused(Refusal.INSTANCE_NOT_FOUND,
                                       f"rules: instance {t.instance!r} not found (by name or id)")
             error = self._validate(render(admission.desired, self.settings))

@@ -9,8 +9,8 @@ Caddy shows two things, in two places (measured on 2.11.7):
   whole verdict (active checks, passive counts), refreshed by Caddy every 10 s (and when a config is
   loaded); served without ``apps.http.metrics``.
 
-:func:`read_upstreams` joins them: address -> ``{"healthy", "fails", "requests"}``; ``healthy`` is None for
-an address the gauge does not list yet (a config loaded less than one refresh ago).
+:func:`read_upstreams` reads them, :func:`join` joins them: address -> ``{"healthy", "fails", "requests"}``;
+``healthy`` is None for an address the gauge does not list yet (a config loaded less than one refresh ago).
 """
 
 from __future__ import annotations
@@ -55,15 +55,18 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def read_upstreams(client: httpx.Client) -> dict[str, dict[str, Any]]:
-    """Caddy's upstreams now (``client``: on Caddy's admin address); :class:`CaddyUnavailable` when it does
-    not answer both."""
+def read_upstreams(client: httpx.Client, *, metrics: bool = True) -> tuple[Any, dict[str, bool] | None]:
+    """Caddy's upstream rows now and, with ``metrics``, its health gauge (``client``: on Caddy's admin
+    address; the metrics are the larger answer, and Caddy refreshes the gauge only every 10 s);
+    :class:`CaddyUnavailable` when it does not answer."""
     try:
         rows = client.get("/reverse_proxy/upstreams")
-        metrics = client.get("/metrics")
         rows.raise_for_status()
-        metrics.raise_for_status()
         data = rows.json()
+        if not metrics:
+            return data, None
+        text = client.get("/metrics")
+        text.raise_for_status()
     except (httpx.HTTPError, ValueError) as exc:
         raise CaddyUnavailable(f"reading Caddy's upstreams: {exc}") from exc
-    return join(data, parse_healthy(metrics.text))
+    return data, parse_healthy(text.text)

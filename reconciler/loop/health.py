@@ -1,8 +1,9 @@
 """Health of the targets of health-checked rules, as Caddy sees it, between passes.
 
 Caddy checks the targets (``health_checks`` in the config); :class:`HealthWatch` reads its verdicts
-(:func:`reconciler.caddy.upstreams.read_upstreams`) every ``interval`` seconds while the last pass has
-health-checked rules, keeps the latest for the next pass's statuses, and asks for a pass (``health``: it
+(:func:`reconciler.caddy.upstreams.read_upstreams`: the passive counts every ``interval`` seconds, the
+gauge of verdicts every 10 s as Caddy refreshes it, and at once for a new set of targets) while the last
+pass has health-checked rules, keeps the latest for the next pass's statuses, and asks for a pass (``health``: it
 reads no file) when a target turned healthy or unhealthy -- so ``TargetUnhealthy`` shows within an interval
 of Caddy's own verdict (Caddy refreshes it every 10 s), and a node with no health checks never asks Caddy.
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from reconciler.caddy.upstreams import join
 from reconciler.cutover import ProbeKey, ProbeResult
 from reconciler.errors import CaddyError
 from reconciler.model import Desired, HealthCheck
@@ -27,15 +29,25 @@ from reconciler.status import health_targets
 Upstreams = dict[str, dict[str, Any]]
 
 
+#: how often Caddy refreshes its ``upstreams_healthy`` gauge (the watch reads it no more often)
+GAUGE_REFRESH = 10.0
+
+
 class HealthWatch:
-    def __init__(self, *, read: Callable[[], Upstreams], desired: Callable[[], Desired | None],
-                 notify: Callable[[], object], zone: str, interval: float = 2.0) -> None:
+    def __init__(self, *, read: Callable[[bool], tuple[Any, dict[str, bool] | None]],
+                 desired: Callable[[], Desired | None], notify: Callable[[], object], zone: str,
+                 interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 log: Callable[..., Any] | None = None) -> None:
         self._read = read
         self._desired = desired
         self._notify = notify
         self._zone = zone
+        self._clock = clock
+        self._log = log or (lambda *a, **k: None)
         self.interval = interval
         self._states: Upstreams = {}
+        #: the gauge as last read, when, and for which upstreams (a new set is read at once: a load re-provisions)
+        self._gauge: tuple[dict[str, bool], float, frozenset[str]] | None = None
         self._wanted: tuple[Desired | None, frozenset[str]] = (None, frozenset())
         self._verdicts: dict[str, bool | None] = {}
         self._stop = threading.Event()
@@ -60,11 +72,15 @@ class HealthWatch:
         wanted = self.wanted()
         if not wanted:
             return False
+        gauge = self._gauge
+        fresh = gauge is None or gauge[2] != wanted or self._clock() - gauge[1] >= GAUGE_REFRESH
         try:
-            states = self._read()
+            rows, healthy = self._read(fresh)
         except CaddyError:  # Caddy restarting: its next start triggers a pass anyway
             return False
-        self._states = states
+        if healthy is not None:
+            gauge = self._gauge = (healthy, self._clock(), wanted)
+        states = self._states = join(rows, gauge[0] if gauge is not None else {})
         self.reads += 1
         verdicts = {dial: states.get(dial, {}).get("healthy") for dial in wanted}
         changed = verdicts != {d: self._verdicts.get(d) for d in wanted}
@@ -79,7 +95,10 @@ class HealthWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.poll()
+            try:
+                self.poll()
+            except Exception as exc:  # never end the watch: the next look may do
+                self._log("health.watch_error", error=repr(exc))
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,10 +127,12 @@ class Prober:
     held rule's deadline comes (its status turns Stalled)."""
 
     def __init__(self, *, notify: Callable[[], object], clock: Callable[[], float] = time.monotonic,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, log: Callable[..., Any] | None = None) -> None:
         self._notify = notify
         self._clock = clock
-        self._client = httpx.Client(transport=transport, follow_redirects=False)
+        self._log = log or (lambda *a, **k: None)
+        # straight to the instance, as Caddy's check goes (never through a proxy of the environment)
+        self._client = httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
         self._lock = threading.Lock()
         self._wanted: Wanted = {}
         self._results: dict[ProbeKey, ProbeResult] = {}
@@ -190,7 +211,11 @@ class Prober:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            wait = self.tick()
+            try:
+                wait = self.tick()
+            except Exception as exc:  # never end the prober: the next tick may do
+                self._log("health.prober_error", error=repr(exc))
+                wait = 1.0
             self._wake.wait(wait)
             self._wake.clear()
 

@@ -79,6 +79,8 @@ class PassSnapshot:
     good: tuple[GoodMap, GoodMap]
     #: what the pass resolved (the on-demand TLS permission asks it which names may get a certificate)
     desired: Desired = field(default_factory=lambda: Desired(()))
+    #: what it rendered: ``desired`` with the rules a cutover holds on their old targets (what Caddy checks)
+    rendered: Desired | None = None
 
     def status(self) -> dict[str, Any]:
         """The status document with every ingress (``GET /status``)."""
@@ -136,13 +138,15 @@ class Reconciler:
         planned = plan(decision.desired, burst, self.culprits, self.render)
         render_done = self._clock()
         speculative: list[list[IngressStatus]] = []  # the statuses if the load works, worked out meanwhile
+        shown = decision.for_status
         applied = self.applier.apply(planned, generation, lambda: speculative.append(
-            self.reporter.statuses(inputs, applied=True, error=None, rejected=dict(planned.known_bad))))
-        self.culprits.remember(inputs.desired, applied.rejected)
+            self.reporter.statuses(inputs, applied=True, error=None, rejected=dict(planned.known_bad),
+                                   desired=shown)))
+        self.culprits.remember(planned.desired, applied.rejected)  # (as plan() asks: held rules included)
         if applied.outcome.converged:
             self.cutover.served(left_out=set(applied.rejected) | set(planned.known_bad))
         apply_done = self._clock()
-        statuses = with_progress(self._statuses(inputs, planned, applied, speculative), decision.progress)
+        statuses = with_progress(self._statuses(inputs, shown, planned, applied, speculative), decision.progress)
         read_time = read_done - start if prefetched is None else prefetched[1]
         phases = (("read", read_time), ("render", render_done - read_done), ("load", applied.load_time),
                   ("apply", apply_done - render_done - applied.load_time))
@@ -181,13 +185,14 @@ class Reconciler:
         prober.want(wanted, deadline_in=decision.next_deadline)
         return decision
 
-    def _statuses(self, inputs: Inputs, planned: Plan, applied: Applied,
+    def _statuses(self, inputs: Inputs, shown: Desired, planned: Plan, applied: Applied,
                   speculative: list[list[IngressStatus]]) -> list[IngressStatus]:
         ok = applied.config is not None
         if speculative and (ok, applied.error, dict(applied.rejected)) == (True, None, dict(planned.known_bad)):
             statuses = speculative[0]
         else:
-            statuses = self.reporter.statuses(inputs, applied=ok, error=applied.error, rejected=applied.rejected)
+            statuses = self.reporter.statuses(inputs, applied=ok, error=applied.error, rejected=applied.rejected,
+                                              desired=shown)
         return statuses
 
     def _report(self, burst: Burst, inputs: Inputs, planned: Plan, applied: Applied,
@@ -212,7 +217,7 @@ class Reconciler:
         self.reporter.persist(applied, lambda: applier.encoded(config) if config is not None else b"", good, doc,
                               statuses)
         self.snapshot = PassSnapshot(result, tuple(statuses), {s.name: s for s in statuses}, doc, generation, good,
-                                     inputs.desired)
+                                     inputs.desired, planned.target)
         return result
 
     # -- for others -----------------------------------------------------------------------------

@@ -82,8 +82,9 @@ class Reporter:
 
     # -- statuses ----------------------------------------------------------------------------------
     def statuses(self, inputs: Inputs, *, applied: bool, error: str | None,
-                 rejected: Mapping[str, str]) -> list[IngressStatus]:
-        return ingress_statuses(inputs.desired, stale=inputs.manifests.stale,
+                 rejected: Mapping[str, str], desired: Desired | None = None) -> list[IngressStatus]:
+        """``desired``: what to work them out from instead of the inputs' (rules held by a cutover)."""
+        return ingress_statuses(desired or inputs.desired, stale=inputs.manifests.stale,
                                 stale_since=inputs.manifests.stale_since, applied=applied, pass_error=error,
                                 rejected=rejected, memo=self.memo)
 
