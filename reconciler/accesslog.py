@@ -22,6 +22,7 @@ responses, and the values of credential-like query parameters in the logged URI.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from reconciler.settings import Settings
@@ -72,20 +73,26 @@ def server_logs(hosts: dict[str, str]) -> dict[str, Any]:
             "skip_unmapped_hosts": True}
 
 
-def encoder(settings: Settings) -> dict[str, Any]:
-    """JSON lines with the credentials of :mod:`reconciler.accesslog` redacted."""
+def canonical_header(name: str) -> str:
+    """A header name as Caddy's logs key it (Go's canonical form: ``x-hypeman-auth`` -> ``X-Hypeman-Auth``)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def encoder(settings: Settings, secret_headers: Iterable[str] = ()) -> dict[str, Any]:
+    """JSON lines with the credentials of :mod:`reconciler.accesslog` redacted (and ``secret_headers``: the
+    headers of request header auths)."""
     fields: dict[str, Any] = {}
-    for header in settings.access_log_redact_headers:
+    for header in dict.fromkeys([*settings.access_log_redact_headers, *map(canonical_header, secret_headers)]):
         for where in ("request>headers", "resp_headers"):
             fields[f"{where}>{header}"] = {"filter": "replace", "value": REDACTED}
     fields["request>uri"] = {"filter": "regexp", "regexp": QUERY_SECRET, "value": "${1}" + REDACTED}
     return {"format": "filter", "wrap": {"format": "json"}, "fields": fields}
 
 
-def logging_block(settings: Settings, ingresses: list[str]) -> dict[str, Any]:
+def logging_block(settings: Settings, ingresses: list[str], secret_headers: Iterable[str] = ()) -> dict[str, Any]:
     """Caddy's top-level ``logging``: one rotated file per logging ingress, and the default log (Caddy's
     own, on stderr) without access lines."""
-    the_encoder = encoder(settings)
+    the_encoder = encoder(settings, sorted(set(secret_headers)))
     logs: dict[str, Any] = {"default": {"exclude": ["http.log.access"]}}
     for name in sorted(ingresses):
         logs[log_key(name)] = {

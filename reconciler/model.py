@@ -57,6 +57,7 @@ class Reason(StrEnum):
     CADDY_REJECTED = "CaddyRejected"
     INVALID_INSTANCE = "InvalidInstance"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
+    INSECURE_FILE = "InsecureFile"  # (problems only: a manifest holding a secret is readable by others)
     STALE = "Stale"
     TARGET_UNHEALTHY = "TargetUnhealthy"  # no target of a health-checked rule passes its checks
     PROGRESSING = "Progressing"  # a rule's new target is probed before traffic moves to it
@@ -234,6 +235,9 @@ class Rule(Record):
     sticky_cookie: str | None = None
     #: the rule's health checks (None: none -- a pool still leaves a failed target out for a moment)
     health: HealthCheck | None = None
+    #: (header, value): only requests carrying the header with exactly this value are proxied, without the
+    #: header (hypeman's request header auth); the value is a secret: never in a repr, message or output
+    header_auth: tuple[str, str] | None = field(default=None, repr=False)
 
     @property
     def pattern(self) -> bool:

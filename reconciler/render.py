@@ -167,6 +167,18 @@ def health_checks(rule: Rule) -> dict[str, Any]:
     return out
 
 
+def header_auth(auth: tuple[str, str], handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """hypeman's request header auth around a route's handlers: a request without the header at exactly the
+    value gets 403; one with it is proxied without it (the instance never sees it). The value is a literal:
+    validation refuses ``*`` (a wildcard to Caddy's header matcher) and ``{}`` (placeholders)."""
+    header, value = auth
+    deny = {"match": [{"not": [{"header": {header: [value]}}]}],
+            "handle": [{"handler": "static_response", "status_code": 403, "headers": _TEXT,
+                        "body": "403 Forbidden: this host requires authorization\n"}], "terminal": True}
+    allow = {"handle": [{"handler": "headers", "request": {"delete": [header]}}, *handle]}
+    return [{"handler": "subroute", "routes": [deny, allow]}]
+
+
 def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     """One host-matched route (and path-matched, for a rule with a path)."""
     if rule.targets:
@@ -177,6 +189,8 @@ def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     checks = health_checks(rule)
     if checks:
         handle = [*handle[:-1], {**handle[-1], "health_checks": checks}]
+    if rule.header_auth is not None:
+        handle = header_auth(rule.header_auth, handle)
     if rule.strip_prefix and rule.path is not None:
         # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
         handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
@@ -348,11 +362,11 @@ class _Port:
     bucket: dict[int, int] = field(default_factory=dict)  # entry index -> its bucket (bucketed layouts)
 
 
-def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool, str | None, str]]:
+def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool, str | None, str, str | None]]:
     """What decides where an ingress's routes go (and what else of the config they touch): port, hostname,
-    route id, TLS, pattern, access log, path."""
-    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None, e.logger, e.rule.path_key)
-            for e in entries]
+    route id, TLS, pattern, access log, path, the header of a request header auth (redacted in access logs)."""
+    return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None, e.logger, e.rule.path_key,
+             e.rule.header_auth[0] if e.rule.header_auth is not None else None) for e in entries]
 
 
 def _order(e: _Entry) -> tuple[int, int, int, str, tuple[int, int, str], str]:
@@ -454,7 +468,8 @@ class Renderer:
             rid = route_id(name, index)
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
-            if pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None:
+            if (pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None
+                    and r.header_auth is None):
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:
@@ -491,7 +506,9 @@ class Renderer:
         }
         loggers = {e.logger for entries in by_port.values() for e in entries if e.logger is not None}
         if loggers:
-            config["logging"] = logging_block(self.settings, sorted(loggers))
+            secret_headers = {e.rule.header_auth[0] for entries in by_port.values() for e in entries
+                              if e.rule.header_auth is not None}
+            config["logging"] = logging_block(self.settings, sorted(loggers), secret_headers)
         # all of the memory at once: a render that failed half-way leaves the last one whole
         given = tuple(r.ingress for r in desired.ingresses)
         self._memo, self._buckets, self._given, self._ports, self._config = memo, buckets, given, ports, config
@@ -619,13 +636,21 @@ class ConfigEncoder:
 
 
 def redact(config: Any) -> Any:
-    """A copy of ``config`` with every secret value replaced by ``[REDACTED]`` (for printing/diffs)."""
+    """A copy of ``config`` with every secret value replaced by ``[REDACTED]`` (for printing/diffs): DNS
+    credentials, and the values of header matchers (request header auth)."""
     if isinstance(config, dict):
-        return {k: (REDACTED if k in SECRET_KEYS and isinstance(v, str) and v else redact(v))
+        return {k: (REDACTED if k in SECRET_KEYS and isinstance(v, str) and v
+                    else {h: [REDACTED for _ in vals] if isinstance(vals, list) else REDACTED for h, vals in v.items()}
+                    if k == "header" and isinstance(v, dict) else redact(v))
                 for k, v in config.items()}
     if isinstance(config, list):
         return [redact(v) for v in config]
     return config
+
+
+def secret_values(desired: Desired) -> tuple[str, ...]:
+    """The secrets the manifests put into a config: request header auth values."""
+    return tuple(r.header_auth[1] for ri in desired.ingresses for r in ri.ingress.rules if r.header_auth is not None)
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:

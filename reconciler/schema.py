@@ -73,9 +73,15 @@ def format_path(path: tuple[str | int, ...] | list[str | int]) -> str:
 _UNEXPECTED = re.compile(r"\('(.+?)' (?:was|were) unexpected\)")
 
 
+#: fields whose values are secrets: a schema error about one never quotes it
+SECRET_FIELDS = frozenset({"request_header_auth"})
+
+
 def _message(err: jsonschema.ValidationError) -> tuple[tuple[str | int, ...], str]:
     path = tuple(err.absolute_path)
     where = format_path(path)
+    if len(path) >= 2 and path[-2] in SECRET_FIELDS:
+        return path, f"{where}: invalid ({err.validator} {err.validator_value!r}; the value is not shown)"
     schema: Any = err.schema
     if err.validator == "additionalProperties" and isinstance(schema, dict) and isinstance(err.instance, dict):
         known = schema.get("properties", {})

@@ -149,9 +149,10 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         port = int(raw["match"].get("port") or (443 if tls else 80))
         path, path_type = rule_path(raw["match"])
         pool = tuple(Target(t["instance"], int(t["port"]), int(t.get("weight", 1))) for t in raw.get("targets", ()))
+        auth = raw.get("request_header_auth")
         rule = Rule(hostname, port, instance, int(first["port"]), tls, redirect, hold, path, path_type,
                     bool(raw.get("strip_prefix", False)), pool, (raw.get("sticky") or {}).get("cookie"),
-                    health_of(raw.get("health_check")))
+                    health_of(raw.get("health_check")), (auth["header"], auth["value"]) if auth else None)
         key = (host_key(hostname), port, rule.path_key)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -195,6 +196,11 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         return ("match", "path"), f"match.path: {path!r} holds a '.' or '..' segment (Caddy matches cleaned paths)"
     if raw.get("strip_prefix") and rule_path(raw["match"])[0] is None:
         return ("strip_prefix",), "strip_prefix: requires match.path (a prefix to strip)"
+    auth = raw.get("request_header_auth")
+    if auth is not None:
+        found = _auth_problem(auth["header"], auth["value"])
+        if found is not None:
+            return found
     checks = raw.get("health_check")
     if checks is not None:
         found = _health_problem(checks, hostname)
@@ -222,6 +228,31 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         return ("hold",), hold
     if raw.get("redirect_http", False) and not raw.get("tls", False):
         return ("redirect_http",), "redirect_http: requires tls: true"
+    return None
+
+
+#: headers a request header auth may not use (lower case; and every ``proxy-*``): HTTP's own, and credentials
+#: the instance may need
+RESERVED_HEADERS = frozenset({"host", "authorization", "cookie", "content-length", "connection", "keep-alive", "te",
+                              "trailer", "transfer-encoding", "upgrade", "sec-websocket-key"})
+AUTH_VALUE_MIN, AUTH_VALUE_MAX = 32, 256
+
+
+def _auth_problem(header: str, value: str) -> tuple[tuple[str | int, ...], str] | None:
+    """What is wrong with a rule's ``request_header_auth`` -- never quoting the value (a secret)."""
+    name = header.lower()
+    if name in RESERVED_HEADERS or name.startswith("proxy-"):
+        return (("request_header_auth", "header"),
+                f"request_header_auth.header: {header!r} is reserved (Host, Authorization, Cookie, Proxy-*, "
+                "Content-Length, Connection, Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Sec-WebSocket-Key)")
+    if not AUTH_VALUE_MIN <= len(value) <= AUTH_VALUE_MAX:
+        return (("request_header_auth", "value"),
+                f"request_header_auth.value: must be {AUTH_VALUE_MIN} to {AUTH_VALUE_MAX} characters (it has "
+                f"{len(value)}; the value is not shown)")
+    if any(not 0x21 <= ord(c) <= 0x7E or c in "*{}" for c in value):
+        return (("request_header_auth", "value"),
+                "request_header_auth.value: only visible ASCII characters, without '*', '{' or '}' (the value is "
+                "not shown)")
     return None
 
 

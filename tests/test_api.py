@@ -1305,7 +1305,7 @@ def test_openapi_reasons_and_error_responses_are_complete() -> None:
     # every Reason but the ones only problems (and log events) carry, never an ingress's status
     every = set(Reason)
     assert every - set(INGRESS_REASONS) == {Reason.INVALID_INSTANCE, Reason.SOURCE_UNAVAILABLE,
-                                             Reason.INVALID_SETTINGS, Reason.REMOVED}
+                                             Reason.INVALID_SETTINGS, Reason.REMOVED, Reason.INSECURE_FILE}
     readme = (ROOT / "README.md").read_text()
     documented = re.search(r"Reasons: (.*?)\. Every change", readme, re.S)
     assert documented is not None

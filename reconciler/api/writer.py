@@ -43,7 +43,7 @@ from reconciler.errors import StorageError
 from reconciler.fsutil import atomic_write, pid_alive, storage_error
 from reconciler.model import Document, GoodFile, HealthCheck, Ingress, Instance, Origin, Problem, Source
 from reconciler.parse import ParsedDocument
-from reconciler.render import render, scrub
+from reconciler.render import REDACTED, render, scrub, secret_values
 from reconciler.schema import control_character_path, format_path
 from reconciler.settings import Settings
 from reconciler.sources.dirs import sources_for
@@ -129,6 +129,8 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
             rule["sticky"] = {"cookie": r.sticky_cookie}
         if r.health is not None:
             rule["health_check"] = health_body(r.health)
+        if r.header_auth is not None:  # that it is set, never the value
+            rule["request_header_auth"] = {"header": r.header_auth[0], "value": REDACTED}
         if r.tls:
             rule["tls"] = True
         if r.redirect_http:
@@ -314,7 +316,8 @@ class ManifestWriter:
             error = self._validate(render(admission.desired, self.settings))
             if error is not None:  # Caddy may quote the config it refused: never a secret in the answer
                 raise Refused(Refusal.CONFIG_VALIDATION_FAILED,
-                              f"Caddy would reject the config: {scrub(error, self.settings.tls.secrets)}")
+                              f"Caddy would reject the config: "
+                              f"{scrub(error, self.settings.tls.secrets + secret_values(admission.desired))}")
             self._write(path, data, candidate, manifests)
         return candidate
 

@@ -25,7 +25,7 @@ from reconciler.errors import CaddyBinaryError, CaddyRejected, CaddyUnavailable
 from reconciler.loop.isolate import isolate
 from reconciler.loop.triggers import Burst
 from reconciler.model import Desired, Outcome, ResolvedIngress
-from reconciler.render import ConfigEncoder, Renderer, scrub
+from reconciler.render import ConfigEncoder, Renderer, scrub, secret_values
 from reconciler.settings import Settings
 
 
@@ -133,7 +133,7 @@ class Applier:
             self.live, self.live_generation = applied.config, generation
         elif applied.outcome == Outcome.UNAVAILABLE:
             self.live = None  # Caddy may come back with anything: read it next time
-        return self._scrubbed(applied)
+        return self._scrubbed(applied, plan)
 
     def _converge(self, plan: Plan, live: Any, meanwhile: Callable[[], None]) -> Applied:
         config, known_bad = plan.config, plan.known_bad
@@ -195,9 +195,12 @@ class Applier:
         if failure:
             raise failure[0]
 
-    def _scrubbed(self, applied: Applied) -> Applied:
-        """Caddy's messages may quote the config it refused: never a secret in status or logs."""
-        secrets = self.settings.tls.secrets
+    def _scrubbed(self, applied: Applied, plan: Plan) -> Applied:
+        """Caddy's messages may quote the config it refused: never a secret (DNS credentials, request header
+        auth values) in status or logs."""
+        if applied.error is None and not applied.rejected:
+            return applied
+        secrets = self.settings.tls.secrets + secret_values(plan.target)
         if not secrets:
             return applied
         error = scrub(applied.error, secrets) if applied.error is not None else None
