@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from reconciler.settings import Settings
+from reconciler.settings import Settings, canonical_header
 
 #: what a redacted value reads as in an access log (Caddy's own word for the headers it redacts)
 REDACTED = "REDACTED"
@@ -71,11 +71,6 @@ def server_logs(hosts: dict[str, str]) -> dict[str, Any]:
     not listed are not logged."""
     return {"logger_names": {host: [logger_name(name)] for host, name in sorted(hosts.items())},
             "skip_unmapped_hosts": True}
-
-
-def canonical_header(name: str) -> str:
-    """A header name as Caddy's logs key it (Go's canonical form: ``x-hypeman-auth`` -> ``X-Hypeman-Auth``)."""
-    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
 def encoder(settings: Settings, secret_headers: Iterable[str] = ()) -> dict[str, Any]:

@@ -238,6 +238,10 @@ class Rule(Record):
     #: (header, value): only requests carrying the header with exactly this value are proxied, without the
     #: header (hypeman's request header auth); the value is a secret: never in a repr, message or output
     header_auth: tuple[str, str] | None = field(default=None, repr=False)
+    #: (realm, ((username, bcrypt hash), ...)): HTTP basic auth in front of the rule (None: none)
+    basic_auth: tuple[str, tuple[tuple[str, str], ...]] | None = field(default=None, repr=False)
+    #: the client addresses (CIDRs) the rule serves (empty: every client)
+    allow_ips: tuple[str, ...] = ()
 
     @property
     def pattern(self) -> bool:

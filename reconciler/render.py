@@ -167,16 +167,33 @@ def health_checks(rule: Rule) -> dict[str, Any]:
     return out
 
 
-def header_auth(auth: tuple[str, str], handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """hypeman's request header auth around a route's handlers: a request without the header at exactly the
-    value gets 403; one with it is proxied without it (the instance never sees it). The value is a literal:
-    validation refuses ``*`` (a wildcard to Caddy's header matcher) and ``{}`` (placeholders)."""
-    header, value = auth
-    deny = {"match": [{"not": [{"header": {header: [value]}}]}],
-            "handle": [{"handler": "static_response", "status_code": 403, "headers": _TEXT,
-                        "body": "403 Forbidden: this host requires authorization\n"}], "terminal": True}
-    allow = {"handle": [{"handler": "headers", "request": {"delete": [header]}}, *handle]}
-    return [{"handler": "subroute", "routes": [deny, allow]}]
+def _deny(match: dict[str, Any], body: str) -> dict[str, Any]:
+    return {"match": [{"not": [match]}], "terminal": True,
+            "handle": [{"handler": "static_response", "status_code": 403, "headers": _TEXT, "body": body + "\n"}]}
+
+
+def guarded(rule: Rule, handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rule's access control around its handlers, in order: the client's address (``allow_ips``: 403),
+    hypeman's request header auth (403 without the header at exactly the value; with it, the request is
+    proxied without the header: the instance never sees it), basic auth (401 with the realm). The header
+    value is a literal: validation refuses ``*`` (a wildcard to Caddy's header matcher) and ``{}``."""
+    routes: list[dict[str, Any]] = []
+    first: list[dict[str, Any]] = []
+    if rule.allow_ips:
+        # client_ip: the peer, or X-Forwarded-For when the peer is a trusted proxy (HYPEMAN_TRUSTED_PROXIES)
+        routes.append(_deny({"client_ip": {"ranges": list(rule.allow_ips)}},
+                            "403 Forbidden: your address may not reach this host"))
+    if rule.header_auth is not None:
+        header, value = rule.header_auth
+        routes.append(_deny({"header": {header: [value]}}, "403 Forbidden: this host requires authorization"))
+        first.append({"handler": "headers", "request": {"delete": [header]}})
+    if rule.basic_auth is not None:
+        realm, users = rule.basic_auth
+        first.insert(0, {"handler": "authentication", "providers": {"http_basic": {
+            "accounts": [{"username": u, "password": h} for u, h in users], "hash": {"algorithm": "bcrypt"},
+            "realm": realm}}})
+    routes.append({"handle": [*first, *handle]})
+    return [{"handler": "subroute", "routes": routes}]
 
 
 def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
@@ -189,8 +206,8 @@ def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     checks = health_checks(rule)
     if checks:
         handle = [*handle[:-1], {**handle[-1], "health_checks": checks}]
-    if rule.header_auth is not None:
-        handle = header_auth(rule.header_auth, handle)
+    if rule.header_auth is not None or rule.basic_auth is not None or rule.allow_ips:
+        handle = guarded(rule, handle)
     if rule.strip_prefix and rule.path is not None:
         # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
         handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
@@ -270,7 +287,7 @@ def admin_block(settings: Settings) -> dict[str, Any]:
 
 REDACTED = "[REDACTED]"
 #: keys whose values are secrets wherever they appear in a rendered config
-SECRET_KEYS = frozenset({"api_token", "access_key_id", "secret_access_key", "session_token", "token"})
+SECRET_KEYS = frozenset({"api_token", "access_key_id", "secret_access_key", "session_token", "token", "password"})
 
 
 def _duration(value: str) -> str | int:
@@ -469,7 +486,7 @@ class Renderer:
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
             if (pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None
-                    and r.header_auth is None):
+                    and r.header_auth is None and r.basic_auth is None and not r.allow_ips):
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:
@@ -546,6 +563,8 @@ class Renderer:
         else:
             server["automatic_https"] = {"disable": True}
         server["errors"] = {"routes": error_routes()}
+        if settings.trusted_proxies:  # their X-Forwarded-For names the client (allow_ips, access logs)
+            server["trusted_proxies"] = {"source": "static", "ranges": list(settings.trusted_proxies)}
         logged_hosts = {e.hostname: e.logger for e in entries if e.logger is not None}
         if logged_hosts:
             server["logs"] = server_logs(logged_hosts)
@@ -649,8 +668,15 @@ def redact(config: Any) -> Any:
 
 
 def secret_values(desired: Desired) -> tuple[str, ...]:
-    """The secrets the manifests put into a config: request header auth values."""
-    return tuple(r.header_auth[1] for ri in desired.ingresses for r in ri.ingress.rules if r.header_auth is not None)
+    """The secrets the manifests put into a config: request header auth values, basic auth hashes."""
+    out = []
+    for ri in desired.ingresses:
+        for r in ri.ingress.rules:
+            if r.header_auth is not None:
+                out.append(r.header_auth[1])
+            if r.basic_auth is not None:
+                out.extend(h for _, h in r.basic_auth[1])
+    return tuple(out)
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -80,7 +80,7 @@ SECRET_FIELDS = frozenset({"request_header_auth"})
 def _message(err: jsonschema.ValidationError) -> tuple[tuple[str | int, ...], str]:
     path = tuple(err.absolute_path)
     where = format_path(path)
-    if len(path) >= 2 and path[-2] in SECRET_FIELDS:
+    if (len(path) >= 2 and path[-2] in SECRET_FIELDS) or (path and path[-1] in ("password", "password_hash")):
         return path, f"{where}: invalid ({err.validator} {err.validator_value!r}; the value is not shown)"
     schema: Any = err.schema
     if err.validator == "additionalProperties" and isinstance(schema, dict) and isinstance(err.instance, dict):

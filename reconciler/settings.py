@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -285,6 +286,20 @@ def _redact_headers(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(canonical_header(h) for h in (*REDACTED_HEADERS, *extra)))
 
 
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[str, ...]:
+    """``HYPEMAN_TRUSTED_PROXIES``: the proxies (IPs or CIDRs, comma-separated) whose ``X-Forwarded-For`` is
+    believed for a client's address (``allow_ips``, access logs); none by default: the connection's peer."""
+    out = []
+    for item in (env.get("HYPEMAN_TRUSTED_PROXIES") or "").replace(" ", ",").split(","):
+        if not item:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"HYPEMAN_TRUSTED_PROXIES: {item!r} is not an IP address or CIDR range") from None
+    return tuple(dict.fromkeys(out))
+
+
 def domain_allowed(hostname: str, patterns: tuple[str, ...] | None) -> bool:
     """``TLS_ALLOWED_DOMAINS``: exact names, ``*.example.com`` = exactly one label, ``*`` = any; unset
     (None) allows every hostname, set but empty allows none (as hypeman)."""
@@ -372,6 +387,8 @@ class Settings:
     access_log_roll_keep_days: int = 14
     #: request and response headers whose values never reach an access log (canonical names)
     access_log_redact_headers: tuple[str, ...] = REDACTED_HEADERS
+    #: proxies whose X-Forwarded-For is believed (CIDRs); empty: a client is the connection's peer
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def access_log_dir(self) -> str:
@@ -464,6 +481,7 @@ class Settings:
             "access_log_roll_keep": _int(env, "HYPEMAN_ACCESS_LOG_ROLL_KEEP", 5, 1, 10_000),
             "access_log_roll_keep_days": _int(env, "HYPEMAN_ACCESS_LOG_ROLL_KEEP_DAYS", 14, 1, 36_500),
             "access_log_redact_headers": _redact_headers(env),
+            "trusted_proxies": _trusted_proxies(env),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

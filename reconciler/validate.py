@@ -152,7 +152,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         auth = raw.get("request_header_auth")
         rule = Rule(hostname, port, instance, int(first["port"]), tls, redirect, hold, path, path_type,
                     bool(raw.get("strip_prefix", False)), pool, (raw.get("sticky") or {}).get("cookie"),
-                    health_of(raw.get("health_check")), (auth["header"], auth["value"]) if auth else None)
+                    health_of(raw.get("health_check")), (auth["header"], auth["value"]) if auth else None,
+                    basic_auth_of(raw.get("basic_auth")), allow_ips_of(raw.get("allow_ips")))
         key = (host_key(hostname), port, rule.path_key)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -201,6 +202,15 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
         found = _auth_problem(auth["header"], auth["value"])
         if found is not None:
             return found
+    if raw.get("basic_auth") is not None:
+        found = _basic_auth_problem(raw["basic_auth"]["users"])
+        if found is not None:
+            return found
+    for j, item in enumerate(raw.get("allow_ips") or ()):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return ("allow_ips", j), f"allow_ips[{j}]: {item!r} is not an IP address or CIDR range"
     checks = raw.get("health_check")
     if checks is not None:
         found = _health_problem(checks, hostname)
@@ -254,6 +264,44 @@ def _auth_problem(header: str, value: str) -> tuple[tuple[str | int, ...], str] 
                 "request_header_auth.value: only visible ASCII characters, without '*', '{' or '}' (the value is "
                 "not shown)")
     return None
+
+
+#: a bcrypt hash as Caddy's http_basic takes it (modular crypt format)
+BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+HASH_HINT = ("make one with `caddy hash-password --algorithm bcrypt` (or `htpasswd -nbB user password`, the part "
+             "after the colon)")
+
+
+def _basic_auth_problem(users: list[dict[str, Any]]) -> tuple[tuple[str | int, ...], str] | None:
+    """What is wrong with a rule's ``basic_auth`` users -- never quoting a password or a hash."""
+    seen: dict[str, int] = {}
+    for j, user in enumerate(users):
+        where = f"basic_auth.users[{j}]"
+        if "password" in user:
+            return (("basic_auth", "users", j, "password"),
+                    f"{where}.password: plain passwords are refused; put a bcrypt hash in password_hash ({HASH_HINT})")
+        if "password_hash" not in user:
+            return ("basic_auth", "users", j), f"{where}.password_hash: required (a bcrypt hash: {HASH_HINT})"
+        if not BCRYPT.match(user["password_hash"]):
+            return (("basic_auth", "users", j, "password_hash"),
+                    f"{where}.password_hash: not a bcrypt hash ($2a$, $2b$ or $2y$, a cost, 53 characters; "
+                    f"{HASH_HINT})")
+        name = user["username"]
+        if name in seen:
+            return ("basic_auth", "users", j), f"{where}: user {name!r} is already users[{seen[name]}]"
+        seen[name] = j
+    return None
+
+
+def basic_auth_of(raw: dict[str, Any] | None) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    if raw is None:
+        return None
+    return raw.get("realm", "restricted"), tuple((u["username"], u["password_hash"]) for u in raw["users"])
+
+
+def allow_ips_of(raw: list[str] | None) -> tuple[str, ...]:
+    """A rule's ``allow_ips`` as CIDRs (an address is its /32 or /128), in order, each once."""
+    return tuple(dict.fromkeys(str(ipaddress.ip_network(item, strict=False)) for item in raw or ()))
 
 
 def health_of(raw: dict[str, Any] | None) -> HealthCheck | None:

@@ -131,6 +131,11 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
             rule["health_check"] = health_body(r.health)
         if r.header_auth is not None:  # that it is set, never the value
             rule["request_header_auth"] = {"header": r.header_auth[0], "value": REDACTED}
+        if r.basic_auth is not None:
+            rule["basic_auth"] = {"realm": r.basic_auth[0],
+                                  "users": [{"username": u, "password_hash": REDACTED} for u, _ in r.basic_auth[1]]}
+        if r.allow_ips:
+            rule["allow_ips"] = list(r.allow_ips)
         if r.tls:
             rule["tls"] = True
         if r.redirect_http:
