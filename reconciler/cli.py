@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from reconciler import __version__
+from reconciler.caddy.modules import with_modules
 from reconciler.commands import COMMANDS
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.settings import DEFAULT_API_LISTEN, Settings
@@ -179,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     try:
-        settings = settings_from(args)
+        settings = with_modules(settings_from(args))  # (what rules needing a module are checked against)
         return COMMANDS[args.command](args, settings)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

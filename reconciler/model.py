@@ -210,6 +210,20 @@ class HealthCheck(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class Limits(Record):
+    """A rule's limits and timeouts (None: the defaults)."""
+
+    max_body: int | None = None  # bytes of a request body (413 beyond)
+    max_concurrent: int | None = None  # requests at once per target (503 beyond, after the hold)
+    dial_timeout: str | None = None
+    response_header_timeout: str | None = None
+    read_timeout: str | None = None
+    #: (requests, window): at most that many requests per client address per window (429 beyond); needs a
+    #: Caddy with the rate_limit module
+    rate_limit: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Rule(Record):
     """One routing rule after defaults: (hostname, port) -> instance:target_port."""
 
@@ -242,6 +256,7 @@ class Rule(Record):
     basic_auth: tuple[str, tuple[tuple[str, str], ...]] | None = field(default=None, repr=False)
     #: the client addresses (CIDRs) the rule serves (empty: every client)
     allow_ips: tuple[str, ...] = ()
+    limits: Limits | None = None
 
     @property
     def pattern(self) -> bool:

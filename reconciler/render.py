@@ -47,7 +47,7 @@ from reconciler.layout import (
     server_name,
 )
 from reconciler.memo import IdentityMemo
-from reconciler.model import EXACT, Desired, Ingress, Rule, path_rank
+from reconciler.model import EXACT, Desired, Ingress, Limits, Rule, path_rank
 from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport
 from reconciler.zone import dial_name, is_pattern, parse_pattern, template
 
@@ -167,6 +167,28 @@ def health_checks(rule: Rule) -> dict[str, Any]:
     return out
 
 
+def limited(limits: Limits, handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rule's limits on its handlers (the last is its ``reverse_proxy``): a rate limit and a body limit
+    before the proxy, timeouts on its transport, a concurrency cap on each upstream."""
+    proxy = dict(handle[-1])
+    transport = dict(proxy["transport"])
+    for key in ("dial_timeout", "response_header_timeout", "read_timeout"):
+        value = getattr(limits, key)
+        if value is not None:
+            transport[key] = value
+    proxy["transport"] = transport
+    if limits.max_concurrent is not None:
+        proxy["upstreams"] = [{**u, "max_requests": limits.max_concurrent} for u in proxy["upstreams"]]
+    before: list[dict[str, Any]] = []
+    if limits.rate_limit is not None:
+        requests, window = limits.rate_limit
+        before.append({"handler": "rate_limit", "rate_limits": {"client": {
+            "key": "{http.vars.client_ip}", "window": window, "max_events": requests}}})
+    if limits.max_body is not None:
+        before.append({"handler": "request_body", "max_size": limits.max_body})
+    return [*handle[:-1], *before, proxy]
+
+
 def _deny(match: dict[str, Any], body: str) -> dict[str, Any]:
     return {"match": [{"not": [match]}], "terminal": True,
             "handle": [{"handler": "static_response", "status_code": 403, "headers": _TEXT, "body": body + "\n"}]}
@@ -206,6 +228,8 @@ def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
     checks = health_checks(rule)
     if checks:
         handle = [*handle[:-1], {**handle[-1], "health_checks": checks}]
+    if rule.limits is not None:
+        handle = limited(rule.limits, handle)
     if rule.header_auth is not None or rule.basic_auth is not None or rule.allow_ips:
         handle = guarded(rule, handle)
     if rule.strip_prefix and rule.path is not None:
@@ -236,8 +260,9 @@ def error_routes() -> list[dict[str, Any]]:
                {"vars_regexp": {message: {"pattern": "no such host|no upstreams available"}}}),
         answer(503, f'503 Service Unavailable: instance "{var}" is not running or not known',
                {"vars_regexp": {message: {"pattern": "no such host"}}}),
-        # left out by its health checks (failing the active check, or failed requests just now)
-        answer(503, f'503 Service Unavailable: instance "{var}" is unhealthy (failing its health checks)',
+        # left out by its health checks (failing the active check, or failed requests just now), or full
+        answer(503, f'503 Service Unavailable: instance "{var}" is unhealthy (failing its health checks) or at its '
+               "limit of concurrent requests",
                {"vars_regexp": {message: {"pattern": "no upstreams available"}}}),
         # the lookup itself failed: the DNS responder is down or hung (not the instance's fault)
         answer(503, f'503 Service Unavailable: instance "{var}": its address could not be looked up (the DNS '
@@ -486,7 +511,7 @@ class Renderer:
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
             if (pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None
-                    and r.header_auth is None and r.basic_auth is None and not r.allow_ips):
+                    and r.header_auth is None and r.basic_auth is None and not r.allow_ips and r.limits is None):
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:

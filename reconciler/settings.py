@@ -389,6 +389,9 @@ class Settings:
     access_log_redact_headers: tuple[str, ...] = REDACTED_HEADERS
     #: proxies whose X-Forwarded-For is believed (CIDRs); empty: a client is the connection's peer
     trusted_proxies: tuple[str, ...] = ()
+    #: the modules of the Caddy binary (set by the composition roots from ``caddy list-modules``; None:
+    #: unknown -- a rule needing a non-standard module is refused)
+    caddy_modules: frozenset[str] | None = None
 
     @property
     def access_log_dir(self) -> str:

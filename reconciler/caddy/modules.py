@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from functools import cache
 
+from reconciler.caddy.binary import find_caddy
 from reconciler.errors import CaddyBinaryError, ConfigError
 from reconciler.settings import Settings
 
@@ -19,6 +21,16 @@ def list_modules(binary: str) -> frozenset[str]:
         raise CaddyBinaryError(f"cannot run {binary} list-modules: {exc}") from exc
     return frozenset(line.strip() for line in out.stdout.splitlines()
                      if line.strip() and not line.startswith(("Standard", "Non-standard", "Unknown")))
+
+
+def with_modules(settings: Settings, binary: str | None = None) -> Settings:
+    """``settings`` knowing the modules of the Caddy binary (``binary``, else the one :func:`find_caddy`
+    picks); unchanged when it cannot be asked (then rules that need a non-standard module are refused)."""
+    try:
+        modules = list_modules(binary or find_caddy())
+    except CaddyBinaryError:
+        return settings
+    return dataclasses.replace(settings, caddy_modules=modules)
 
 
 def preflight(settings: Settings, binary: str) -> None:
