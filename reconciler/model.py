@@ -278,6 +278,16 @@ class Rule(Record):
 
 
 @dataclass(frozen=True, slots=True)
+class Maintenance(Record):
+    """An ingress in maintenance: every request answers 503 with ``Retry-After`` and ``message``, but those
+    for ``allow_path`` (a prefix: say its health path), which still reach the instance."""
+
+    message: str = "This service is down for maintenance."
+    retry_after: int | None = 300  # seconds (None: no Retry-After)
+    allow_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Ingress(Record):
     name: str
     id: str
@@ -287,6 +297,7 @@ class Ingress(Record):
     #: the manifest's ``access_log`` (None: not said; ``HYPEMAN_ACCESS_LOGS`` decides, see
     #: :func:`reconciler.accesslog.logged`)
     access_log: bool | None = None
+    maintenance: Maintenance | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ latency per host (relabelled per ingress by :mod:`reconciler.traffic`); ingresse
 from __future__ import annotations
 
 import functools
+import html
 import ipaddress
 import json
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from reconciler.layout import (
     server_name,
 )
 from reconciler.memo import IdentityMemo
-from reconciler.model import EXACT, Desired, Ingress, Limits, Rule, path_rank
+from reconciler.model import EXACT, Desired, Ingress, Limits, Maintenance, Rule, path_rank
 from reconciler.settings import Settings, TLSSettings, hold_seconds, join_hostport
 from reconciler.zone import dial_name, is_pattern, parse_pattern, template
 
@@ -218,7 +219,33 @@ def guarded(rule: Rule, handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"handler": "subroute", "routes": routes}]
 
 
-def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
+def maintenance_page(m: Maintenance) -> list[dict[str, Any]]:
+    """The answers of an ingress in maintenance: 503 with Retry-After, an HTML page to clients that accept
+    HTML, plain text to the others (the message is the manifest's text: HTML-escaped, Caddy placeholders
+    escaped)."""
+    headers: dict[str, list[str]] = {"Retry-After": [str(m.retry_after)]} if m.retry_after else {}
+    text = literal(m.message)
+    page = literal(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>503 Service Unavailable</title></head>"
+                   f"<body><h1>Down for maintenance</h1><p>{html.escape(m.message)}</p></body></html>\n")
+    return [
+        {"match": [{"header_regexp": {"Accept": {"pattern": "text/html"}}}], "terminal": True,
+         "handle": [{"handler": "static_response", "status_code": 503, "body": page,
+                     "headers": {**headers, "Content-Type": ["text/html; charset=utf-8"],
+                                 "X-Content-Type-Options": ["nosniff"]}}]},
+        {"handle": [{"handler": "static_response", "status_code": 503, "headers": {**headers, **_TEXT},
+                     "body": f"503 Service Unavailable: {text}\n"}], "terminal": True},
+    ]
+
+
+def maintained(m: Maintenance, handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A route's handlers while its ingress is in maintenance: ``allow_path`` still proxied, the rest 503."""
+    routes: list[dict[str, Any]] = []
+    if m.allow_path is not None:
+        routes.append({"match": [{"path": [m.allow_path, f"{m.allow_path}/*"]}], "handle": handle, "terminal": True})
+    return [{"handler": "subroute", "routes": [*routes, *maintenance_page(m)]}]
+
+
+def _route(rid: str, rule: Rule, settings: Settings, maintenance: Maintenance | None = None) -> dict[str, Any]:
     """One host-matched route (and path-matched, for a rule with a path)."""
     if rule.targets:
         handle = pool_handlers(rule, settings)
@@ -230,6 +257,8 @@ def _route(rid: str, rule: Rule, settings: Settings) -> dict[str, Any]:
         handle = [*handle[:-1], {**handle[-1], "health_checks": checks}]
     if rule.limits is not None:
         handle = limited(rule.limits, handle)
+    if maintenance is not None:
+        handle = maintained(maintenance, handle)
     if rule.header_auth is not None or rule.basic_auth is not None or rule.allow_ips:
         handle = guarded(rule, handle)
     if rule.strip_prefix and rule.path is not None:
@@ -511,11 +540,12 @@ class Renderer:
             host = matcher_host(r.hostname)
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
             if (pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None
-                    and r.header_auth is None and r.basic_auth is None and not r.allow_ips and r.limits is None):
+                    and r.header_auth is None and r.basic_auth is None and not r.allow_ips and r.limits is None
+                    and ingress.maintenance is None):
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
             else:
-                route = _route(rid, r, self.settings)
+                route = _route(rid, r, self.settings, ingress.maintenance)
                 out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern, logger))
             if r.tls and r.redirect_http:
                 redirect = _redirect_route(name, index, host, r.port, r)

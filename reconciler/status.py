@@ -236,6 +236,11 @@ def _accepted(ri: ResolvedIngress, *, problems: list[Problem], stale: Mapping[st
                                  **base)  # type: ignore[arg-type]
     down = [f"{r.rule.hostname}:{r.rule.port}{path_display(r.rule.path_key)}: {why}, left out of the pool"
             for r in ri.rules if isinstance(r.backend, Upstream) for why in r.backend.down]
+    m = ing.maintenance
+    if m is not None:
+        down.insert(0, "in maintenance: requests answer 503" + (f" (Retry-After: {m.retry_after} s)" if m.retry_after
+                                                                else "")
+                    + (f", but {m.allow_path} reaches the instance" if m.allow_path else ""))
     message = "routes are live" + ("; " + "; ".join(down) if down else "")
     return IngressStatus(ready=True, reason=Reason.APPLIED, message=message, **base)  # type: ignore[arg-type]
 

@@ -24,6 +24,7 @@ from reconciler.model import (
     Ingress,
     Instance,
     Limits,
+    Maintenance,
     Problem,
     Reason,
     ResolvedIngress,
@@ -164,6 +165,14 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
             continue
         seen[key] = i
         rules.append(rule)
+    allow = (data.get("maintenance") or {}).get("allow_path")
+    if allow is not None and ("//" in allow or any(seg in (".", "..") for seg in allow.split("/"))):
+        problems.append(_problem(doc, doc.parsed.line_of(("maintenance", "allow_path")),
+                                 f"maintenance.allow_path: {allow!r} holds an empty, '.' or '..' segment",
+                                 ingress=name))
+    elif allow is not None and not allow.rstrip("/"):
+        problems.append(_problem(doc, doc.parsed.line_of(("maintenance", "allow_path")),
+                                 "maintenance.allow_path: '/' would let every request through", ingress=name))
     if problems:
         return None, problems
     valid_name: str = data["name"]
@@ -174,8 +183,18 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         origin=doc.origin,
         created_at=data.get("created_at"),
         access_log=data.get("access_log"),
+        maintenance=maintenance_of(data.get("maintenance")),
     )
     return ingress, []
+
+
+def maintenance_of(raw: dict[str, Any] | None) -> Maintenance | None:
+    if raw is None:
+        return None
+    d = Maintenance()
+    allow = raw.get("allow_path")
+    return Maintenance(raw.get("message", d.message), raw.get("retry_after", d.retry_after) or None,
+                       (allow.rstrip("/") or None) if allow is not None else None)
 
 
 def rule_path(match: dict[str, Any]) -> tuple[str | None, str]:

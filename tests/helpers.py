@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -189,6 +190,50 @@ class Service:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Flow:
+    """~200 requests a second on one keep-alive connection, counting answers per backend. A request is
+    failed when it gets no 200; a connection closed under it by a config load is retried once (what any
+    HTTP client does for an idempotent request on a reused connection) and counted in ``retried``."""
+
+    def __init__(self, port: int, host: str, rate: float = 200.0) -> None:
+        self.port, self.host, self.period = port, host, 1.0 / rate
+        self.seen: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.retried = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        url = f"http://127.0.0.1:{self.port}/"
+        with httpx.Client(timeout=10) as client:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                for attempt in (0, 1):
+                    try:
+                        r = client.get(url, headers={"Host": self.host})
+                    except httpx.TransportError as exc:
+                        if attempt == 0:
+                            self.retried += 1
+                            continue
+                        self.failures.append(repr(exc))
+                        break
+                    if r.status_code == 200:
+                        self.seen[r.text.split()[0]] += 1
+                    else:
+                        self.failures.append(f"{r.status_code} {r.text.strip()}")
+                    break
+                next_at += self.period
+                time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self) -> Flow:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
 
 
 def get(port: int, host: str, path: str = "/", timeout: float = 5.0) -> httpx.Response:

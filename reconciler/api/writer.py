@@ -161,6 +161,10 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
     body: dict[str, Any] = {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
     if ing.access_log is not None:
         body["access_log"] = ing.access_log
+    if ing.maintenance is not None:
+        m = ing.maintenance
+        body["maintenance"] = {"message": m.message, "retry_after": m.retry_after or 0,
+                               **({"allow_path": m.allow_path} if m.allow_path else {})}
     return body
 
 
