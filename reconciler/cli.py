@@ -18,6 +18,7 @@ from reconciler.caddy.modules import with_modules
 from reconciler.commands import COMMANDS
 from reconciler.errors import ConfigError, ReconcilerError
 from reconciler.settings import DEFAULT_API_LISTEN, Settings
+from reconciler.sources.pages import with_error_pages
 
 EPILOG = """\
 environment (flags win):
@@ -180,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     try:
-        settings = with_modules(settings_from(args))  # (what rules needing a module are checked against)
+        # what rules needing a module are checked against, and the operator's error pages
+        settings = with_error_pages(with_modules(settings_from(args)))
         return COMMANDS[args.command](args, settings)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

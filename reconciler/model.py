@@ -298,6 +298,8 @@ class Ingress(Record):
     #: :func:`reconciler.accesslog.logged`)
     access_log: bool | None = None
     maintenance: Maintenance | None = None
+    #: its own error pages: (status, HTML, text) for 502/503/504 (see :func:`reconciler.render.error_routes`)
+    error_pages: tuple[tuple[int, str | None, str | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

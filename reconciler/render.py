@@ -30,6 +30,7 @@ import functools
 import html
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -267,19 +268,86 @@ def _route(rid: str, rule: Rule, settings: Settings, maintenance: Maintenance | 
     return {"@id": rid, "match": [_match(rule, matcher_host(rule.hostname))], "handle": handle, "terminal": True}
 
 
-def error_routes() -> list[dict[str, Any]]:
+#: the delimiters of the templates that fill an HTML error page: control characters, which no manifest or
+#: page file may hold, so a page's own text is never a template action (Caddy's templates can read env)
+TEMPLATE_DELIMITERS = ["\u0001", "\u0002"]
+#: what an error page may quote: the request's host, the instance it was for
+PAGE_TOKENS = {"{host}": "http.request.host", "{instance}": f"http.vars.{INSTANCE_VAR}"}
+
+
+def _page_text(text: str) -> str:
+    """A plain-text page as Caddy's static_response body: its braces literal, its tokens placeholders."""
+    out = literal(text)
+    for token, placeholder in PAGE_TOKENS.items():
+        out = out.replace(literal(token), "{" + placeholder + "}")
+    return out
+
+
+def _page_html(page: str) -> str:
+    """An HTML page: its tokens filled by Caddy's templates, HTML-escaped (a Host or an instance name is
+    never markup); everything else literal."""
+    open_, close = TEMPLATE_DELIMITERS
+    out = literal(page)
+    for token, placeholder in PAGE_TOKENS.items():
+        out = out.replace(literal(token), f'{open_}html (placeholder "{placeholder}"){close}')
+    return out
+
+
+def page_handlers(status: int, page: tuple[str | None, str | None], default: str) -> list[dict[str, Any]]:
+    """Answer ``status`` with an error page: its HTML to clients that accept HTML (when it has one), its
+    text (else ``default``, a static_response body) to the others."""
+    html_page, text = page
+    routes: list[dict[str, Any]] = []
+    if html_page is not None:
+        routes.append({"match": [{"header_regexp": {"Accept": {"pattern": "text/html"}}}], "terminal": True, "handle": [
+            {"handler": "templates", "delimiters": TEMPLATE_DELIMITERS, "mime_types": ["text/html"]},
+            {"handler": "static_response", "status_code": status, "body": _page_html(html_page),
+             "headers": {"Content-Type": ["text/html; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}}]})
+    routes.append({"terminal": True, "handle": [{"handler": "static_response", "status_code": status, "headers": _TEXT,
+                                                 "body": _page_text(text) if text is not None else default}]})
+    return [{"handler": "subroute", "routes": routes}]
+
+
+#: error pages: status -> (HTML, text), either may be None
+Pages = Mapping[int, tuple[str | None, str | None]]
+
+
+def error_routes(pages: Pages | None = None, by_host: list[tuple[list[str], Pages]] | None = None
+                 ) -> list[dict[str, Any]]:
     """A server's error routes: what a request gets when its instance could not be reached (after the
-    hold), naming the instance (set by the route, see :func:`reconciler.layout.proxy_handlers`)."""
+    hold), naming the instance (set by the route, see :func:`reconciler.layout.proxy_handlers`). ``pages``:
+    the operator's error pages; ``by_host``: ingresses' own (their hosts on this server, their pages)."""
     var = f"{{http.vars.{INSTANCE_VAR}}}"
     message = "{http.error.message}"
+    pages = pages or {}
+    by_host = by_host or []
+
+    def handlers(status: int | str, body: str) -> list[dict[str, Any]]:
+        plain = [{"handler": "static_response", "status_code": status, "headers": _TEXT, "body": body}]
+        if not isinstance(status, int):
+            return plain
+        fallback = pages.get(status, (None, None))  # what an ingress's page leaves out is the operator's
+        mine = [(hosts, (own[status][0] if own[status][0] is not None else fallback[0],
+                         own[status][1] if own[status][1] is not None else fallback[1]))
+                for hosts, own in by_host if status in own]
+        if not mine and status not in pages:
+            return plain
+        routes = [{"match": [{"host": hosts}], "handle": page_handlers(status, page, body), "terminal": True}
+                  for hosts, page in mine]
+        routes.append({"handle": page_handlers(status, pages[status], body) if status in pages else plain,
+                       "terminal": True})
+        return [{"handler": "subroute", "routes": routes}]
 
     def answer(status: int | str, body: str, *match: dict[str, Any]) -> dict[str, Any]:
-        route: dict[str, Any] = {"handle": [{"handler": "static_response", "status_code": status, "headers": _TEXT,
-                                             "body": body + "\n"}], "terminal": True}
+        route: dict[str, Any] = {"handle": handlers(status, body + "\n"), "terminal": True}
         if match:
             route["match"] = [{k: v for m in match for k, v in m.items()}]
         return route
 
+    # errors Caddy itself gave a status (a target's bad answer: 502, ...) with a page for it
+    paged = sorted({s for s in pages} | {s for _, own in by_host for s in own} - {404})
+    by_status = [answer(s, f'{s} {HTTP_STATUS_TEXT.get(s, "Error")}: instance "{var}"',
+                        {"vars": {"{http.error.status_code}": [str(s)]}}) for s in paged]
     pool = f"{{http.vars.{POOL_VAR}}}"
     return [
         answer("{http.error.status_code}", "{http.error.status_code} {http.error.status_text}", {"vars": {var: [""]}}),
@@ -300,23 +368,20 @@ def error_routes() -> list[dict[str, Any]]:
                {"vars_regexp": {message: {"pattern": "i/o timeout|deadline exceeded|timeout awaiting"}}}),
         answer(503, f'503 Service Unavailable: instance "{var}" does not accept connections on port '
                "{http.reverse_proxy.upstream.port}", {"vars_regexp": {message: {"pattern": "^dial "}}}),
+        *by_status,
         answer("{http.error.status_code}", f'{{http.error.status_code}} {{http.error.status_text}}: instance "{var}"'),
     ]
 
 
-def fallback_route(port: int) -> dict[str, Any]:
-    return {
-        "@id": f"fallback.{port}",
-        "handle": [
-            {
-                "handler": "static_response",
-                "status_code": 404,
-                "headers": _TEXT,
-                "body": "404 Not Found: no ingress for host {http.request.host}\n",
-            }
-        ],
-        "terminal": True,
-    }
+HTTP_STATUS_TEXT = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def fallback_route(port: int, page: tuple[str | None, str | None] | None = None) -> dict[str, Any]:
+    """The last route of a server: 404 naming the host no ingress has (the operator's 404 page, if any)."""
+    body = "404 Not Found: no ingress for host {http.request.host}\n"
+    handle = (page_handlers(404, page, body) if page is not None
+              else [{"handler": "static_response", "status_code": 404, "headers": _TEXT, "body": body}])
+    return {"@id": f"fallback.{port}", "handle": handle, "terminal": True}
 
 
 #: the Host names Caddy's admin API accepts on a loopback listener unless told otherwise
@@ -420,6 +485,8 @@ class _Entry(NamedTuple):
     pattern: tuple[int, int, str] | None
     #: the ingress whose access log takes this route's requests (None: not logged), see reconciler.accesslog
     logger: str | None = None
+    #: its ingress's own error pages
+    pages: tuple[tuple[int, str | None, str | None], ...] = ()
 
 
 @dataclass(slots=True)
@@ -433,11 +500,12 @@ class _Port:
     bucket: dict[int, int] = field(default_factory=dict)  # entry index -> its bucket (bucketed layouts)
 
 
-def _shape(entries: list[_Entry]) -> list[tuple[int, str, str, bool, bool, str | None, str, str | None]]:
+def _shape(entries: list[_Entry]) -> list[tuple[Any, ...]]:
     """What decides where an ingress's routes go (and what else of the config they touch): port, hostname,
-    route id, TLS, pattern, access log, path, the header of a request header auth (redacted in access logs)."""
+    route id, TLS, pattern, access log, path, the header of a request header auth (redacted in access logs),
+    its error pages (in the server's error routes)."""
     return [(e.port, e.hostname, e.route_id, e.tls, e.pattern is not None, e.logger, e.rule.path_key,
-             e.rule.header_auth[0] if e.rule.header_auth is not None else None) for e in entries]
+             e.rule.header_auth[0] if e.rule.header_auth is not None else None, e.pages) for e in entries]
 
 
 def _order(e: _Entry) -> tuple[int, int, int, str, tuple[int, int, str], str]:
@@ -534,6 +602,7 @@ class Renderer:
     def _entries(self, ingress: Ingress) -> list[_Entry]:
         name, zone, proxy = ingress.name, self.settings.dns_zone, self._proxy
         logger = name if logged(ingress.access_log, self.settings.access_logs) else None
+        pages = ingress.error_pages
         out: list[_Entry] = []
         for index, r in enumerate(ingress.rules):
             rid = route_id(name, index)
@@ -543,10 +612,12 @@ class Renderer:
                     and r.header_auth is None and r.basic_auth is None and not r.allow_ips and r.limits is None
                     and ingress.maintenance is None):
                 dial, instance = upstream(r, zone)
-                out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger))
+                out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger,
+                                  pages))
             else:
                 route = _route(rid, r, self.settings, ingress.maintenance)
-                out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern, logger))
+                out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern, logger,
+                                  pages))
             if r.tls and r.redirect_http:
                 redirect = _redirect_route(name, index, host, r.port, r)
                 out.append(_Entry(self.settings.http_port, host, redirect["@id"], r, redirect,
@@ -600,7 +671,8 @@ class Renderer:
                             proxy=self._proxy, members=[e.member for e in exact], previous=self._buckets,
                             kept=buckets, placement=placement)
         routes += [e.route for e in entries[len(exact):] if e.route is not None]  # patterns: after every exact host
-        routes.append(fallback_route(number))
+        global_pages = {status: (h, t) for status, h, t in settings.error_pages}
+        routes.append(fallback_route(number, global_pages.get(404)))
         port = _Port(entries, {e.route_id: i for i, e in enumerate(entries)}, routes, placement,
                      {i: k for k, (where, _) in (placement or {}).items() for i in where})
         server: dict[str, Any] = {"listen": [join_hostport(settings.listen_address, number)], "routes": routes}
@@ -617,7 +689,13 @@ class Renderer:
                 server["automatic_https"]["skip_certificates"] = patterns
         else:
             server["automatic_https"] = {"disable": True}
-        server["errors"] = {"routes": error_routes()}
+        own: dict[tuple[tuple[int, str | None, str | None], ...], list[str]] = {}
+        for e in entries:
+            if e.pages:
+                own.setdefault(e.pages, []).append(e.hostname)
+        server["errors"] = {"routes": error_routes(
+            {s: p for s, p in global_pages.items() if s != 404},
+            [(sorted(set(hosts)), {s: (h, t) for s, h, t in pages}) for pages, hosts in own.items()])}
         if settings.trusted_proxies:  # their X-Forwarded-For names the client (allow_ips, access logs)
             server["trusted_proxies"] = {"source": "static", "ranges": list(settings.trusted_proxies)}
         logged_hosts = {e.hostname: e.logger for e in entries if e.logger is not None}

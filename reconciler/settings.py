@@ -392,6 +392,10 @@ class Settings:
     #: the modules of the Caddy binary (set by the composition roots from ``caddy list-modules``; None:
     #: unknown -- a rule needing a non-standard module is refused)
     caddy_modules: frozenset[str] | None = None
+    #: the operator's error pages: a directory of ``404.html``, ``503.txt``... (read at start)
+    error_pages_dir: str | None = None
+    #: their contents, (status, HTML, text) (set by the composition roots from ``error_pages_dir``)
+    error_pages: tuple[tuple[int, str | None, str | None], ...] = ()
 
     @property
     def access_log_dir(self) -> str:
@@ -485,6 +489,7 @@ class Settings:
             "access_log_roll_keep_days": _int(env, "HYPEMAN_ACCESS_LOG_ROLL_KEEP_DAYS", 14, 1, 36_500),
             "access_log_redact_headers": _redact_headers(env),
             "trusted_proxies": _trusted_proxies(env),
+            "error_pages_dir": _absolute(env, "HYPEMAN_ERROR_PAGES_DIR"),
         }
         if env.get("HYPEMAN_API_LISTEN"):
             values["api_listen"] = env["HYPEMAN_API_LISTEN"]

@@ -184,6 +184,8 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
         created_at=data.get("created_at"),
         access_log=data.get("access_log"),
         maintenance=maintenance_of(data.get("maintenance")),
+        error_pages=tuple(sorted((int(k), v.get("html"), v.get("text"))
+                                 for k, v in (data.get("error_pages") or {}).items())),
     )
     return ingress, []
 

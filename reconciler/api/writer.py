@@ -161,6 +161,9 @@ def ingress_body(ing: Ingress) -> dict[str, Any]:
     body: dict[str, Any] = {"id": ing.id, "name": ing.name, "rules": rules, "created_at": ing.created_at}
     if ing.access_log is not None:
         body["access_log"] = ing.access_log
+    if ing.error_pages:
+        body["error_pages"] = {str(status): {k: v for k, v in (("html", h), ("text", t)) if v is not None}
+                               for status, h, t in ing.error_pages}
     if ing.maintenance is not None:
         m = ing.maintenance
         body["maintenance"] = {"message": m.message, "retry_after": m.retry_after or 0,

@@ -1,0 +1,110 @@
+"""Error pages (issue 16, part 3b): the operator's pages (``HYPEMAN_ERROR_PAGES_DIR``: ``404``, ``502``,
+``503``, ``504`` as ``.html`` and ``.txt``) and an ingress's own (``error_pages``), served by Caddy's
+error routes for their cause, naming the host or instance (``{host}``, ``{instance}``: HTML-escaped in
+HTML), HTML to clients that accept it and text otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from reconciler.errors import ConfigError
+from reconciler.settings import Settings
+from reconciler.sources.pages import with_error_pages
+from tests.helpers import ROOT, Daemon, Service, free_port, instance_yaml, wait_for, write
+
+
+def test_page_files_are_checked(tmp_path: Path) -> None:
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "503.html").write_text("<h1>down</h1>")
+    (pages / "404.txt").write_text("nothing here for {host}\n")
+    (pages / "README").write_text("ignored")
+    loaded = with_error_pages(Settings(error_pages_dir=str(pages)))
+    assert loaded.error_pages == ((404, None, "nothing here for {host}\n"), (503, "<h1>down</h1>", None))
+    (pages / "502.html").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"502\.html: not UTF-8 text"):
+        with_error_pages(Settings(error_pages_dir=str(pages)))
+    (pages / "502.html").write_text("a\x01b")
+    with pytest.raises(ConfigError, match=r"502\.html: holds control characters"):
+        with_error_pages(Settings(error_pages_dir=str(pages)))
+    with pytest.raises(ConfigError, match="no such directory"):
+        with_error_pages(Settings(error_pages_dir=str(tmp_path / "missing")))
+
+
+def test_a_bad_page_dir_stops_the_cli_with_a_clear_error(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "reconciler.cli", "render", "--data-dir", str(tmp_path / "d")],
+                       cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "HYPEMAN_ERROR_PAGES_DIR": str(tmp_path / "missing")})
+    assert r.returncode == 2 and "HYPEMAN_ERROR_PAGES_DIR" in r.stderr and "no such directory" in r.stderr
+
+
+def test_error_pages_against_caddy(tmp_path: Path, daemon_factory: Callable[..., Daemon],
+                                   services: Callable[[str], Service]) -> None:
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "404.html").write_text("<!doctype html><h1>No site at {host}</h1>\n")
+    (pages / "404.txt").write_text("no site at {host} -- try another\n")
+    (pages / "503.html").write_text("<!doctype html><h1>{instance} is resting {{env \"HOME\"}} {env.HOME}</h1>\n")
+    slow = services("slow")
+    port = free_port()
+    d = daemon_factory(env={"HYPEMAN_ERROR_PAGES_DIR": str(pages)})
+    write(d.instances / "vms.yaml", instance_yaml("slow") + "---\n" + instance_yaml("a<b>", state="Stopped"))
+    write(d.manifests[0] / "plain.yaml", f"name: plain\nrules:\n  - match: {{hostname: plain.test, port: {port}}}\n"
+                                         f"    target: {{instance: 'a<b>', port: 1}}\n")
+    write(d.manifests[0] / "own.yaml", f"""name: own
+rules:
+  - match: {{hostname: own.test, port: {port}}}
+    target: {{instance: 'a<b>', port: 1}}
+  - match: {{hostname: slow.test, port: {port}}}
+    target: {{instance: slow, port: {slow.port}}}
+    limits: {{response_header_timeout: 300ms}}
+error_pages:
+  "503": {{text: "own page: {{instance}} on {{host}} is off\\n"}}
+  "504": {{html: "<p>{{instance}} was too slow for {{host}}</p>", text: "too slow\\n"}}
+""")
+    d.start()
+    url = f"http://127.0.0.1:{port}"
+    html, text = {"Accept": "text/html"}, {"Accept": "*/*"}
+
+    def get(host: str, headers: dict[str, str], path: str = "/") -> httpx.Response:
+        return httpx.get(url + path, headers={"Host": host, **headers}, timeout=10)
+
+    wait_for(lambda: get("plain.test", text).status_code == 503, timeout=15, message="served")
+    # the operator's 404, both kinds, naming the host (escaped in HTML)
+    r = get("nowhere.test", html)
+    assert r.status_code == 404 and r.text == "<!doctype html><h1>No site at nowhere.test</h1>\n"
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert get("nowhere.test", text).text == "no site at nowhere.test -- try another\n"
+    # the operator's 503 in HTML: the instance name escaped, the page's braces and template-like text literal
+    r = get("plain.test", html)
+    assert r.status_code == 503
+    assert r.text == '<!doctype html><h1>a&lt;b&gt; is resting {{env "HOME"}} {env.HOME}</h1>\n', r.text
+    # no text page from the operator for 503: the built-in text
+    assert get("plain.test", text).text == '503 Service Unavailable: instance "a<b>" is not running or not known\n'
+    # the ingress's own 503 text wins on its hosts; its HTML is the operator's
+    assert get("own.test", text).text == "own page: a<b> on own.test is off\n"
+    assert get("own.test", html).text.startswith("<!doctype html><h1>a&lt;b&gt; is resting")
+    # its own 504
+    r = get("slow.test", html, "/slow?s=2")
+    assert r.status_code == 504 and r.text == "<p>slow was too slow for slow.test</p>"
+    assert get("slow.test", text, "/slow?s=2").text == "too slow\n"
+
+
+def test_the_readme_example_is_valid() -> None:
+    from reconciler.render import Renderer
+    from tests.test_tls import desired_of
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```yaml", readme.index("### Error pages")) + len("```yaml")
+    desired = desired_of([readme[start:readme.index("```", start)]], Settings())
+    assert not desired.problems, desired.problems
+    assert [s for s, _, _ in desired.ingresses[0].ingress.error_pages] == [503, 504]
+    errors = Renderer(Settings())(desired)["apps"]["http"]["servers"]["ingress-80"]["errors"]["routes"]
+    assert any("shop.example.com" in str(r) for r in errors)
