@@ -87,8 +87,11 @@ def encoder(settings: Settings, secret_headers: Iterable[str] = ()) -> dict[str,
 def logging_block(settings: Settings, ingresses: list[str], secret_headers: Iterable[str] = ()) -> dict[str, Any]:
     """Caddy's top-level ``logging``: one rotated file per logging ingress, and the default log (Caddy's
     own, on stderr) without access lines."""
-    the_encoder = encoder(settings, sorted(set(secret_headers)))
+    secrets = sorted(set(secret_headers))
+    the_encoder = encoder(settings, secrets)
     logs: dict[str, Any] = {"default": {"exclude": ["http.log.access"]}}
+    if secrets:  # Caddy's own error lines quote the request's headers: never a request header auth value
+        logs["default"]["encoder"] = the_encoder
     for name in sorted(ingresses):
         logs[log_key(name)] = {
             "writer": {"output": "file", "filename": log_path(settings, name),

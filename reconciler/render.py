@@ -170,8 +170,8 @@ def health_checks(rule: Rule) -> dict[str, Any]:
 
 
 def limited(limits: Limits, handle: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A rule's limits on its handlers (the last is its ``reverse_proxy``): a rate limit and a body limit
-    before the proxy, timeouts on its transport, a concurrency cap on each upstream."""
+    """A rule's limits on its handlers (the last is its ``reverse_proxy``): a body limit before the proxy,
+    timeouts on its transport, a concurrency cap on each upstream."""
     proxy = dict(handle[-1])
     transport = dict(proxy["transport"])
     for key in ("dial_timeout", "response_header_timeout", "read_timeout"):
@@ -181,11 +181,7 @@ def limited(limits: Limits, handle: list[dict[str, Any]]) -> list[dict[str, Any]
     proxy["transport"] = transport
     if limits.max_concurrent is not None:
         proxy["upstreams"] = [{**u, "max_requests": limits.max_concurrent} for u in proxy["upstreams"]]
-    before: list[dict[str, Any]] = []
-    if limits.rate_limit is not None:
-        requests, window = limits.rate_limit
-        before.append({"handler": "rate_limit", "rate_limits": {"client": {
-            "key": "{http.vars.client_ip}", "window": window, "max_events": requests}}})
+    before: list[dict[str, Any]] = []  # (the rate limit goes before any access control: see _route)
     if limits.max_body is not None:
         before.append({"handler": "request_body", "max_size": limits.max_body})
     return [*handle[:-1], *before, proxy]
@@ -246,13 +242,20 @@ def maintained(m: Maintenance, handle: list[dict[str, Any]]) -> list[dict[str, A
     return [{"handler": "subroute", "routes": [*routes, *maintenance_page(m)]}]
 
 
-def _route(rid: str, rule: Rule, settings: Settings, maintenance: Maintenance | None = None) -> dict[str, Any]:
-    """One host-matched route (and path-matched, for a rule with a path)."""
+def _route(rid: str, rule: Rule, settings: Settings, maintenance: Maintenance | None = None,
+           paged: str | None = None) -> dict[str, Any]:
+    """One host-matched route (and path-matched, for a rule with a path). ``paged``: the name of its ingress,
+    when that has error pages of its own (the error routes find them by it)."""
     if rule.targets:
         handle = pool_handlers(rule, settings)
     else:
         dial, instance = upstream(rule, settings.dns_zone)
         handle = proxy_handlers(instance, dial, proxy_template(settings, rule.hold))
+    if paged is not None:
+        handle = [{**handle[0], INGRESS_VAR: literal(paged)}, *handle[1:]]
+    if rule.strip_prefix and rule.path is not None:
+        # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
+        handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
     checks = health_checks(rule)
     if checks:
         handle = [*handle[:-1], {**handle[-1], "health_checks": checks}]
@@ -262,10 +265,16 @@ def _route(rid: str, rule: Rule, settings: Settings, maintenance: Maintenance | 
         handle = maintained(maintenance, handle)
     if rule.header_auth is not None or rule.basic_auth is not None or rule.allow_ips:
         handle = guarded(rule, handle)
-    if rule.strip_prefix and rule.path is not None:
-        # (Caddy keeps a leading "/": /api stripped of /api reaches the instance as /)
-        handle = [handle[0], {"handler": "rewrite", "strip_path_prefix": rule.path}, *handle[1:]]
+    if rule.limits is not None and rule.limits.rate_limit is not None:
+        # first of all: failed credentials count against the limit too
+        requests, window = rule.limits.rate_limit
+        handle = [{"handler": "rate_limit", "rate_limits": {"client": {
+            "key": "{http.vars.client_ip}", "window": window, "max_events": requests}}}, *handle]
     return {"@id": rid, "match": [_match(rule, matcher_host(rule.hostname))], "handle": handle, "terminal": True}
+
+
+#: the request variable naming the ingress of a route whose ingress has its own error pages
+INGRESS_VAR = "ingress"
 
 
 #: the delimiters of the templates that fill an HTML error page: control characters, which no manifest or
@@ -287,7 +296,7 @@ def _page_html(page: str) -> str:
     """An HTML page: its tokens filled by Caddy's templates, HTML-escaped (a Host or an instance name is
     never markup); everything else literal."""
     open_, close = TEMPLATE_DELIMITERS
-    out = literal(page)
+    out = literal(page.replace(open_, "").replace(close, ""))  # (validation refuses them; never an action)
     for token, placeholder in PAGE_TOKENS.items():
         out = out.replace(literal(token), f'{open_}html (placeholder "{placeholder}"){close}')
     return out
@@ -300,7 +309,9 @@ def page_handlers(status: int, page: tuple[str | None, str | None], default: str
     routes: list[dict[str, Any]] = []
     if html_page is not None:
         routes.append({"match": [{"header_regexp": {"Accept": {"pattern": "text/html"}}}], "terminal": True, "handle": [
-            {"handler": "templates", "delimiters": TEMPLATE_DELIMITERS, "mime_types": ["text/html"]},
+            # (file_root: nowhere -- a page can include no file; and no action but ours can run)
+            {"handler": "templates", "delimiters": TEMPLATE_DELIMITERS, "mime_types": ["text/html"],
+             "file_root": "/nonexistent/hypeman-ingress-pages"},
             {"handler": "static_response", "status_code": status, "body": _page_html(html_page),
              "headers": {"Content-Type": ["text/html; charset=utf-8"], "X-Content-Type-Options": ["nosniff"]}}]})
     routes.append({"terminal": True, "handle": [{"handler": "static_response", "status_code": status, "headers": _TEXT,
@@ -312,11 +323,12 @@ def page_handlers(status: int, page: tuple[str | None, str | None], default: str
 Pages = Mapping[int, tuple[str | None, str | None]]
 
 
-def error_routes(pages: Pages | None = None, by_host: list[tuple[list[str], Pages]] | None = None
+def error_routes(pages: Pages | None = None, by_host: list[tuple[str, Pages]] | None = None
                  ) -> list[dict[str, Any]]:
     """A server's error routes: what a request gets when its instance could not be reached (after the
     hold), naming the instance (set by the route, see :func:`reconciler.layout.proxy_handlers`). ``pages``:
-    the operator's error pages; ``by_host``: ingresses' own (their hosts on this server, their pages)."""
+    the operator's error pages; ``by_host``: ingresses' own (the ingress, its pages), found by the
+    ``ingress`` variable its routes set (never by host: a pattern's wildcard covers other ingresses' hosts)."""
     var = f"{{http.vars.{INSTANCE_VAR}}}"
     message = "{http.error.message}"
     pages = pages or {}
@@ -327,13 +339,13 @@ def error_routes(pages: Pages | None = None, by_host: list[tuple[list[str], Page
         if not isinstance(status, int):
             return plain
         fallback = pages.get(status, (None, None))  # what an ingress's page leaves out is the operator's
-        mine = [(hosts, (own[status][0] if own[status][0] is not None else fallback[0],
-                         own[status][1] if own[status][1] is not None else fallback[1]))
-                for hosts, own in by_host if status in own]
+        mine = [(name, (own[status][0] if own[status][0] is not None else fallback[0],
+                        own[status][1] if own[status][1] is not None else fallback[1]))
+                for name, own in by_host if status in own]
         if not mine and status not in pages:
             return plain
-        routes = [{"match": [{"host": hosts}], "handle": page_handlers(status, page, body), "terminal": True}
-                  for hosts, page in mine]
+        routes = [{"match": [{"vars": {f"{{http.vars.{INGRESS_VAR}}}": [literal(name)]}}],
+                   "handle": page_handlers(status, page, body), "terminal": True} for name, page in mine]
         routes.append({"handle": page_handlers(status, pages[status], body) if status in pages else plain,
                        "terminal": True})
         return [{"handler": "subroute", "routes": routes}]
@@ -610,12 +622,12 @@ class Renderer:
             pattern = (host.split(".").count("*"), host.count(".") + 1, host) if host != r.hostname else None
             if (pattern is None and r.hold is None and r.path is None and not r.targets and r.health is None
                     and r.header_auth is None and r.basic_auth is None and not r.allow_ips and r.limits is None
-                    and ingress.maintenance is None):
+                    and ingress.maintenance is None and not pages):
                 dial, instance = upstream(r, zone)
                 out.append(_Entry(r.port, host, rid, r, None, (host, dial, instance, None), r.tls, None, logger,
                                   pages))
             else:
-                route = _route(rid, r, self.settings, ingress.maintenance)
+                route = _route(rid, r, self.settings, ingress.maintenance, name if pages else None)
                 out.append(_Entry(r.port, host, rid, r, route, member(host, route, proxy), r.tls, pattern, logger,
                                   pages))
             if r.tls and r.redirect_http:
@@ -648,9 +660,9 @@ class Renderer:
             "apps": self._apps(servers, tls_hosts, tls_patterns),
         }
         loggers = {e.logger for entries in by_port.values() for e in entries if e.logger is not None}
-        if loggers:
-            secret_headers = {e.rule.header_auth[0] for entries in by_port.values() for e in entries
-                              if e.rule.header_auth is not None}
+        secret_headers = {e.rule.header_auth[0] for entries in by_port.values() for e in entries
+                          if e.rule.header_auth is not None}
+        if loggers or secret_headers:
             config["logging"] = logging_block(self.settings, sorted(loggers), secret_headers)
         # all of the memory at once: a render that failed half-way leaves the last one whole
         given = tuple(r.ingress for r in desired.ingresses)
@@ -689,15 +701,15 @@ class Renderer:
                 server["automatic_https"]["skip_certificates"] = patterns
         else:
             server["automatic_https"] = {"disable": True}
-        own: dict[tuple[tuple[int, str | None, str | None], ...], list[str]] = {}
-        for e in entries:
-            if e.pages:
-                own.setdefault(e.pages, []).append(e.hostname)
+        own = {e.route_id.split(".")[1]: e.pages for e in entries if e.pages}  # (ingress.<name>.rule-<i>)
         server["errors"] = {"routes": error_routes(
             {s: p for s, p in global_pages.items() if s != 404},
-            [(sorted(set(hosts)), {s: (h, t) for s, h, t in pages}) for pages, hosts in own.items()])}
+            [(name, {s: (h, t) for s, h, t in pages}) for name, pages in sorted(own.items())])}
         if settings.trusted_proxies:  # their X-Forwarded-For names the client (allow_ips, access logs)
             server["trusted_proxies"] = {"source": "static", "ranges": list(settings.trusted_proxies)}
+            # read X-Forwarded-For from the right, skipping trusted proxies: what a client wrote first is
+            # never believed (a proxy appends the address it saw)
+            server["trusted_proxies_strict"] = 1
         logged_hosts = {e.hostname: e.logger for e in entries if e.logger is not None}
         if logged_hosts:
             server["logs"] = server_logs(logged_hosts)
@@ -802,14 +814,17 @@ def redact(config: Any) -> Any:
 
 def secret_values(desired: Desired) -> tuple[str, ...]:
     """The secrets the manifests put into a config: request header auth values, basic auth hashes."""
-    out = []
+    out: list[str] = []
     for ri in desired.ingresses:
         for r in ri.ingress.rules:
             if r.header_auth is not None:
                 out.append(r.header_auth[1])
             if r.basic_auth is not None:
                 out.extend(h for _, h in r.basic_auth[1])
-    return tuple(out)
+    # and as JSON (or Go) quotes them in a message: escaped
+    escaped = [json.dumps(v)[1:-1] for v in out]
+    escaped += [e.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") for e in escaped]
+    return tuple(dict.fromkeys([*out, *escaped]))
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -74,13 +74,13 @@ _UNEXPECTED = re.compile(r"\('(.+?)' (?:was|were) unexpected\)")
 
 
 #: fields whose values are secrets: a schema error about one never quotes it
-SECRET_FIELDS = frozenset({"request_header_auth"})
+SECRET_FIELDS = frozenset({"request_header_auth", "basic_auth"})
 
 
 def _message(err: jsonschema.ValidationError) -> tuple[tuple[str | int, ...], str]:
     path = tuple(err.absolute_path)
     where = format_path(path)
-    if (len(path) >= 2 and path[-2] in SECRET_FIELDS) or (path and path[-1] in ("password", "password_hash")):
+    if any(part in SECRET_FIELDS for part in path):
         return path, f"{where}: invalid ({err.validator} {err.validator_value!r}; the value is not shown)"
     schema: Any = err.schema
     if err.validator == "additionalProperties" and isinstance(schema, dict) and isinstance(err.instance, dict):
@@ -113,13 +113,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def control_character_path(data: Any) -> tuple[str | int, ...] | None:
-    """Path of the first string (key or value) holding a control character, iteratively."""
+#: fields of a manifest holding free text (pages, messages), where tabs and line breaks belong
+FREE_TEXT_FIELDS = frozenset({"error_pages", "maintenance"})
+
+
+def control_character_path(data: Any, free_text: frozenset[str] = frozenset()) -> tuple[str | int, ...] | None:
+    """Path of the first string (key or value) holding a control character, iteratively; tab, line feed
+    and carriage return are allowed in strings under the keys ``free_text`` (at the top level)."""
     stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            allowed = "\t\n\r" if path and path[0] in free_text else ""
+            if any((ord(c) < 0x20 and c not in allowed) or ord(c) == 0x7F for c in value):
                 return path
         elif isinstance(value, dict):
             for k, v in value.items():

@@ -36,7 +36,14 @@ from reconciler.model import (
     derive_ingress_id,
     path_display,
 )
-from reconciler.schema import INGRESS_SCHEMA, INSTANCE_SCHEMA, schema_errors
+from reconciler.schema import (
+    FREE_TEXT_FIELDS,
+    INGRESS_SCHEMA,
+    INSTANCE_SCHEMA,
+    control_character_path,
+    format_path,
+    schema_errors,
+)
 from reconciler.settings import HOLD_MAX_SECONDS, Settings, domain_allowed, duration_seconds, hold_seconds
 from reconciler.zone import CAPTURE, Pattern, is_pattern, parse_pattern, records, unknown_capture
 
@@ -128,6 +135,10 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
     errors = schema_errors(INGRESS_SCHEMA, doc.parsed)
     if errors:
         return None, [_problem(doc, line, msg, ingress=label) for line, msg in errors]
+    bad = control_character_path(data, FREE_TEXT_FIELDS)
+    if bad is not None:  # (a page's template delimiters, say; and never anything a terminal would act on)
+        return None, [_problem(doc, doc.parsed.line_of(bad), f"{format_path(bad) or 'document'}: control characters "
+                               "are not allowed", ingress=label)]
     problems: list[Problem] = []
     rules: list[Rule] = []
     seen: dict[tuple[str, int, str], int] = {}
@@ -296,7 +307,7 @@ def _auth_problem(header: str, value: str) -> tuple[tuple[str | int, ...], str] 
 
 
 #: a bcrypt hash as Caddy's http_basic takes it (modular crypt format)
-BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|1[0-4])\$[./A-Za-z0-9]{53}$")
 HASH_HINT = ("make one with `caddy hash-password --algorithm bcrypt` (or `htpasswd -nbB user password`, the part "
              "after the colon)")
 
@@ -313,7 +324,8 @@ def _basic_auth_problem(users: list[dict[str, Any]]) -> tuple[tuple[str | int, .
             return ("basic_auth", "users", j), f"{where}.password_hash: required (a bcrypt hash: {HASH_HINT})"
         if not BCRYPT.match(user["password_hash"]):
             return (("basic_auth", "users", j, "password_hash"),
-                    f"{where}.password_hash: not a bcrypt hash ($2a$, $2b$ or $2y$, a cost, 53 characters; "
+                    f"{where}.password_hash: not a bcrypt hash of cost 4 to 14 ($2a$, $2b$ or $2y$, the cost, 53 "
+                    "characters; a higher cost lets anyone burn the node's CPU with wrong passwords; "
                     f"{HASH_HINT})")
         name = user["username"]
         if name in seen:

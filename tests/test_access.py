@@ -66,6 +66,9 @@ GOOD_HASH = "$2a$04$" + "a" * 53
      "rules[0].basic_auth.users[0].username"),
     ("    allow_ips: [10.0.0.0/8, not-an-ip]\n", "rules[0].allow_ips[1]: 'not-an-ip' is not an IP address or CIDR"),
     ("    allow_ips: []\n", "rules[0].allow_ips"),
+    ("    basic_auth: {users: ['ops:hunter2-plain']}\n", "rules[0].basic_auth.users[0]: invalid"),
+    ("    basic_auth: {users: [{username: ops, password_hash: '$2a$15$hunter2" + "a" * 46 + "'}]}\n",
+     "rules[0].basic_auth.users[0].password_hash: not a bcrypt hash of cost 4 to 14"),
 ])
 def test_bad_access_control_is_refused(extra: str, needle: str, tmp_path: Path) -> None:
     rc, out = _validate(tmp_path, manifest("a", rule("a.test", "vm", 1, extra)))
@@ -138,6 +141,9 @@ def test_x_forwarded_for_is_believed_from_a_trusted_proxy(daemon_factory: Callab
     assert via_proxy.status_code == 200 and via_proxy.text.startswith("backend=web ")
     outside = httpx.get(url, headers={"Host": "lan.test", "X-Forwarded-For": "10.10.0.1"}, timeout=5)
     assert outside.status_code == 403
+    # a client that writes an allowed address first, behind a proxy that appends what it saw: not believed
+    forged = httpx.get(url, headers={"Host": "lan.test", "X-Forwarded-For": "10.9.8.7, 10.10.0.1"}, timeout=5)
+    assert forged.status_code == 403
     # and from a peer that is not the trusted proxy, the header counts for nothing
     with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3"), timeout=5) as other:
         assert other.get(url, headers={"Host": "lan.test", "X-Forwarded-For": "10.9.8.7"}).status_code == 403

@@ -107,4 +107,74 @@ def test_the_readme_example_is_valid() -> None:
     assert not desired.problems, desired.problems
     assert [s for s, _, _ in desired.ingresses[0].ingress.error_pages] == [503, 504]
     errors = Renderer(Settings())(desired)["apps"]["http"]["servers"]["ingress-80"]["errors"]["routes"]
-    assert any("shop.example.com" in str(r) for r in errors)
+    assert any("'{http.vars.ingress}': ['shop']" in str(r) for r in errors)
+
+
+def test_a_502_page_for_a_target_that_answers_garbage(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen(16)
+    stop = threading.Event()
+
+    def garbage() -> None:  # accepts, reads the request, answers something that is not HTTP
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"this is not HTTP\r\n\r\n")
+
+    worker = threading.Thread(target=garbage, daemon=True)
+    worker.start()
+    try:
+        pages = tmp_path / "pages"
+        pages.mkdir()
+        (pages / "502.html").write_text("<p>{instance} answered nonsense to {host}</p>")
+        port = free_port()
+        d = daemon_factory(env={"HYPEMAN_ERROR_PAGES_DIR": str(pages)})
+        write(d.instances / "vms.yaml", instance_yaml("junk"))
+        write(d.manifests[0] / "junk.yaml", f"name: junk\nrules:\n  - match: {{hostname: junk.test, port: {port}}}\n"
+                                            f"    target: {{instance: junk, port: {listener.getsockname()[1]}}}\n")
+        d.start()
+        url = f"http://127.0.0.1:{port}/"
+        wait_for(lambda: httpx.get(url, headers={"Host": "junk.test"}, timeout=5).status_code == 502, timeout=15,
+                 message="502")
+        r = httpx.get(url, headers={"Host": "junk.test", "Accept": "text/html"}, timeout=5)
+        assert r.status_code == 502 and r.text == "<p>junk answered nonsense to junk.test</p>"
+        plain = httpx.get(url, headers={"Host": "junk.test"}, timeout=5)
+        assert plain.text == '502 Bad Gateway: instance "junk"\n'
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+        listener.close()
+
+
+def test_control_characters_in_a_manifest_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "m" / "a.yaml", 'name: a\nrules:\n  - match: {hostname: a.test}\n'
+                                            '    target: {instance: vm, port: 1}\n'
+                                            'error_pages:\n  "503": {html: "\\x01env \\"HOME\\"\\x02"}\n')
+    r = subprocess.run([sys.executable, "-m", "reconciler.cli", "validate", str(path)], cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "error_pages.503.html: control characters are not allowed" in r.stdout, r.stdout
+
+
+def test_an_ingress_page_is_found_by_its_ingress_never_by_host() -> None:
+    from reconciler.render import Renderer
+    from tests.test_tls import desired_of
+
+    pattern = ("name: vms\nrules:\n  - match: {hostname: '{vm}.apps.test'}\n    target: {instance: '{vm}', port: 1}\n"
+               'error_pages:\n  "503": {html: "<p>vms</p>"}\n')
+    exact = "name: other\nrules:\n  - match: {hostname: other.apps.test}\n    target: {instance: o, port: 1}\n"
+    config = Renderer(Settings())(desired_of([pattern, exact], Settings()))
+    server = config["apps"]["http"]["servers"]["ingress-80"]
+    text = str(server["errors"]["routes"])
+    assert "'{http.vars.ingress}': ['vms']" in text and "apps.test" not in text
+    routes = {r.get("@id"): r for r in server["routes"]}
+    assert routes["ingress.vms.rule-0"]["handle"][0]["ingress"] == "vms"
+    assert "ingress" not in str(routes["ingress.other.rule-0"]["handle"][0])

@@ -81,12 +81,26 @@ def test_reserved_headers_are_refused(header: str, tmp_path: Path) -> None:
     assert VALUE not in out
 
 
-def test_a_value_of_the_wrong_type_is_not_quoted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("auth", "needle"), [
+    ("{header: X-A, value: 123456789012345678901234567890123}", "rules[0].request_header_auth.value: invalid"),
+    ("'X-A: 123456789012345678901234567890123'", "rules[0].request_header_auth: invalid"),
+    ("{header: X-A, value: [123456789012345678901234567890123]}", "rules[0].request_header_auth.value: invalid"),
+])
+def test_a_value_of_the_wrong_shape_is_not_quoted(auth: str, needle: str, tmp_path: Path) -> None:
     text = manifest("a", "  - match: {hostname: a.test}\n    target: {instance: vm, port: 1}\n"
-                         "    request_header_auth: {header: X-A, value: 123456789012345678901234567890123}\n")
+                         f"    request_header_auth: {auth}\n")
     rc, out = _validate(tmp_path, text)
-    assert rc == 1 and "rules[0].request_header_auth.value: invalid" in out, out
+    assert rc == 1 and needle in out, out
     assert "123456789012345678901234567890123" not in out
+
+
+def test_a_guarded_rule_still_strips_its_prefix_before_proxying() -> None:
+    text = manifest("a", "  - match: {hostname: a.test, path: /api}\n    target: {instance: vm, port: 1}\n"
+                         f"    strip_prefix: true\n    request_header_auth: {{header: {HEADER}, value: {VALUE}}}\n")
+    routes = Renderer(SETTINGS)(desired_of([text], SETTINGS))["apps"]["http"]["servers"]["ingress-80"]["routes"]
+    (sub,) = routes[0]["handle"]
+    allowed = [h["handler"] for h in sub["routes"][-1]["handle"]]
+    assert allowed == ["headers", "vars", "rewrite", "reverse_proxy"]
 
 
 def test_the_config_denies_without_the_value_and_removes_the_header() -> None:
@@ -168,7 +182,8 @@ def test_header_auth_against_caddy_and_the_value_in_no_output(daemon_factory: Ca
     d = daemon_factory(env={"HYPEMAN_ACCESS_LOGS": "all"})
     write(d.instances / "vms.yaml", instance_yaml("secret") + "---\n" + instance_yaml("other"))
     path = write(d.manifests[0] / "secret.yaml", manifest("secret", auth_rule("secret.apps.test", "secret", secret.port,
-                                                                              listen=port)))
+                                                                              listen=port),
+                                                          auth_rule("down.apps.test", "gone", 1, listen=port)))
     os.chmod(path, 0o644)
     # a pattern on the same port whose wildcard covers the protected host
     write(d.manifests[0] / "vms.yaml", manifest("vms", f"  - match: {{hostname: '{{vm}}.apps.test', port: {port}}}\n"
@@ -189,12 +204,16 @@ def test_header_auth_against_caddy_and_the_value_in_no_output(daemon_factory: Ca
         assert r.status_code == 403, (headers, r.status_code, r.text)  # never the pattern's backend
         assert "backend=" not in r.text and VALUE not in r.text
     assert get("other.apps.test").text.startswith("backend=vms ")  # the pattern still serves its hosts
+    # an error with the right header (an unknown instance): Caddy's own error log must not keep the value
+    assert get("down.apps.test", {HEADER: VALUE}).status_code == 503
 
     # the file is readable by others: reported, still serving
     def reported() -> bool:
         st = httpx.get(f"{d.api_url}/ingresses/secret", timeout=5).json()
         problems = httpx.get(f"{d.api_url}/status", timeout=5).json()["problems"]
-        return bool(st["status"]["ready"]) and any(p["reason"] == Reason.INSECURE_FILE for p in problems)
+        # (still served: its reason is its own -- the rule to an unknown instance -- not the file's mode)
+        return (st["status"]["reason"] == Reason.INSTANCE_NOT_FOUND
+                and any(p["reason"] == Reason.INSECURE_FILE for p in problems))
 
     wait_for(reported, timeout=15, message="the readable file reported")
 

