@@ -135,10 +135,13 @@ def ingress_from_document(doc: Document) -> tuple[Ingress | None, list[Problem]]
     errors = schema_errors(INGRESS_SCHEMA, doc.parsed)
     if errors:
         return None, [_problem(doc, line, msg, ingress=label) for line, msg in errors]
-    bad = control_character_path(data, FREE_TEXT_FIELDS)
-    if bad is not None:  # (a page's template delimiters, say; and never anything a terminal would act on)
-        return None, [_problem(doc, doc.parsed.line_of(bad), f"{format_path(bad) or 'document'}: control characters "
-                               "are not allowed", ingress=label)]
+    # free text (pages, messages) has no pattern to keep control characters out: a page's would-be template
+    # delimiters, say (the other fields' patterns refuse them)
+    for key in FREE_TEXT_FIELDS & data.keys():
+        bad = control_character_path({key: data[key]}, FREE_TEXT_FIELDS)
+        if bad is not None:
+            return None, [_problem(doc, doc.parsed.line_of(bad), f"{format_path(bad)}: control characters are "
+                                   "not allowed", ingress=label)]
     problems: list[Problem] = []
     rules: list[Rule] = []
     seen: dict[tuple[str, int, str], int] = {}
