@@ -256,6 +256,18 @@ def status_of(port: int, host: str) -> int | None:
         return None
 
 
+def validate_cli(path: Path) -> tuple[int, str]:
+    """``hypeman-ingress validate PATH`` in process: its exit code and everything it printed."""
+    import io
+
+    from reconciler.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = main(["validate", str(path)])
+    return rc, buf.getvalue()
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from reconciler.caddy.binary import find_caddy
 from reconciler.render import REDACTED, Renderer, redact, to_json
 from reconciler.settings import Settings
-from tests.helpers import ROOT, Backend, Daemon, free_port, instance_yaml, wait_for, write
+from tests.helpers import ROOT, Backend, Daemon, free_port, instance_yaml, validate_cli, wait_for, write
 from tests.test_tls import desired_of
 
 SETTINGS = Settings()
@@ -44,10 +43,7 @@ def manifest(name: str, *rules: str) -> str:
 
 
 def _validate(tmp_path: Path, text: str) -> tuple[int, str]:
-    path = write(tmp_path / "m" / "a.yaml", text)
-    r = subprocess.run([sys.executable, "-m", "reconciler.cli", "validate", str(path)], cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=60)
-    return r.returncode, r.stdout + r.stderr
+    return validate_cli(write(tmp_path / "m" / "a.yaml", text))
 
 
 GOOD_HASH = "$2a$04$" + "a" * 53

@@ -17,7 +17,7 @@ import pytest
 from reconciler.errors import ConfigError
 from reconciler.settings import Settings
 from reconciler.sources.pages import with_error_pages
-from tests.helpers import ROOT, Daemon, Service, free_port, instance_yaml, wait_for, write
+from tests.helpers import ROOT, Daemon, Service, free_port, instance_yaml, validate_cli, wait_for, write
 
 
 def test_page_files_are_checked(tmp_path: Path) -> None:
@@ -159,9 +159,8 @@ def test_control_characters_in_a_manifest_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "m" / "a.yaml", 'name: a\nrules:\n  - match: {hostname: a.test}\n'
                                             '    target: {instance: vm, port: 1}\n'
                                             'error_pages:\n  "503": {html: "\\x01env \\"HOME\\"\\x02"}\n')
-    r = subprocess.run([sys.executable, "-m", "reconciler.cli", "validate", str(path)], cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "error_pages.503.html: control characters are not allowed" in r.stdout, r.stdout
+    rc, out = validate_cli(path)
+    assert rc == 1 and "error_pages.503.html: control characters are not allowed" in out, out
 
 
 def test_an_ingress_page_is_found_by_its_ingress_never_by_host() -> None:

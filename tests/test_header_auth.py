@@ -27,7 +27,7 @@ from reconciler.api.writer import ingress_body
 from reconciler.model import Reason
 from reconciler.render import REDACTED, Renderer, redact, to_json
 from reconciler.settings import Settings
-from tests.helpers import ROOT, Daemon, free_port, instance_yaml, wait_for, write
+from tests.helpers import ROOT, Daemon, free_port, instance_yaml, validate_cli, wait_for, write
 from tests.test_tls import desired_of
 
 SETTINGS = Settings()
@@ -49,10 +49,7 @@ def manifest(name: str, *rules: str) -> str:
 # -- the rules ----------------------------------------------------------------------------------------------
 
 def _validate(tmp_path: Path, text: str) -> tuple[int, str]:
-    path = write(tmp_path / "m" / "a.yaml", text)
-    r = subprocess.run([sys.executable, "-m", "reconciler.cli", "validate", str(path)], cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=60)
-    return r.returncode, r.stdout + r.stderr
+    return validate_cli(write(tmp_path / "m" / "a.yaml", text))
 
 
 @pytest.mark.parametrize(("length", "ok"), [(31, False), (32, True), (256, True), (257, False)])

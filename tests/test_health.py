@@ -24,7 +24,7 @@ from reconciler.model import HealthCheck, Reason
 from reconciler.render import Renderer
 from reconciler.settings import Settings
 from reconciler.status import IngressStatus, with_health
-from tests.helpers import Daemon, Service, free_port, instance_yaml, wait_for, write
+from tests.helpers import Daemon, Service, free_port, instance_yaml, validate_cli, wait_for, write
 from tests.test_tls import desired_of
 
 SETTINGS = Settings()
@@ -74,30 +74,16 @@ def test_a_single_target_with_a_health_check_gets_a_route_of_its_own() -> None:
     ("{active: {path: /h}, extra: 1}", "rules[0].health_check.extra: unknown field"),
 ])
 def test_bad_health_checks_are_refused_naming_the_field(check: str, needle: str, tmp_path: Path) -> None:
-    from reconciler.cli import main
-
     path = write(tmp_path / "m" / "a.yaml", manifest("a", health_rule("a.test", [("x", 1)], check=check)))
-    rc, out = _validate(main, path)
+    rc, out = validate_cli(path)
     assert rc == 1 and needle in out, out
 
 
 def test_a_pattern_cannot_have_health_checks(tmp_path: Path) -> None:
-    from reconciler.cli import main
-
     text = manifest("a", "  - match: {hostname: '{vm}.a.test'}\n    target: {instance: '{vm}', port: 1}\n"
                          "    health_check: {active: {path: /h}}\n")
-    rc, out = _validate(main, write(tmp_path / "m" / "a.yaml", text))
+    rc, out = validate_cli(write(tmp_path / "m" / "a.yaml", text))
     assert rc == 1 and "rules[0].health_check: a pattern hostname's targets are per request" in out, out
-
-
-def _validate(main: Callable[[list[str]], int], path: Path) -> tuple[int, str]:
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        rc = main(["validate", str(path)])
-    return rc, buf.getvalue()
 
 
 def test_caddys_answers_are_joined_per_upstream() -> None:

